@@ -1,0 +1,60 @@
+# otelbpf build and run. Everything a fresh Debian/Ubuntu machine needs is
+# installed by `setup`; `run` and `test` depend on it, so either works first.
+SHELL := /bin/bash
+PYTHON_SYS ?= /usr/bin/python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLANG ?= clang
+ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+BPF_CFLAGS := -g -O2 -Wall -target bpf -D__TARGET_ARCH_$(ARCH) -Ibpf
+BPF_SRCS := $(wildcard bpf/*.bpf.c) $(wildcard bench/bpf/*.bpf.c) $(wildcard tests/bpf/*.bpf.c)
+BPF_OBJS := $(BPF_SRCS:.bpf.c=.bpf.o)
+APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc bpfcc-tools python3-venv \
+	libcap2-bin iproute2 make gcc libc6-dev linux-libc-dev
+STAMP_APT := build/.apt-done
+STAMP_VENV := build/.venv-done
+
+.PHONY: setup run test bench bpf clean syscall-tables
+
+run: setup
+	$(VENV)/bin/otelbpf run
+
+test: setup
+	$(PY) -m pytest -ra tests
+
+bench: setup
+	$(PY) bench/syscall_overhead.py
+
+setup: $(STAMP_APT) $(STAMP_VENV) bpf
+
+# apt packages: installed once per machine (the stamp lives in the checkout).
+$(STAMP_APT):
+	@mkdir -p build
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing apt packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	@touch $@
+
+# The venv sees the system's dist-packages: bcc's Python module comes from
+# python3-bpfcc (the PyPI package called "bcc" is an unrelated project).
+$(STAMP_VENV): pyproject.toml $(STAMP_APT)
+	@mkdir -p build
+	test -x $(PY) || $(PYTHON_SYS) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+bpf: $(BPF_OBJS)
+
+%.bpf.o: %.bpf.c $(wildcard bpf/*.h) $(STAMP_APT)
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+# Regenerate the syscall name tables from linux-libc-dev's headers.
+syscall-tables:
+	$(PYTHON_SYS) tools/gen_syscall_tables.py > probes/syscall_tables.py
+
+clean:
+	rm -f $(BPF_OBJS)
+	rm -rf build

@@ -1,0 +1,143 @@
+"""otelbpf run | check | probes"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import traceback
+
+from . import __version__, config, features
+from .probe import default_bpf_dir, discover
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+log = logging.getLogger("otelbpf")
+
+
+def _setup_logging(level: str = "info") -> None:
+    root = logging.getLogger("otelbpf")
+    if not root.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("otelbpf: %(levelname)s: %(message)s"))
+        root.addHandler(h)
+        root.propagate = False
+    root.setLevel(level.upper())
+
+
+def _probe_schemas(entries: dict) -> dict:
+    return {name: (e.cls.config_schema if e.cls else {}) for name, e in entries.items()}
+
+
+def load_config(path, entries: dict) -> config.AgentConfig:
+    if path:
+        raw = config.load_file(path)
+        return config.build(raw, _probe_schemas(entries), source=path)
+    return config.build(None, _probe_schemas(entries))
+
+
+def cmd_probes(args) -> int:
+    entries = discover()
+    if not entries:
+        print("no probes installed (entry-point group otelbpf.probes is empty)")
+        return EXIT_FAILED
+    width = max(len(n) for n in entries)
+    for name, e in sorted(entries.items()):
+        if e.cls is None:
+            print(f"{name:<{width}}  BROKEN  {e.error}  [{e.origin}]")
+        else:
+            print(f"{name:<{width}}  {e.cls.description}  [{e.origin}]")
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    entries = discover()
+    cfg = load_config(args.config, entries)
+    print(f"config: {cfg.source}: valid")
+    print(f"kernel: {platform.release()} {platform.machine()}")
+    feats = features.detect(default_bpf_dir(), cfg.kernel["btf"])
+    width = max(len(n) for n in feats)
+    for f in feats.values():
+        print(f"  [{'ok' if f.available else 'no'}] {f.name:<{width}}  {f.detail}")
+    print("probes:")
+    for name, e in sorted(entries.items()):
+        pcfg = cfg.probes.get(name)
+        state = "enabled" if pcfg and pcfg["enabled"] else "disabled"
+        if e.cls is None:
+            verdict = f"cannot load: {e.error}"
+        else:
+            missing = features.missing(e.cls.requires, feats)
+            obj = getattr(e.cls, "bpf_object", None)
+            if obj and not os.path.exists(os.path.join(default_bpf_dir(), obj)):
+                missing.append(f"{obj} is not built (run `make bpf`)")
+            verdict = "can run here" if not missing else "cannot run here: " + "; ".join(missing)
+        print(f"  {name} ({state}): {verdict}")
+    print("exporters: " + (", ".join(cfg.exporters) or "none"))
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .agent import Agent
+
+    entries = discover()
+    cfg = load_config(args.config, entries)
+    _setup_logging(cfg.log_level)
+    agent = Agent(cfg, entries, reload_config=lambda: load_config(args.config, discover()))
+    enabled = [n for n, p in cfg.probes.items() if p["enabled"]]
+    running = agent.start()
+    if enabled and not running:
+        agent.shutdown()
+        log.error("no probe could start (%s); see the lines above, or run `otelbpf check`", ", ".join(enabled))
+        return EXIT_FAILED
+    log.info("collecting every %gs; probes: %s; exporters: %s", cfg.interval, ", ".join(agent.probes) or "none",
+             ", ".join(agent.workers) or "none")
+    try:
+        agent.run(duration=args.duration)
+    finally:
+        agent.shutdown()
+    log.info("stopped; all programs detached")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="otelbpf", description="eBPF telemetry agent exporting OpenTelemetry over OTLP")
+    p.add_argument("--version", action="version", version=f"otelbpf {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent until SIGINT/SIGTERM (SIGHUP reloads the config)")
+    run.add_argument("--config", help="YAML config file (default: the embedded default)")
+    run.add_argument("--duration", type=_positive_seconds, help="stop after this many seconds")
+    run.set_defaults(fn=cmd_run)
+    chk = sub.add_parser("check", help="validate the config and show what this kernel supports")
+    chk.add_argument("--config", help="YAML config file")
+    chk.set_defaults(fn=cmd_check)
+    prb = sub.add_parser("probes", help="list installed probes")
+    prb.set_defaults(fn=cmd_probes)
+    return p
+
+
+def _positive_seconds(s: str) -> float:
+    try:
+        return config.parse_duration(s, "--duration")
+    except config.ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.fn(args)
+    except config.ConfigError as e:
+        print(f"otelbpf: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as e:  # a bug: one line, the traceback only on request
+        if os.environ.get("OTELBPF_DEBUG"):
+            traceback.print_exc()
+        print(f"otelbpf: error: {type(e).__name__}: {e} (set OTELBPF_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

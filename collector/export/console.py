@@ -1,0 +1,122 @@
+"""The live terminal view: per instrument, the busiest series of the last
+interval, with rates and latency percentiles read off the log2 buckets.
+Knows no probe: it renders whatever records arrive."""
+from __future__ import annotations
+
+import sys
+import time
+
+from ..records import Counter, Gauge, Log2Histogram
+
+_HIDDEN_ATTRS = ("otelbpf.probe",)
+
+
+def _fmt_duration(v: float, unit: str) -> str:
+    scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}.get(unit)
+    if scale is None:
+        return f"{v:.0f}{unit}"
+    s = v * scale
+    for limit, div, suffix in ((1e-6, 1e-9, "ns"), (1e-3, 1e-6, "us"), (1.0, 1e-3, "ms")):
+        if s < limit:
+            return f"{s / div:.0f}{suffix}"
+    return f"{s:.2f}s"
+
+
+def quantile_upper_bound(buckets: list, q: float) -> float:
+    """Upper bound (2^i) of the bucket holding the q-quantile."""
+    total = sum(buckets)
+    if not total:
+        return 0.0
+    target, seen = q * total, 0
+    for i, c in enumerate(buckets):
+        seen += c
+        if seen >= target:
+            return float(2 ** i)
+    return float(2 ** (len(buckets) - 1))
+
+
+_SHORT_NAMES = {"syscall.name": "syscall", "process.executable.name": "exe", "process.pid": "pid"}
+
+
+def _label(attrs: dict) -> str:
+    return " ".join(f"{_SHORT_NAMES.get(k, k)}={v}" for k, v in attrs.items() if k not in _HIDDEN_ATTRS) or "-"
+
+
+class ConsoleExporter:
+    name = "console"
+
+    def __init__(self, cfg: dict, out=None):
+        self.out = out or sys.stdout
+        self.top = cfg["top"]
+        self.clear = cfg["clear"] if cfg["clear"] is not None else self.out.isatty()
+        self._prev: dict = {}
+        self._prev_time = None
+
+    def export(self, batch) -> bool:
+        self.out.write(self.render(batch))
+        self.out.flush()
+        return True
+
+    def render(self, batch) -> str:
+        now = batch.time_ns
+        dt = (now - self._prev_time) / 1e9 if self._prev_time else None
+        self._prev_time = now
+        lines = []
+        if self.clear:
+            lines.append("\x1b[H\x1b[2J")
+        lines.append(f"otelbpf  {time.strftime('%H:%M:%S', time.localtime(now / 1e9))}"
+                     + (f"  (last {dt:.1f}s)" if dt else ""))
+        for scope, records in batch.metrics.items():
+            by_inst: dict = {}
+            for r in records:
+                by_inst.setdefault(r.instrument, []).append(r)
+            for inst, rs in by_inst.items():
+                lines.extend(self._section(scope, inst, rs, dt))
+        lines.append("")
+        return "\n".join(lines) + "\n"
+
+    def _delta(self, inst, attrs: dict, value: float) -> float:
+        key = (inst.name, tuple(sorted(attrs.items())))
+        prev = self._prev.get(key, 0)
+        self._prev[key] = value
+        return value - prev
+
+    def _section(self, scope, inst, rs, dt) -> list:
+        first = rs[0]
+        if isinstance(first, Log2Histogram):
+            rows = []
+            for r in rs:
+                d = self._delta(inst, r.attributes, r.count)
+                rows.append((d, r))
+            rows = [x for x in rows if x[0] > 0]
+            if not rows:
+                return []
+            rows.sort(key=lambda x: x[0], reverse=True)
+            out = [f"\n{inst.name}  [{scope}]", f"  {'/s' if dt else 'new':>9} {'total':>10} {'p50<=':>7} "
+                   f"{'p99<=':>7}  series"]
+            for d, r in rows[:self.top]:
+                rate = f"{d / dt:9.1f}" if dt else f"{d:9d}"
+                out.append(f"  {rate} {r.count:10d} {_fmt_duration(quantile_upper_bound(r.buckets, .5), inst.unit):>7} "
+                           f"{_fmt_duration(quantile_upper_bound(r.buckets, .99), inst.unit):>7}  {_label(r.attributes)}")
+            if len(rows) > self.top:
+                out.append(f"  ... {len(rows) - self.top} more series")
+            return out
+        if isinstance(first, Counter):
+            rows = [(self._delta(inst, r.attributes, r.value), r) for r in rs]
+            rows = [x for x in rows if x[1].value]
+            if not rows:
+                return []
+            rows.sort(key=lambda x: (x[0], x[1].value), reverse=True)
+            out = [f"\n{inst.name} ({inst.unit})  [{scope}]"]
+            for d, r in rows[:self.top]:
+                out.append(f"  +{d:<10g} total {r.value:<12g} {_label(r.attributes)}")
+            return out
+        if isinstance(first, Gauge):
+            out = [f"\n{inst.name} ({inst.unit})  [{scope}]"]
+            for r in rs[:self.top]:
+                out.append(f"  {r.value:<14g} {_label(r.attributes)}")
+            return out
+        return []
+
+    def shutdown(self) -> None:
+        pass

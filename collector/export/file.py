@@ -1,0 +1,44 @@
+"""OTLP/JSON lines: one ExportMetricsServiceRequest / ExportTraceServiceRequest /
+ExportProfilesServiceRequest per line, in protobuf's JSON mapping, so
+opentelemetry-proto's json_format.Parse reads every line back."""
+from __future__ import annotations
+
+import os
+import threading
+
+from google.protobuf import json_format
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+from . import metrics_data
+
+
+class FileExporter:
+    name = "file"
+
+    def __init__(self, cfg: dict):
+        self.path = cfg["path"]
+        self.form = cfg["histogram"]
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def _write(self, msg) -> None:
+        line = json_format.MessageToJson(msg, indent=None)
+        with self._lock:
+            self._f.write(line.replace("\n", " ") + "\n")
+            self._f.flush()
+
+    def export(self, batch) -> bool:
+        if any(batch.metrics.values()):
+            data = metrics_data.build(batch.resource, batch.metrics, batch.time_ns, self.form)
+            self._write(encode_metrics(data))
+        if batch.spans:
+            self._write(encode_spans(batch.spans))
+        if batch.profiles is not None:
+            self._write(batch.profiles)
+        return True
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._f.close()

@@ -1,0 +1,105 @@
+"""OTLP through the OpenTelemetry SDK's own exporters (gRPC or HTTP), so
+OTEL_EXPORTER_OTLP_* variables, TLS, headers, compression and retries behave
+as in any SDK. Explicit config keys win over the environment."""
+from __future__ import annotations
+
+import logging
+import os
+from urllib.parse import urlparse
+
+from opentelemetry.sdk.metrics.export import MetricExportResult
+from opentelemetry.sdk.trace.export import SpanExportResult
+
+from . import metrics_data
+
+log = logging.getLogger("otelbpf.export.otlp")
+
+
+def _protocol(cfg: dict, signal: str) -> str:
+    return (cfg.get("protocol") or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+
+
+def _headers(cfg: dict):
+    if not cfg.get("headers"):
+        return None  # the SDK reads OTEL_EXPORTER_OTLP_HEADERS itself
+    from opentelemetry.util.re import parse_env_headers
+    merged = parse_env_headers(os.environ.get("OTEL_EXPORTER_OTLP_HEADERS", ""), liberal=True)
+    merged.update({k.lower(): str(v) for k, v in cfg["headers"].items()})
+    return merged
+
+
+def _http_endpoint(endpoint, path: str):
+    """A config endpoint without a path gets the signal path, as the SDK does
+    for OTEL_EXPORTER_OTLP_ENDPOINT."""
+    if not endpoint:
+        return None
+    if "://" not in endpoint:
+        endpoint = "http://" + endpoint
+    if urlparse(endpoint).path in ("", "/"):
+        return endpoint.rstrip("/") + path
+    return endpoint
+
+
+def _grpc_kwargs(cfg: dict) -> dict:
+    kw = {"endpoint": cfg.get("endpoint"), "insecure": cfg.get("insecure"), "headers": _headers(cfg),
+          "timeout": cfg["timeout"]}
+    if cfg.get("compression"):
+        from grpc import Compression
+        kw["compression"] = Compression.Gzip if cfg["compression"] == "gzip" else Compression.NoCompression
+    if cfg.get("certificate"):
+        from grpc import ssl_channel_credentials
+        with open(cfg["certificate"], "rb") as f:
+            kw["credentials"] = ssl_channel_credentials(root_certificates=f.read())
+    return kw
+
+
+def _http_kwargs(cfg: dict, path: str) -> dict:
+    kw = {"endpoint": _http_endpoint(cfg.get("endpoint"), path), "headers": _headers(cfg),
+          "timeout": cfg["timeout"], "certificate_file": cfg.get("certificate")}
+    if cfg.get("compression"):
+        from opentelemetry.exporter.otlp.proto.http import Compression
+        kw["compression"] = Compression.Gzip if cfg["compression"] == "gzip" else Compression.NoCompression
+    return kw
+
+
+def make_metric_exporter(cfg: dict):
+    if _protocol(cfg, "metrics") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        return OTLPMetricExporter(**_grpc_kwargs(cfg))
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    return OTLPMetricExporter(**_http_kwargs(cfg, "/v1/metrics"))
+
+
+def make_span_exporter(cfg: dict):
+    if _protocol(cfg, "traces") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        return OTLPSpanExporter(**_grpc_kwargs(cfg))
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter(**_http_kwargs(cfg, "/v1/traces"))
+
+
+class OtlpExporter:
+    name = "otlp"
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.form = cfg["histogram"]
+        self._metrics = make_metric_exporter(cfg)
+        self._spans = None  # created on the first span batch
+
+    def export(self, batch) -> bool:
+        ok = True
+        if any(batch.metrics.values()):
+            data = metrics_data.build(batch.resource, batch.metrics, batch.time_ns, self.form)
+            ok &= self._metrics.export(data, timeout_millis=self.cfg["timeout"] * 1000) == MetricExportResult.SUCCESS
+        if batch.spans:
+            if self._spans is None:
+                self._spans = make_span_exporter(self.cfg)
+            ok &= self._spans.export(batch.spans) == SpanExportResult.SUCCESS
+        return ok
+
+    def shutdown(self) -> None:
+        self._metrics.shutdown()
+        if self._spans is not None:
+            self._spans.shutdown()

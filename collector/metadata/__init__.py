@@ -1,0 +1,1 @@
+"""Who produced the data: host, process, cgroup -> resource and point attributes."""

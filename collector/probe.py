@@ -1,0 +1,121 @@
+"""The plugin API: the one interface between the agent and its probes.
+
+A probe is a class registered under the entry-point group `otelbpf.probes`
+(built-in probes too), so a third party adds one by installing a package:
+
+    [project.entry-points."otelbpf.probes"]
+    my_probe = "my_package.module:MyProbe"
+
+It declares its name, BPF object, config keys and required kernel features,
+and implements start (load + attach), collect (drain maps into records) and
+stop (detach everything).
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import ClassVar, Dict, Optional, Tuple
+
+from . import libbpf
+from .config import Field
+
+ENTRY_POINT_GROUP = "otelbpf.probes"
+
+
+def default_bpf_dir() -> str:
+    """Built objects live beside their sources in bpf/ (OTELBPF_BPF_DIR overrides)."""
+    env = os.environ.get("OTELBPF_BPF_DIR")
+    if env:
+        return env
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
+
+
+class ProbeError(RuntimeError):
+    """A probe cannot start or collect; the message is one line for the log."""
+
+
+@dataclass
+class ProbeContext:
+    """What the agent gives every probe."""
+    bpf_dir: str
+    btf_path: Optional[str]
+    tracefs: Optional[str]
+    agent_pid: int
+    start_time_ns: int
+    log: logging.Logger
+    extras: dict = field(default_factory=dict)
+
+
+class Probe(abc.ABC):
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    # Feature names from collector.features that must be available.
+    requires: ClassVar[Tuple[str, ...]] = ("btf", "cap_bpf")
+    # Probe-specific config keys (`enabled` is added by the agent).
+    config_schema: ClassVar[Dict[str, Field]] = {}
+
+    def __init__(self, config: dict, ctx: ProbeContext):
+        self.config = config
+        self.ctx = ctx
+        self.log = ctx.log.getChild(self.name)
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Load and attach; raise ProbeError (or BpfError) on failure."""
+
+    @abc.abstractmethod
+    def collect(self) -> list:
+        """Records (collector.records) with cumulative values since start."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Detach and free everything; must be safe to call twice."""
+
+
+class BpfProbe(Probe):
+    """A probe backed by one libbpf object, bpf/<bpf_object>."""
+    bpf_object: ClassVar[str]
+
+    obj: Optional[libbpf.BpfObject] = None
+
+    def open_object(self) -> libbpf.BpfObject:
+        path = os.path.join(self.ctx.bpf_dir, self.bpf_object)
+        self.obj = libbpf.BpfObject(path, btf_custom_path=self.ctx.btf_path)
+        return self.obj
+
+    def stop(self) -> None:
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+
+@dataclass
+class ProbeEntry:
+    name: str
+    cls: Optional[type]
+    origin: str           # distribution that provides it
+    error: Optional[str]  # why it could not be imported
+
+
+def discover() -> Dict[str, ProbeEntry]:
+    """Every probe installed under the entry-point group, built-in or not."""
+    out: Dict[str, ProbeEntry] = {}
+    if sys.version_info >= (3, 10):
+        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    else:  # pragma: no cover - python 3.9
+        eps = metadata.entry_points().get(ENTRY_POINT_GROUP, [])
+    for ep in eps:
+        dist = getattr(ep, "dist", None)
+        origin = f"{dist.metadata['Name']} {dist.version}" if dist is not None else "?"
+        try:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Probe)):
+                raise TypeError(f"{ep.value} is not a collector.probe.Probe subclass")
+            out[ep.name] = ProbeEntry(ep.name, cls, origin, None)
+        except Exception as e:  # a broken plugin must not take the agent down
+            out[ep.name] = ProbeEntry(ep.name, None, origin, f"{type(e).__name__}: {e}")
+    return out
