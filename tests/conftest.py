@@ -1,0 +1,134 @@
+"""Shared test helpers: the agent as a real subprocess, OTLP receivers,
+compiled workloads, and bpftool views of what is loaded in the kernel."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "tests" / "bin"
+sys.path.insert(0, str(ROOT / "tests"))
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs: run as root (CI does)")
+
+
+def build_c(name: str) -> Path:
+    """Compile tests/workloads/<name>.c (once per session) and return the binary."""
+    src = ROOT / "tests" / "workloads" / f"{name}.c"
+    out = BIN / name
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        BIN.mkdir(exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-fno-omit-frame-pointer", "-o", str(out), str(src)], check=True)
+    return out
+
+
+class AgentProcess:
+    """`otelbpf run` in a subprocess with a config written from a dict."""
+
+    def __init__(self, tmp_path: Path, config: dict, args=(), env=None, wrapper=()):
+        self.config_path = tmp_path / "otelbpf.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.stdout_path = tmp_path / "agent.stdout"
+        self.stderr_path = tmp_path / "agent.stderr"
+        cmd = list(wrapper) + [sys.executable, "-m", "collector.cli", "run", "--config", str(self.config_path),
+                               *args]
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdin=subprocess.DEVNULL,
+                                     stdout=open(self.stdout_path, "w"), stderr=open(self.stderr_path, "w"))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.stderr():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited ({self.proc.returncode}) before logging {text!r}:\n"
+                                     f"{self.stderr()}")
+            time.sleep(0.05)
+        raise AssertionError(f"agent did not log {text!r} within {timeout}s:\n{self.stderr()}")
+
+    def send(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def agent_factory(tmp_path):
+    started = []
+
+    def start(config: dict, **kw) -> AgentProcess:
+        a = AgentProcess(tmp_path, config, **kw)
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        a.kill()
+
+
+def run_cli(*args, env=None, wrapper=(), timeout=60) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(list(wrapper) + [sys.executable, "-m", "collector.cli", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def bpftool_objects(kind: str) -> list:
+    """`bpftool prog|map show -j` as a list of dicts."""
+    out = subprocess.run(["bpftool", kind, "show", "-j"], capture_output=True, text=True, check=True).stdout
+    return json.loads(out or "[]")
+
+
+SYSCALL_LATENCY_PROGS = {"sc_lat_enter", "sc_lat_exit"}
+SYSCALL_LATENCY_MAPS = {"sc_lat_slots", "sc_lat_hist", "sc_lat_ovf", "sc_lat_stats", "syscall_.rodata"}
+
+
+def loaded_ids(kind: str, names: set) -> set:
+    return {o["id"] for o in bpftool_objects(kind) if o.get("name") in names}
+
+
+@pytest.fixture
+def grpc_receiver():
+    from otlp_receiver import GrpcReceiver
+    r = GrpcReceiver()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def http_receiver():
+    from otlp_receiver import HttpReceiver
+    r = HttpReceiver()
+    yield r
+    r.stop()

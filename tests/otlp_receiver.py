@@ -1,0 +1,106 @@
+"""A real OTLP receiver for tests: gRPC (MetricsService, TraceService) and
+HTTP (/v1/metrics, /v1/traces, protobuf bodies), keeping every request.
+
+It speaks the wire protocol with opentelemetry-proto's own stubs, so what the
+agent sends is decoded exactly as a collector would decode it.
+"""
+from __future__ import annotations
+
+import gzip
+import threading
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as ms_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
+
+
+class Received:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.metrics: list = []   # ExportMetricsServiceRequest
+        self.traces: list = []    # ExportTraceServiceRequest
+        self.headers: list = []   # request metadata/headers, one dict per request
+
+    def add(self, kind: str, req, headers: dict) -> None:
+        with self.lock:
+            getattr(self, kind).append(req)
+            self.headers.append(headers)
+
+
+class _Metrics(ms_grpc.MetricsServiceServicer):
+    def __init__(self, rx: Received):
+        self.rx = rx
+
+    def Export(self, request, context):
+        self.rx.add("metrics", request, dict(context.invocation_metadata()))
+        return ms.ExportMetricsServiceResponse()
+
+
+class _Traces(ts_grpc.TraceServiceServicer):
+    def __init__(self, rx: Received):
+        self.rx = rx
+
+    def Export(self, request, context):
+        self.rx.add("traces", request, dict(context.invocation_metadata()))
+        return ts.ExportTraceServiceResponse()
+
+
+class GrpcReceiver:
+    def __init__(self):
+        self.rx = Received()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        ms_grpc.add_MetricsServiceServicer_to_server(_Metrics(self.rx), self.server)
+        ts_grpc.add_TraceServiceServicer_to_server(_Traces(self.rx), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop(grace=0)
+
+
+class HttpReceiver:
+    _ROUTES = {"/v1/metrics": ("metrics", ms.ExportMetricsServiceRequest, ms.ExportMetricsServiceResponse),
+               "/v1/traces": ("traces", ts.ExportTraceServiceRequest, ts.ExportTraceServiceResponse)}
+
+    def __init__(self):
+        self.rx = Received()
+        rx, routes = self.rx, self._ROUTES
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                route = routes.get(self.path)
+                if route is None or self.headers.get("Content-Type") != "application/x-protobuf":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                kind, req_cls, resp_cls = route
+                req = req_cls()
+                req.ParseFromString(body)
+                rx.add(kind, req, {k.lower(): v for k, v in self.headers.items()})
+                out = resp_cls().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

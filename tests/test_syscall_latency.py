@@ -1,0 +1,170 @@
+"""syscall_latency end to end: the real agent loads the probe into the real
+kernel, a child makes a known number of getppid() and nanosleep() calls, and
+what a real OTLP receiver (gRPC, HTTP) and the file exporter got must show
+them, in the right buckets."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from conftest import build_c, needs_root
+from otlp_data import exp_buckets, last_point, points, read_jsonl
+
+pytestmark = needs_root
+
+N_GETPPID = 20000
+N_SLEEP = 10
+SLEEP_NS = 20_000_000          # 20 ms: in (2^24, 2^25] ns, kernel bucket 25, OTLP index 24
+SLEEP_OTLP_INDEX = 24
+INTERVAL = 1.0
+
+
+def drive_workload(n_getppid=N_GETPPID, n_sleep=N_SLEEP, sleep_ns=SLEEP_NS, linger=2.5 * INTERVAL) -> int:
+    """Run the workload; keep it alive `linger` seconds after its calls so the
+    agent reads its counts while the pid exists. Returns its pid."""
+    w = subprocess.Popen([str(build_c("sc_workload")), str(n_getppid), str(n_sleep), str(sleep_ns)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(w.stdout.readline())
+        w.stdin.write("go\n")
+        w.stdin.flush()
+        assert w.stdout.readline().strip() == "done"
+        time.sleep(linger)
+        w.stdin.write("exit\n")
+        w.stdin.close()
+        assert w.wait(timeout=10) == 0
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    return pid
+
+
+def check_workload_exponential(requests, pid: int) -> None:
+    m, dp, attrs = last_point(requests, "otelbpf.syscall.duration", process__pid=pid, syscall__name="getppid")
+    assert m.unit == "ns"
+    assert m.WhichOneof("data") == "exponential_histogram"
+    assert m.exponential_histogram.aggregation_temporality == 2  # CUMULATIVE
+    assert attrs["process.executable.name"] == "sc_workload"
+    assert dp.scale == 0
+    assert N_GETPPID <= dp.count <= N_GETPPID + 5, dp.count
+    assert sum(dp.positive.bucket_counts) + dp.zero_count == dp.count
+    # getppid is sub-microsecond to a few microseconds here; nothing near a second
+    assert max(exp_buckets(dp)) < 30
+
+    _m, dp, _a = last_point(requests, "otelbpf.syscall.duration", process__pid=pid, syscall__name="nanosleep")
+    buckets = exp_buckets(dp)
+    assert dp.count == N_SLEEP
+    assert not any(i < SLEEP_OTLP_INDEX for i in buckets), f"a 20 ms sleep measured shorter: {buckets}"
+    assert buckets.get(SLEEP_OTLP_INDEX, 0) >= N_SLEEP - 1, buckets
+    assert dp.sum >= N_SLEEP * SLEEP_NS
+
+    # Cumulative with a stable start time: every export of the series has the same one.
+    starts = {p[1].start_time_unix_nano for p in points(requests, "otelbpf.syscall.duration",
+                                                         process__pid=pid, syscall__name="getppid")}
+    assert len(starts) == 1
+
+
+def test_grpc_and_file_exporters_see_known_syscalls(agent_factory, grpc_receiver, tmp_path):
+    jsonl = tmp_path / "telemetry.jsonl"
+    agent = agent_factory({
+        "interval": "1s",
+        "resource": {"deployment.environment.name": "ci"},
+        "exporters": {"otlp": {"endpoint": grpc_receiver.endpoint, "protocol": "grpc", "insecure": True},
+                      "file": {"path": str(jsonl)}},
+        "probes": {"syscall_latency": {"enabled": True}},
+    })
+    agent.wait_for_log("collecting every")
+    pid = drive_workload()
+    assert agent.stop() == 0, agent.stderr()
+
+    received = grpc_receiver.rx.metrics
+    assert received, "the receiver got nothing"
+    check_workload_exponential(received, pid)
+    res = {kv.key: kv.value.string_value for kv in received[-1].resource_metrics[0].resource.attributes}
+    assert res["service.name"] == "otelbpf"
+    assert res["host.name"] and res["os.type"] == "linux"
+    assert res["deployment.environment.name"] == "ci"
+    # self-telemetry is there from the first version
+    assert points(received, "otelbpf.dropped", otelbpf__probe="syscall_latency", reason="slot_collision")
+    assert points(received, "otelbpf.probe.up", otelbpf__probe="syscall_latency")
+
+    from_file = read_jsonl(jsonl)
+    assert len(from_file) >= 3
+    check_workload_exponential(from_file, pid)
+    assert "Traceback" not in agent.stderr()
+
+
+def test_http_exporter_explicit_histogram_and_otel_env(agent_factory, http_receiver):
+    """OTLP/HTTP configured only through the standard OTEL_* variables, with
+    the explicit-bucket form for backends without exponential histograms."""
+    agent = agent_factory(
+        {"interval": "1s", "exporters": {"otlp": {"histogram": "explicit"}},
+         "probes": {"syscall_latency": {}}},
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": http_receiver.endpoint,
+             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+             "OTEL_RESOURCE_ATTRIBUTES": "k8s.cluster.name=test-cluster"})
+    agent.wait_for_log("collecting every")
+    pid = drive_workload()
+    assert agent.stop() == 0, agent.stderr()
+
+    received = http_receiver.rx.metrics
+    assert received
+    m, dp, _ = last_point(received, "otelbpf.syscall.duration", process__pid=pid, syscall__name="nanosleep")
+    assert m.WhichOneof("data") == "histogram" and m.unit == "s"
+    assert dp.count == N_SLEEP
+    bounds = list(dp.explicit_bounds)
+    assert bounds[:3] == [1e-9, 2e-9, 4e-9]
+    # bucket i covers (bounds[i-1], bounds[i]]: 20 ms falls in (2^24, 2^25] ns
+    assert bounds[24] < SLEEP_NS / 1e9 <= bounds[25]
+    assert dp.bucket_counts[25] >= N_SLEEP - 1
+    assert sum(dp.bucket_counts[:25]) == 0
+    assert abs(dp.sum - N_SLEEP * SLEEP_NS / 1e9) < N_SLEEP * 0.005  # within 5 ms per sleep
+    _m, dp, _ = last_point(received, "otelbpf.syscall.duration", process__pid=pid, syscall__name="getppid")
+    assert N_GETPPID <= dp.count <= N_GETPPID + 5
+    res = {kv.key: kv.value.string_value for kv in received[-1].resource_metrics[0].resource.attributes}
+    assert res["k8s.cluster.name"] == "test-cluster"
+
+
+def test_errors_counted(agent_factory, tmp_path):
+    """close(-1) fails with EBADF every time: each call is an error."""
+    jsonl = tmp_path / "t.jsonl"
+    agent = agent_factory({"interval": "1s", "exporters": {"file": {"path": str(jsonl)}},
+                           "probes": {"syscall_latency": {"syscalls": ["close"]}}})
+    agent.wait_for_log("collecting every")
+    script = "import os,sys,time\nfor _ in range(500):\n    try: os.close(-1)\n    except OSError: pass\n" \
+             "print(os.getpid(), flush=True); time.sleep(2.5)"
+    p = subprocess.run(["python3", "-c", script], capture_output=True, text=True, timeout=30)
+    pid = int(p.stdout.split()[0])
+    assert agent.stop() == 0
+    data = read_jsonl(jsonl)
+    _m, dp, _ = last_point(data, "otelbpf.syscall.errors", process__pid=pid, syscall__name="close")
+    assert dp.as_int >= 500
+    # the filter keeps every other syscall out
+    names = {a["syscall.name"] for _m, _d, a in points(data, "otelbpf.syscall.duration")}
+    assert names == {"close"}, names
+
+
+def test_kernel_map_overflow_is_kept_and_counted(agent_factory, tmp_path):
+    """With a tiny key map, events that do not fit land in the per-syscall
+    overflow histogram (counted), not on the floor."""
+    jsonl = tmp_path / "t.jsonl"
+    agent = agent_factory({"interval": "1s", "exporters": {"file": {"path": str(jsonl)}},
+                           "probes": {"syscall_latency": {"max_keys": 64}}})
+    agent.wait_for_log("collecting every")
+    for _ in range(20):  # each short process brings ~20 new (pid, syscall) keys
+        subprocess.run(["true"], check=True)
+    pid = drive_workload(n_getppid=5000, n_sleep=0)
+    assert agent.stop() == 0
+    data = read_jsonl(jsonl)
+    _m, ovf, _ = last_point(data, "otelbpf.overflow", otelbpf__probe="syscall_latency", reason="kernel_map_full")
+    assert ovf.as_int > 0
+    assert points(data, "otelbpf.syscall.duration", otelbpf__overflow=True)
+    # the workload's getppid calls are all somewhere: its own series, or overflow
+    total = 0
+    for match in ({"process__pid": pid}, {"otelbpf__overflow": True}):
+        pts = points(data, "otelbpf.syscall.duration", syscall__name="getppid", **match)
+        if pts:
+            total += max(pts, key=lambda p: p[1].time_unix_nano)[1].count
+    assert total >= 5000
