@@ -1,0 +1,104 @@
+"""Start, stop, reload: the agent leaves nothing of its own in the kernel
+after --duration, SIGTERM or SIGINT, and SIGHUP reloads the config."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import SYSCALL_LATENCY_MAPS, SYSCALL_LATENCY_PROGS, bpftool_objects, loaded_ids, needs_root
+from otlp_data import points, read_jsonl
+
+pytestmark = needs_root
+
+
+def _our_ids():
+    return loaded_ids("prog", SYSCALL_LATENCY_PROGS), loaded_ids("map", SYSCALL_LATENCY_MAPS)
+
+
+def _assert_gone(progs: set, maps: set, timeout: float = 10.0) -> None:
+    """The kernel frees programs and maps after an RCU grace period, so they
+    may be listed for a moment after the last reference is gone."""
+    assert progs and maps, "nothing of ours was loaded while the agent ran"
+    deadline = time.monotonic() + timeout
+    while True:
+        still_progs = progs & {p["id"] for p in bpftool_objects("prog")}
+        still_maps = maps & {m["id"] for m in bpftool_objects("map")}
+        if not (still_progs or still_maps) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not still_progs, f"programs left in the kernel: {still_progs}"
+    assert not still_maps, f"maps left in the kernel: {still_maps}"
+
+
+def test_duration_exits_zero_and_detaches(agent_factory, tmp_path):
+    before = _our_ids()
+    agent = agent_factory({"interval": "1s", "exporters": {"file": {"path": str(tmp_path / "t.jsonl")}},
+                           "probes": {"syscall_latency": {}}}, args=("--duration", "3"))
+    agent.wait_for_log("collecting every")
+    progs, maps = _our_ids()
+    progs, maps = progs - before[0], maps - before[1]
+    assert len(progs) == 2 and len(maps) == 5, (progs, maps)
+    assert agent.wait(timeout=30) == 0, agent.stderr()
+    _assert_gone(progs, maps)
+    # flushed on exit: the last line was written after the final collection
+    assert read_jsonl(tmp_path / "t.jsonl")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_exits_zero_and_detaches(agent_factory, tmp_path, sig):
+    agent = agent_factory({"interval": "1s", "exporters": {"file": {"path": str(tmp_path / "t.jsonl")}},
+                           "probes": {"syscall_latency": {}}})
+    agent.wait_for_log("collecting every")
+    progs, maps = _our_ids()
+    assert agent.stop(sig) == 0, agent.stderr()
+    _assert_gone(progs, maps)
+    assert "Traceback" not in agent.stderr()
+
+
+def test_sighup_reloads_and_bad_reload_keeps_running(agent_factory, tmp_path):
+    jsonl = tmp_path / "t.jsonl"
+    cfg = {"interval": "1s", "exporters": {"file": {"path": str(jsonl)}}, "probes": {"syscall_latency": {}}}
+    agent = agent_factory(cfg)
+    agent.wait_for_log("collecting every")
+    old_progs, old_maps = _our_ids()
+
+    # A changed probe config restarts that probe with the new settings.
+    import yaml
+    cfg["probes"]["syscall_latency"] = {"syscalls": ["getppid"]}
+    agent.config_path.write_text(yaml.safe_dump(cfg))
+    agent.send(signal.SIGHUP)
+    agent.wait_for_log("reloaded")
+    _assert_gone(old_progs, old_maps)
+    new_progs, _ = _our_ids()
+    assert len(new_progs) == 2
+    reload_mark = time.time_ns()
+    subprocess.run(["python3", "-c", "import os, time\nfor _ in range(100): os.getppid()\ntime.sleep(2.5)"],
+                   check=True, timeout=30)
+
+    # A broken config on reload is reported and the running one is kept.
+    agent.config_path.write_text("interval: [nonsense\n")
+    agent.send(signal.SIGHUP)
+    agent.wait_for_log("keeping the running configuration")
+    assert agent.proc.poll() is None
+    assert _our_ids()[0] == new_progs
+    assert agent.stop() == 0, agent.stderr()
+
+    data = read_jsonl(jsonl)
+    after = [a["syscall.name"] for _m, dp, a in points(data, "otelbpf.syscall.duration")
+             if dp.time_unix_nano > reload_mark]
+    assert after and set(after) <= {"getppid"}, set(after)
+
+
+def test_no_probe_can_start_is_one_clear_error(agent_factory, tmp_path):
+    """A BTF file that is not BTF: libbpf refuses it, the agent says so and exits 1."""
+    bogus = tmp_path / "not-btf"
+    bogus.write_bytes(b"\0" * 64)
+    agent = agent_factory({"kernel": {"btf": str(bogus)}, "exporters": {"console": {}},
+                           "probes": {"syscall_latency": {}}})
+    assert agent.wait(timeout=30) == 1
+    err = agent.stderr()
+    assert "probe syscall_latency: failed to start" in err
+    assert "no probe could start" in err
+    assert "Traceback" not in err
