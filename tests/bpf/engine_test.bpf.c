@@ -60,4 +60,45 @@ int engine_enter(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
+/* hook -> hits, filtered to target_tgid where a task context exists */
+enum { HIT_TRACEPOINT, HIT_UPROBE, HIT_PERF_EVENT, HIT_MAX };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HIT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} hits SEC(".maps");
+
+static __always_inline void hit(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&hits, &idx);
+
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+SEC("tp/syscalls/sys_enter_getppid")
+int engine_tp(void *ctx)
+{
+	if ((bpf_get_current_pid_tgid() >> 32) == target_tgid)
+		hit(HIT_TRACEPOINT);
+	return 0;
+}
+
+SEC("uprobe")
+int engine_uprobe(void *ctx)
+{
+	if ((bpf_get_current_pid_tgid() >> 32) == target_tgid)
+		hit(HIT_UPROBE);
+	return 0;
+}
+
+SEC("perf_event")
+int engine_perf(void *ctx)
+{
+	hit(HIT_PERF_EVENT);
+	return 0;
+}
+
 char LICENSE[] SEC("license") = "GPL";

@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Deliberately rejected by the verifier (a map value used without a NULL
+/* Deliberately rejected by the verifier (a hash map value used without a NULL
  * check), so tests can see that the error names the program and carries the
  * verifier's log. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u64);

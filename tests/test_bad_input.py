@@ -1,0 +1,94 @@
+"""Bad input gets one clear line and exit 2 (config) or 1 (cannot run),
+never a traceback."""
+from __future__ import annotations
+
+import pytest
+import subprocess
+import sys
+
+from conftest import ROOT, needs_root, run_cli
+
+
+def _config(tmp_path, text: str) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def _one_clear_line(proc, *needles):
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    lines = [l for l in err.splitlines() if l.startswith("otelbpf: config error")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("interval: [10s\n", ["line 2", "invalid YAML", "fix the YAML syntax"]),
+    ("interval: 10 parsecs\n", ["interval", "not a duration", "10s"]),
+    ("interval: -5s\n", ["interval"]),
+    ("intervall: 10s\n", ["intervall: unknown key", "did you mean 'interval'"]),
+    ("probes: {nope: {}}\n", ["probes.nope: unknown probe", "installed probes: syscall_latency"]),
+    ("probes: {syscall_latency: {enabled: yes please}}\n", ["probes.syscall_latency.enabled", "true or false"]),
+    ("probes: {syscall_latency: {syscalls: [getppid, opnat]}}\n",
+     ["probes.syscall_latency.syscalls[1]", "unknown syscall 'opnat'", "did you mean"]),
+    ("probes: {syscall_latency: {inflight_slots: 5000}}\n", ["inflight_slots", "power of two", "8192"]),
+    ("exporters: {otlp: {protocol: grpcc}}\n", ["exporters.otlp.protocol", "grpc, http/protobuf"]),
+    ("exporters: {otlp: {endpont: x}}\n", ["exporters.otlp.endpont: unknown key", "did you mean 'endpoint'"]),
+    ("exporters: {kafka: {}}\n", ["exporters.kafka: unknown exporter"]),
+    ("exporters: {file: {path: /etc/hostname/sub/t.jsonl}}\n", ["exporters.file.path", "cannot write"]),
+    ("kernel: {btf: /nonexistent/vmlinux}\n", ["kernel.btf", "does not exist"]),
+    ("resource: [a, b]\n", ["resource", "expected a mapping"]),
+    ("- just\n- a list\n", ["top level", "expected a mapping"]),
+])
+def test_check_rejects_bad_config(tmp_path, text, needles):
+    proc = run_cli("check", "--config", _config(tmp_path, text))
+    assert proc.returncode == 2, proc.stderr
+    _one_clear_line(proc, *needles)
+
+
+def test_run_rejects_bad_config_too(tmp_path):
+    proc = run_cli("run", "--config", _config(tmp_path, "probes: {syscal_latency: {}}\n"), "--duration", "1")
+    assert proc.returncode == 2
+    _one_clear_line(proc, "probes.syscal_latency", "did you mean 'syscall_latency'")
+
+
+def test_missing_config_file():
+    proc = run_cli("check", "--config", "/nonexistent/otelbpf.yaml")
+    assert proc.returncode == 2
+    _one_clear_line(proc, "not found")
+
+
+def test_bad_duration_flag():
+    proc = run_cli("run", "--duration", "soon")
+    assert proc.returncode == 2
+    assert "--duration" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shipped_config_is_valid():
+    proc = run_cli("check", "--config", "config/otelbpf.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "valid" in proc.stdout
+
+
+@needs_root
+def test_without_bpf_privileges_the_agent_says_so(tmp_path):
+    """capsh drops CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN: the probe is skipped
+    with one line naming the capability, and run exits 1."""
+    cfg = _config(tmp_path, "exporters: {console: {}}\nprobes: {syscall_latency: {}}\n")
+    cmd = (f"{sys.executable} -m collector.cli run --config {cfg} --duration 2")
+    proc = subprocess.run(["capsh", "--drop=cap_bpf,cap_perfmon,cap_sys_admin", "--", "-c", cmd],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "probe syscall_latency: skipped" in proc.stderr
+    assert "CAP_BPF" in proc.stderr
+    assert "no probe could start" in proc.stderr
+    check = subprocess.run(["capsh", "--drop=cap_bpf,cap_perfmon,cap_sys_admin", "--", "-c",
+                            f"{sys.executable} -m collector.cli check --config {cfg}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0
+    assert "[no] cap_bpf" in check.stdout
+    assert "syscall_latency (enabled): cannot run here: cap_bpf" in check.stdout

@@ -1,0 +1,72 @@
+"""Kernel log2 buckets -> OTLP exponential (scale 0) and explicit histograms."""
+from __future__ import annotations
+
+import math
+
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.sdk.resources import Resource
+
+from collector.export import metrics_data
+from collector.export.console import quantile_upper_bound
+from collector.records import Instrument, Log2Histogram
+
+NS = Instrument("t.duration", "ns", "test")
+
+
+def kernel_bucket(v: int) -> int:
+    """Python twin of otb_log2_bucket() in bpf/log2_hist.h (40 buckets)."""
+    b = 0 if v <= 1 else (v - 1).bit_length()
+    return min(b, 39)
+
+
+def otlp_scale0_index(v: float) -> int:
+    """OTLP spec: at scale 0, index i covers (2^i, 2^(i+1)]."""
+    return math.ceil(math.log2(v)) - 1
+
+
+def test_kernel_bucket_is_otlp_index_plus_one():
+    for v in [2, 3, 4, 5, 7, 8, 9, 1000, 1024, 1025, 20_000_000, 2 ** 30, 2 ** 30 + 1]:
+        assert kernel_bucket(v) - 1 == otlp_scale0_index(v), v
+
+
+def test_exponential_point_offsets_and_trims():
+    buckets = [0] * 40
+    buckets[3], buckets[5] = 7, 2          # values in (4, 8] and (16, 32]
+    h = Log2Histogram(NS, {"a": 1}, buckets, 100.0, 123)
+    p = metrics_data.exponential_point(h, 456)
+    assert p.scale == 0 and p.count == 9 and p.zero_count == 0
+    assert p.positive.offset == 2 and list(p.positive.bucket_counts) == [7, 0, 2]
+    assert p.start_time_unix_nano == 123 and p.time_unix_nano == 456
+
+
+def test_empty_histogram():
+    p = metrics_data.exponential_point(Log2Histogram(NS, {}, [0] * 40, 0.0, 1), 2)
+    assert p.count == 0 and list(p.positive.bucket_counts) == []
+
+
+def test_explicit_form_in_seconds_keeps_the_bucket_edges():
+    buckets = [0] * 40
+    buckets[25] = 4
+    p = metrics_data.explicit_point(Log2Histogram(NS, {}, buckets, 8e7, 1), 2)
+    assert len(p.explicit_bounds) == 39 and len(p.bucket_counts) == 40
+    assert p.explicit_bounds[24] == 2 ** 24 * 1e-9 and p.explicit_bounds[25] == 2 ** 25 * 1e-9
+    assert p.bucket_counts[25] == 4 and p.sum == 8e7 * 1e-9
+
+
+def test_metrics_data_encodes_to_otlp():
+    buckets = [0] * 40
+    buckets[10] = 5
+    scopes = {"otelbpf.probe.x": [Log2Histogram(NS, {"syscall.name": "read"}, buckets, 5000.0, 10)]}
+    for form, field in (("exponential", "exponential_histogram"), ("explicit", "histogram")):
+        req = encode_metrics(metrics_data.build(Resource({"service.name": "t"}), scopes, 20, form))
+        m = req.resource_metrics[0].scope_metrics[0].metrics[0]
+        assert m.WhichOneof("data") == field
+        assert m.unit == ("ns" if form == "exponential" else "s")
+        assert getattr(m, field).aggregation_temporality == 2
+
+
+def test_quantile_upper_bound():
+    buckets = [0] * 40
+    buckets[4], buckets[10] = 98, 2
+    assert quantile_upper_bound(buckets, 0.5) == 16
+    assert quantile_upper_bound(buckets, 0.99) == 1024
