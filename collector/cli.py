@@ -22,7 +22,14 @@ def _setup_logging(level: str = "info") -> None:
         h.setFormatter(logging.Formatter("otelbpf: %(levelname)s: %(message)s"))
         root.addHandler(h)
         root.propagate = False
+        # The SDK's exporters log retries and failures: same stream, same prefix.
+        sdk = logging.getLogger("opentelemetry")
+        sdk_handler = logging.StreamHandler(sys.stderr)
+        sdk_handler.setFormatter(logging.Formatter("otelbpf: %(levelname)s: %(name)s: %(message)s"))
+        sdk.addHandler(sdk_handler)
+        sdk.propagate = False
     root.setLevel(level.upper())
+    logging.getLogger("opentelemetry").setLevel(max(logging.WARNING, root.level))
 
 
 def _probe_schemas(entries: dict) -> dict:

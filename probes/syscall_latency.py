@@ -216,18 +216,21 @@ class SyscallLatencyProbe(BpfProbe):
             self._add({"syscall.name": self._table.get(nr, f"syscall_{nr}"), "otelbpf.overflow": True}, db, s, e)
 
     def _reap_exited(self) -> None:
-        """Free kernel entries and per-pid series of processes that exited (after
-        their last counts were read above)."""
+        """Free kernel entries of processes (or cgroups) that are gone, after
+        their last counts were read above, and retire their per-pid series."""
+        owners = {_KEY.unpack(kb)[0] for kb in self._prev}
+        if self._cgroups is not None:
+            paths = self._cgroups.resolve_all(owners)  # rewalks the tree for unknown ids
+            dead = {o for o in owners if paths.get(o) is None}
+        else:
+            dead = {o for o in owners if o and not alive(o)}
+        if not dead:
+            return
+        for kb in [kb for kb in self._prev if _KEY.unpack(kb)[0] in dead]:
+            self._hist.delete(kb)
+            del self._prev[kb]
         if self._cgroups is not None:
             return
-        dead = set()
-        for kb in list(self._prev):
-            owner, _nr, _ = _KEY.unpack(kb)
-            if owner and owner not in dead and not alive(owner):
-                dead.add(owner)
-            if owner in dead:
-                self._hist.delete(kb)
-                del self._prev[kb]
         for pid in dead:
             self._procs.forget(pid)
             if pid in self._pid_series:

@@ -102,3 +102,34 @@ def test_no_probe_can_start_is_one_clear_error(agent_factory, tmp_path):
     assert "probe syscall_latency: failed to start" in err
     assert "no probe could start" in err
     assert "Traceback" not in err
+
+
+def test_backend_down_keeps_collecting_and_counts_failures(agent_factory, tmp_path):
+    """An OTLP endpoint nobody listens on: the agent keeps collecting (the file
+    exporter still gets data), counts the failed exports, and stops on time."""
+    jsonl = tmp_path / "t.jsonl"
+    agent = agent_factory({"interval": "1s", "export_queue": 2,
+                           "exporters": {"otlp": {"endpoint": "http://127.0.0.1:1", "timeout": "1s"},
+                                         "file": {"path": str(jsonl)}},
+                           "probes": {"syscall_latency": {}}}, args=("--duration", "5"))
+    start = time.monotonic()
+    assert agent.wait(timeout=60) == 0, agent.stderr()
+    assert time.monotonic() - start < 20
+    data = read_jsonl(jsonl)
+    assert len(data) >= 4
+    lost = [dp.as_int for _m, dp, _a in points(data, "otelbpf.dropped", otelbpf__probe="exporter.otlp")]
+    assert lost and max(lost) >= 1, "failed exports were not counted"
+    assert points(data, "otelbpf.syscall.duration")
+    assert "Traceback" not in agent.stderr()
+
+
+def test_agent_mounts_tracefs(agent_factory, tmp_path):
+    from collector.features import tracefs_mount_point
+    mp = tracefs_mount_point()
+    if mp and subprocess.run(["umount", mp]).returncode != 0:
+        pytest.skip(f"tracefs at {mp} is busy and cannot be unmounted for this test")
+    assert tracefs_mount_point() is None
+    agent = agent_factory({"exporters": {"console": {}}, "probes": {"syscall_latency": {}}},
+                          args=("--duration", "1"))
+    assert agent.wait(timeout=30) == 0, agent.stderr()
+    assert tracefs_mount_point() == "/sys/kernel/tracing"

@@ -4,6 +4,7 @@ what a real OTLP receiver (gRPC, HTTP) and the file exporter got must show
 them, in the right buckets."""
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
@@ -168,3 +169,41 @@ def test_kernel_map_overflow_is_kept_and_counted(agent_factory, tmp_path):
         if pts:
             total += max(pts, key=lambda p: p[1].time_unix_nano)[1].count
     assert total >= 5000
+
+
+def test_key_by_cgroup(agent_factory, tmp_path):
+    """Per-cgroup keys: a workload moved into a cgroup of the test's own shows
+    up under that cgroup's path."""
+    from collector.metadata.cgroup import cgroup2_root
+    root = cgroup2_root()
+    assert root, "no cgroup2 mount"
+    cg = f"{root}/otelbpf-test-{os.getpid()}"
+    os.mkdir(cg)
+    cg_id = os.stat(cg).st_ino  # what bpf_get_current_cgroup_id() returns for it
+    try:
+        jsonl = tmp_path / "t.jsonl"
+        agent = agent_factory({"interval": "1s", "exporters": {"file": {"path": str(jsonl)}},
+                               "probes": {"syscall_latency": {"key_by": "cgroup", "syscalls": ["getppid"]}}})
+        agent.wait_for_log("collecting every")
+        w = subprocess.Popen([str(build_c("sc_workload")), str(N_GETPPID), "0", "0"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        pid = int(w.stdout.readline())
+        with open(f"{cg}/cgroup.procs", "w") as f:
+            f.write(str(pid))
+        w.stdin.write("go\n")
+        w.stdin.flush()
+        assert w.stdout.readline().strip() == "done"
+        time.sleep(2.5 * INTERVAL)
+        w.stdin.write("exit\n")
+        w.stdin.close()
+        w.wait(timeout=10)
+        assert agent.stop() == 0, agent.stderr()
+    finally:
+        os.rmdir(cg)
+    data = read_jsonl(jsonl)
+    path = "/" + os.path.basename(cg)
+    _m, dp, attrs = last_point(data, "otelbpf.syscall.duration", otelbpf__cgroup__path=path)
+    assert attrs["syscall.name"] == "getppid"
+    assert attrs["otelbpf.cgroup.id"] == cg_id
+    assert N_GETPPID <= dp.count <= N_GETPPID + 5
+    assert "process.pid" not in attrs

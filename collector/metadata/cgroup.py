@@ -32,7 +32,8 @@ class CgroupPaths:
         paths = {}
         for dirpath, _dirs, _files in os.walk(self.root):
             try:
-                paths[os.stat(dirpath).st_ino] = "/" + os.path.relpath(dirpath, self.root).lstrip(".")
+                rel = os.path.relpath(dirpath, self.root)
+                paths[os.stat(dirpath).st_ino] = "/" if rel == "." else "/" + rel
             except OSError:
                 continue
             if len(paths) >= self._max:
