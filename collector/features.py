@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import libbpf, perf
+from .mounts import find_mount
 
 SYS_BTF = "/sys/kernel/btf/vmlinux"
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -45,16 +46,8 @@ def has_cap(cap: int, caps: Optional[int] = None) -> bool:
 
 
 def tracefs_mount_point() -> Optional[str]:
-    """Where tracefs is mounted, from /proc/mounts (None when it is not)."""
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 2 and parts[2] == "tracefs":
-                    return parts[1]
-    except OSError:
-        pass
-    return None
+    """Where tracefs is mounted (None when it is not)."""
+    return find_mount("tracefs")
 
 
 class TracefsError(RuntimeError):

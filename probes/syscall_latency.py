@@ -29,6 +29,7 @@ MAX_SYSCALLS = 1024    # MAX_SYSCALLS in the .bpf.c
 _KEY = struct.Struct("=QII")                       # struct sc_key
 _VALUE = struct.Struct(f"=16s{NBUCKETS}QQQ")       # struct sc_hist
 STATS = ("overflow", "slot_collision", "no_enter")  # enum sc_stat order
+IDLE_TICKS = 6         # a per-pid series idle this many intervals frees its top_processes slot
 
 DURATION = Instrument("otelbpf.syscall.duration", "ns",
                       "Syscall latency from raw_syscalls sys_enter to sys_exit. In ns so the kernel's "
@@ -132,7 +133,8 @@ class SyscallLatencyProbe(BpfProbe):
         self._prev_ovf: dict = {}    # same, for the overflow histograms
         self._retiring: set = set()  # pids whose series go after one last export
         self._series: dict = {}      # attribute tuple -> _Acc
-        self._pid_series: set = set()  # pids exported with process.pid
+        self._pid_series: dict = {}  # pids exported with process.pid -> last tick they were active
+        self._tick = 0
         self._procs = ProcessCache()
         self._cgroups = CgroupPaths() if self.config["key_by"] == "cgroup" else None
         self._series_overflow = 0
@@ -140,6 +142,7 @@ class SyscallLatencyProbe(BpfProbe):
     # ------------------------------------------------------------- collect
     def collect(self) -> list:
         now = time.time_ns()
+        self._tick += 1
         for pid in self._retiring:  # exited last tick; their final values went out then
             self._retire_pid(pid)
         self._retiring = set()
@@ -180,10 +183,15 @@ class SyscallLatencyProbe(BpfProbe):
             activity: dict = {}
             for owner, _nr, _c, db, _s, _e in deltas:
                 activity[owner] = activity.get(owner, 0) + sum(db)
+            for pid in activity:
+                if pid in self._pid_series:
+                    self._pid_series[pid] = self._tick
+            self._demote_idle()
             room = self.config["top_processes"] - len(self._pid_series)
             if room > 0:
                 new = sorted((p for p in activity if p not in self._pid_series), key=activity.get, reverse=True)
-                self._pid_series.update(new[:room])
+                for pid in new[:room]:
+                    self._pid_series[pid] = self._tick
         for owner, nr, comm, db, s, errs in deltas:
             attrs = {"syscall.name": self._table.get(nr, f"syscall_{nr}")}
             if by_cgroup:
@@ -195,6 +203,16 @@ class SyscallLatencyProbe(BpfProbe):
                 if owner in self._pid_series:
                     attrs["process.pid"] = owner
             self._add(attrs, db, s, errs)
+
+    def _demote_idle(self) -> None:
+        """A per-pid slot idle for IDLE_TICKS goes back to the pool (its series
+        after one last export), so new busy processes can get one."""
+        if len(self._pid_series) < self.config["top_processes"]:
+            return
+        for pid, last in list(self._pid_series.items()):
+            if self._tick - last >= IDLE_TICKS:
+                del self._pid_series[pid]
+                self._retiring.add(pid)
 
     def _add(self, attrs: dict, buckets, s: int, errs: int) -> None:
         key = tuple(sorted(attrs.items()))
@@ -233,8 +251,7 @@ class SyscallLatencyProbe(BpfProbe):
             return
         for pid in dead:
             self._procs.forget(pid)
-            if pid in self._pid_series:
-                self._pid_series.discard(pid)
+            if self._pid_series.pop(pid, None) is not None:
                 self._retiring.add(pid)
 
     def _retire_pid(self, pid: int) -> None:

@@ -4,17 +4,11 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..mounts import find_mount
+
 
 def cgroup2_root() -> Optional[str]:
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 2 and parts[2] == "cgroup2":
-                    return parts[1]
-    except OSError:
-        pass
-    return None
+    return find_mount("cgroup2")
 
 
 class CgroupPaths:
