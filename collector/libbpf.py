@@ -142,6 +142,7 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_map_delete_elem": (I, [I, P]),
         "bpf_map_get_next_key": (I, [I, P, P]),
         "bpf_map_lookup_batch": (I, [I, P, P, P, P, ctypes.POINTER(U32), P]),
+        "bpf_map_delete_batch": (I, [I, P, ctypes.POINTER(U32), P]),
         "btf__find_by_name_kind": (I, [P, S, U32]),
         "btf__type_by_id": (P, [P, U32]),
         "btf__name_by_offset": (S, [P, U32]),
@@ -321,6 +322,23 @@ class Map:
                 return False
             raise BpfError(err, f"{self._obj.name}: map {self.name}: delete")
         return True
+
+    def delete_many(self, keys: list) -> int:
+        """Delete keys in one syscall where the kernel supports batch ops for
+        this map type, else one by one. Missing keys are not an error."""
+        if not keys:
+            return 0
+        for k in keys:
+            self._check_key(k)
+        count = ctypes.c_uint32(len(keys))
+        ret = lib().bpf_map_delete_batch(self.fd, b"".join(keys), ctypes.byref(count), None)
+        if ret == 0:
+            return count.value
+        err = _errno_of(ret)
+        if err not in (errno_mod.ENOENT, errno_mod.EINVAL, errno_mod.ENOTSUP, errno_mod.EOPNOTSUPP):
+            raise BpfError(err, f"{self._obj.name}: map {self.name}: delete_batch")
+        # ENOENT stops the batch at the first missing key: finish one by one.
+        return count.value + sum(self.delete(k) for k in keys[count.value:])
 
     def keys(self) -> Iterator[bytes]:
         """Iterate keys with get_next_key (works on every map type and kernel)."""

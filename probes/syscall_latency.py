@@ -179,7 +179,8 @@ class SyscallLatencyProbe(BpfProbe):
         if by_cgroup:
             paths = self._cgroups.resolve_all({d[0] for d in deltas})
         else:
-            # Promote the busiest new pids while there is room (stable once promoted).
+            # Promote the busiest live pids while there is room; a slot is kept while
+            # its process stays active (see _demote_idle).
             activity: dict = {}
             for owner, _nr, _c, db, _s, _e in deltas:
                 activity[owner] = activity.get(owner, 0) + sum(db)
@@ -189,16 +190,21 @@ class SyscallLatencyProbe(BpfProbe):
             self._demote_idle()
             room = self.config["top_processes"] - len(self._pid_series)
             if room > 0:
-                new = sorted((p for p in activity if p not in self._pid_series), key=activity.get, reverse=True)
+                # an already-exited process gets no series of its own
+                new = sorted((p for p in activity if p not in self._pid_series and alive(p)), key=activity.get,
+                             reverse=True)
                 for pid in new[:room]:
                     self._pid_series[pid] = self._tick
+        names: dict = {}  # one /proc read per process per tick
         for owner, nr, comm, db, s, errs in deltas:
             attrs = {"syscall.name": self._table.get(nr, f"syscall_{nr}")}
             if by_cgroup:
                 attrs["otelbpf.cgroup.id"] = owner
                 attrs["otelbpf.cgroup.path"] = paths.get(owner) or "unknown"
             else:
-                exe = self._procs.executable_name(owner, fallback=comm) or "unknown"
+                exe = names.get(owner)
+                if exe is None:
+                    exe = names[owner] = self._procs.executable_name(owner, fallback=comm) or "unknown"
                 attrs["process.executable.name"] = exe
                 if owner in self._pid_series:
                     attrs["process.pid"] = owner
@@ -244,8 +250,9 @@ class SyscallLatencyProbe(BpfProbe):
             dead = {o for o in owners if o and not alive(o)}
         if not dead:
             return
-        for kb in [kb for kb in self._prev if _KEY.unpack(kb)[0] in dead]:
-            self._hist.delete(kb)
+        gone = [kb for kb in self._prev if _KEY.unpack(kb)[0] in dead]
+        self._hist.delete_many(gone)
+        for kb in gone:
             del self._prev[kb]
         if self._cgroups is not None:
             return

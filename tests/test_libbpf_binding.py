@@ -72,6 +72,12 @@ def test_raw_tracepoint_maps_and_ring_buffer(engine):
     assert counts.delete(struct.pack("=I", 999)) is True
     assert counts.lookup(struct.pack("=I", 999)) is None
     assert counts.delete(struct.pack("=I", 999)) is False
+    # batch delete, with a missing key in the middle
+    keys = [struct.pack("=I", 1000 + i) for i in range(4)]
+    for k in keys:
+        counts.update(k, struct.pack("=Q", 1))
+    assert counts.delete_many([keys[0], keys[1], struct.pack("=I", 5555), keys[2], keys[3]]) == 4
+    assert all(counts.lookup(k) is None for k in keys)
 
 
 def test_tracepoint_uprobe_and_perf_event_attach(engine):

@@ -5,7 +5,9 @@ tested in test_syscall_latency.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
 
+import pytest
 from collector.config import PROBE_COMMON, parse_section
 from collector.metadata.process import ProcessCache
 from probes.syscall_latency import IDLE_TICKS, NBUCKETS, SyscallLatencyProbe, syscall_table
@@ -41,28 +43,46 @@ def _tick(p, deltas):
 FAKE = 4_000_000  # pids that do not exist: names come from the kernel's comm
 
 
-def test_top_n_get_pids_the_rest_aggregate_by_executable():
+@pytest.fixture
+def live():
+    """Three live pids (only live processes get per-pid series)."""
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    yield [p.pid for p in procs]
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_top_n_get_pids_the_rest_aggregate_by_executable(live):
+    a, b, c = live
     p = _probe(top_processes=2)
-    _tick(p, [_delta(FAKE + 1, n=100), _delta(FAKE + 2, n=50), _delta(FAKE + 3, n=1), _delta(FAKE + 10, n=2)])
+    _tick(p, [_delta(a, n=100), _delta(b, n=50), _delta(c, n=1), _delta(FAKE + 3, n=1), _delta(FAKE + 10, n=1)])
     keys = [dict(k) for k in p._series]
     with_pid = sorted(k["process.pid"] for k in keys if "process.pid" in k)
-    assert with_pid == [FAKE + 1, FAKE + 2]
-    rest = [k for k in keys if "process.pid" not in k]
+    assert with_pid == sorted([a, b])
+    assert {"process.executable.name": "sleep", "syscall.name": p._table[0]} in keys  # c, aggregated
+    rest = [k for k in keys if "process.pid" not in k and k["process.executable.name"] != "sleep"]
     # FAKE+3 and FAKE+10 have the same comm: one series without a pid
     assert len(rest) == 1 and rest[0]["process.executable.name"] == f"comm{(FAKE + 3) % 7}"
     assert sum(a.buckets[5] for a in p._series.values()) == 153  # nothing lost
 
 
-def test_idle_pid_series_are_demoted_to_make_room():
+def test_exited_processes_get_no_pid_series():
+    p = _probe(top_processes=5)
+    _tick(p, [_delta(FAKE + 1, n=100)])
+    assert not p._pid_series
+    assert [dict(k).get("process.pid") for k in p._series] == [None]
+
+
+def test_idle_pid_series_are_demoted_to_make_room(live):
+    a, b, _ = live
     p = _probe(top_processes=1)
-    _tick(p, [_delta(FAKE + 1)])
-    assert list(p._pid_series) == [FAKE + 1]
-    for _ in range(IDLE_TICKS):
-        _tick(p, [_delta(FAKE + 2)])
-    _tick(p, [_delta(FAKE + 2)])
-    _tick(p, [_delta(FAKE + 2)])
-    assert list(p._pid_series) == [FAKE + 2]
-    assert not any(("process.pid", FAKE + 1) in k for k in p._series)
+    _tick(p, [_delta(a)])
+    assert list(p._pid_series) == [a]
+    for _ in range(IDLE_TICKS + 2):
+        _tick(p, [_delta(b)])
+    assert list(p._pid_series) == [b]
+    assert not any(("process.pid", a) in k for k in p._series)
 
 
 def test_max_series_overflow_keeps_counts():
