@@ -24,6 +24,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/syscall_overhead.py
+	$(PY) bench/agent_cpu.py
 
 setup: $(STAMP_APT) $(STAMP_VENV) bpf
 

@@ -14,6 +14,9 @@ from . import libbpf, perf
 from .mounts import find_mount
 
 SYS_BTF = "/sys/kernel/btf/vmlinux"
+# Where the running kernel's BTF is looked for; the variable exists so the
+# no-BTF path can be exercised on a kernel that has BTF.
+SYS_BTF_ENV = "OTELBPF_KERNEL_BTF"
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 # Linux capability numbers
@@ -76,9 +79,10 @@ def _btf_feature(btf_path: Optional[str]) -> Feature:
     if btf_path:
         ok = os.path.isfile(btf_path)
         return Feature("btf", ok, f"custom BTF {btf_path}" + ("" if ok else " is missing"))
-    if os.path.isfile(SYS_BTF):
-        return Feature("btf", True, SYS_BTF)
-    return Feature("btf", False, f"{SYS_BTF} missing (kernel without CONFIG_DEBUG_INFO_BTF): "
+    sys_btf = os.environ.get(SYS_BTF_ENV, SYS_BTF)
+    if os.path.isfile(sys_btf):
+        return Feature("btf", True, sys_btf)
+    return Feature("btf", False, f"{sys_btf} missing (kernel without CONFIG_DEBUG_INFO_BTF): "
                    "set kernel.btf to a BTF file for this kernel")
 
 

@@ -92,3 +92,16 @@ def test_without_bpf_privileges_the_agent_says_so(tmp_path):
     assert check.returncode == 0
     assert "[no] cap_bpf" in check.stdout
     assert "syscall_latency (enabled): cannot run here: cap_bpf" in check.stdout
+
+
+@needs_root
+def test_kernel_without_btf_skips_the_probe_with_one_line(tmp_path):
+    cfg = _config(tmp_path, "exporters: {console: {}}\nprobes: {syscall_latency: {}}\n")
+    env = {"OTELBPF_KERNEL_BTF": "/nonexistent/vmlinux"}
+    proc = run_cli("run", "--config", cfg, "--duration", "1", env=env)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    skipped = [l for l in proc.stderr.splitlines() if "probe syscall_latency: skipped" in l]
+    assert len(skipped) == 1 and "CONFIG_DEBUG_INFO_BTF" in skipped[0] and "kernel.btf" in skipped[0]
+    check = run_cli("check", "--config", cfg, env=env)
+    assert check.returncode == 0 and "[no] btf" in check.stdout
