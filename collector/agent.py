@@ -15,7 +15,7 @@ from .config import AgentConfig, ConfigError
 from .export.worker import ExportWorker
 from .metadata.host import host_resource
 from .probe import ProbeContext, ProbeEntry, default_bpf_dir
-from .records import Batch
+from .records import Batch, Profile
 from .selftelemetry import AgentCounters
 
 log = logging.getLogger("otelbpf")
@@ -141,7 +141,11 @@ class Agent:
                     log.error("probe %s: disabled after %d failed collections", name, rp.failures)
                     self._stop_probe(name)
                 continue
-            batch.metrics[f"otelbpf.probe.{name}"] = records
+            scope = f"otelbpf.probe.{name}"
+            batch.metrics[scope] = [r for r in records if not isinstance(r, Profile)]
+            profiles = [r for r in records if isinstance(r, Profile)]
+            if profiles:
+                batch.profiles[scope] = profiles
         batch.metrics["otelbpf.agent"] = self.counters.records(self.probe_up)
         for w in self.workers.values():
             w.submit(batch)

@@ -106,6 +106,61 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
+def cmd_profile(args) -> int:
+    """Profile the host (or one pid) for a while and write pprof + folded stacks."""
+    import signal
+    import threading
+    import time
+
+    from .export.pprof import to_folded, to_pprof
+    from .probe import ProbeContext
+    from .records import Profile
+
+    entries = discover()
+    entry = entries.get("cpu_profile")
+    if entry is None or entry.cls is None:
+        print(f"otelbpf: the cpu_profile probe is not installed ({entry.error if entry else 'missing'})",
+              file=sys.stderr)
+        return EXIT_FAILED
+    cfg = load_config(args.config, entries)
+    _setup_logging(cfg.log_level)
+    pcfg = cfg.probes.get("cpu_profile") or config.parse_section(
+        {}, {**config.PROBE_COMMON, **entry.cls.config_schema}, "probes.cpu_profile")
+    if args.frequency:
+        pcfg = {**pcfg, "frequency": args.frequency}
+    feats = features.detect(default_bpf_dir(), cfg.kernel["btf"])
+    missing = features.missing(entry.cls.requires, feats)
+    if missing:
+        log.error("cannot profile here: %s", "; ".join(missing))
+        return EXIT_FAILED
+    ctx = ProbeContext(bpf_dir=default_bpf_dir(), btf_path=cfg.kernel["btf"], tracefs=None, agent_pid=os.getpid(),
+                       start_time_ns=time.time_ns(), log=log)
+    probe = entry.cls(pcfg, ctx)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    profiles = []
+    try:
+        probe.start()
+        end = time.monotonic() + args.duration
+        while not stop.is_set() and time.monotonic() < end:
+            stop.wait(min(cfg.interval, max(0.0, end - time.monotonic())))
+            profiles += [r for r in probe.collect() if isinstance(r, Profile)]
+    finally:
+        probe.stop()
+    if args.pid:
+        for p in profiles:
+            p.samples = [s for s in p.samples if s.attributes.get("process.pid") == args.pid]
+    folded_path = args.output + ".folded"
+    with open(args.output, "wb") as f:
+        f.write(to_pprof(profiles))
+    with open(folded_path, "w") as f:
+        f.write(to_folded(profiles))
+    n = sum(s.count for p in profiles for s in p.samples)
+    print(f"{n} samples: pprof {args.output}, folded stacks {folded_path}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="otelbpf", description="eBPF telemetry agent exporting OpenTelemetry over OTLP")
     p.add_argument("--version", action="version", version=f"otelbpf {__version__}")
@@ -117,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check", help="validate the config and show what this kernel supports")
     chk.add_argument("--config", help="YAML config file")
     chk.set_defaults(fn=cmd_check)
+    prof = sub.add_parser("profile", help="profile the CPU for a while; write pprof and folded stacks")
+    prof.add_argument("--duration", type=_positive_seconds, default=10.0, help="how long (default 10s)")
+    prof.add_argument("--output", required=True, help="pprof file (gzipped profile.proto); folded stacks go "
+                      "to OUTPUT.folded")
+    prof.add_argument("--pid", type=int, help="keep only this process")
+    prof.add_argument("--frequency", type=int, help="samples per second per CPU (default: the config's, 99)")
+    prof.add_argument("--config", help="YAML config file (probes.cpu_profile settings)")
+    prof.set_defaults(fn=cmd_profile)
     prb = sub.add_parser("probes", help="list installed probes")
     prb.set_defaults(fn=cmd_probes)
     return p

@@ -214,6 +214,8 @@ BPF_MAP_TYPE_RINGBUF = 27
 PERCPU_MAP_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+ENOTSUPP = 524  # the kernel's internal "operation not supported", seen by user space as-is
+_UNSUPPORTED = (errno_mod.EINVAL, errno_mod.ENOTSUP, errno_mod.EOPNOTSUPP, errno_mod.ENOSYS, ENOTSUPP)
 
 
 def num_possible_cpus() -> int:
@@ -335,8 +337,10 @@ class Map:
         if ret == 0:
             return count.value
         err = _errno_of(ret)
-        if err not in (errno_mod.ENOENT, errno_mod.EINVAL, errno_mod.ENOTSUP, errno_mod.EOPNOTSUPP):
+        if err != errno_mod.ENOENT and err not in _UNSUPPORTED:
             raise BpfError(err, f"{self._obj.name}: map {self.name}: delete_batch")
+        if err in _UNSUPPORTED:
+            count.value = 0
         # ENOENT stops the batch at the first missing key: finish one by one.
         return count.value + sum(self.delete(k) for k in keys[count.value:])
 
@@ -361,7 +365,7 @@ class Map:
         try:
             return self._items_batch()
         except BpfError as e:
-            if e.errno not in (errno_mod.EINVAL, errno_mod.ENOTSUP, errno_mod.EOPNOTSUPP, errno_mod.ENOSYS):
+            if e.errno not in _UNSUPPORTED:
                 raise
         out = []
         for k in list(self.keys()):
@@ -601,6 +605,24 @@ class BpfObject:
         if not ptr or offset + size > sz.value:
             raise BpfError(errno_mod.EINVAL, f"{self.name}: {section} initial value unavailable")
         ctypes.memmove(ptr + offset, value, size)
+
+    def write_global(self, name: str, value: bytes, section: str = ".bss") -> None:
+        """Change a writable global (.bss/.data) of a loaded object: read the
+        section's single map element, patch the variable, write it back."""
+        if not self._loaded:
+            raise BpfError(errno_mod.EINVAL, f"{self.name}: write {name} before load (use set_global)")
+        offset, size = self._datasec_vars(section).get(name, (None, None))
+        if offset is None:
+            raise BpfError(errno_mod.ENOENT, f"{self.name}: no global {name} in {section}")
+        if len(value) != size:
+            raise ValueError(f"{self.name}: global {name} is {size} bytes, got {len(value)}")
+        m = next((c for c in self.maps() if c.name.endswith(section)), None)
+        if m is None:
+            raise BpfError(errno_mod.ENOENT, f"{self.name}: no {section} map")
+        zero = b"\0\0\0\0"
+        cur = bytearray(m.lookup(zero))
+        cur[offset:offset + size] = value
+        m.update(zero, bytes(cur))
 
     # -- lifecycle
     def load(self) -> None:

@@ -48,6 +48,35 @@ class Gauge:
     value: float
 
 
+@dataclass(frozen=True)
+class Frame:
+    """One stack frame. mapping: a collector.symbolize.procmaps.MappingInfo for
+    file-backed code (kept even when function is None, so a backend can
+    symbolize later); None for kernel and anonymous code."""
+    function: Optional[str]
+    address: int
+    mapping: Optional[object] = None
+    kernel: bool = False
+
+
+@dataclass
+class ProfileSample:
+    attributes: dict
+    frames: list   # leaf first
+    count: int
+
+
+@dataclass
+class Profile:
+    """Samples aggregated over [start_time_ns, start_time_ns + duration_ns)."""
+    samples: list
+    start_time_ns: int
+    duration_ns: int
+    period_ns: int
+    sample_type: tuple = ("samples", "count")
+    period_type: tuple = ("cpu", "nanoseconds")
+
+
 @dataclass
 class Batch:
     """Everything one collection tick produced, ready for the exporters."""
@@ -55,7 +84,7 @@ class Batch:
     resource: object = None                       # opentelemetry.sdk.resources.Resource
     metrics: dict = field(default_factory=dict)   # scope name -> list of metric records
     spans: list = field(default_factory=list)     # SDK ReadableSpans
-    profiles: Optional[object] = None             # ExportProfilesServiceRequest
+    profiles: dict = field(default_factory=dict)  # scope name -> list of Profile
 
     def is_empty(self) -> bool:
-        return not any(self.metrics.values()) and not self.spans and self.profiles is None
+        return not any(self.metrics.values()) and not self.spans and not any(self.profiles.values())

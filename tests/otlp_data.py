@@ -59,3 +59,52 @@ def read_jsonl(path) -> list:
             json_format.Parse(line, req)
             out.append(req)
     return out
+
+
+def check_profile_indices(req) -> None:
+    """Every index in an ExportProfilesServiceRequest resolves in its dictionary."""
+    d = req.dictionary
+    n = {"s": len(d.string_table), "m": len(d.mapping_table), "l": len(d.location_table),
+         "f": len(d.function_table), "a": len(d.attribute_table), "k": len(d.stack_table)}
+    assert d.string_table[0] == ""
+    for a in d.attribute_table:
+        assert a.key_strindex < n["s"]
+    for m in d.mapping_table:
+        assert m.filename_strindex < n["s"] and all(i < n["a"] for i in m.attribute_indices)
+    for f in d.function_table:
+        assert f.name_strindex < n["s"] and f.filename_strindex < n["s"]
+    for loc in d.location_table:
+        assert loc.mapping_index < n["m"]
+        assert all(line.function_index < n["f"] for line in loc.lines)
+    for st in d.stack_table:
+        assert all(i < n["l"] for i in st.location_indices)
+    for rp in req.resource_profiles:
+        for sp in rp.scope_profiles:
+            for p in sp.profiles:
+                assert p.sample_type.type_strindex < n["s"] and p.period_type.unit_strindex < n["s"]
+                for s in p.samples:
+                    assert 0 < s.stack_index < n["k"]
+                    assert all(i < n["a"] for i in s.attribute_indices)
+
+
+def profile_samples(requests):
+    """(attributes, [function names leaf first], [is kernel], count) per sample."""
+    out = []
+    for req in requests:
+        d = req.dictionary
+        strs = d.string_table
+        kernel_maps = {i for i, m in enumerate(d.mapping_table) if strs[m.filename_strindex] == "[kernel.kallsyms]"}
+        for rp in req.resource_profiles:
+            for sp in rp.scope_profiles:
+                for p in sp.profiles:
+                    for s in p.samples:
+                        attrs = {strs[d.attribute_table[i].key_strindex]: attr_value(d.attribute_table[i].value)
+                                 for i in s.attribute_indices}
+                        names, kernel = [], []
+                        for li in d.stack_table[s.stack_index].location_indices:
+                            loc = d.location_table[li]
+                            fn = strs[d.function_table[loc.lines[0].function_index].name_strindex] if loc.lines else None
+                            names.append(fn)
+                            kernel.append(loc.mapping_index in kernel_maps)
+                        out.append((attrs, names, kernel, s.values[0]))
+    return out

@@ -1,5 +1,6 @@
-"""A real OTLP receiver for tests: gRPC (MetricsService, TraceService) and
-HTTP (/v1/metrics, /v1/traces, protobuf bodies), keeping every request.
+"""A real OTLP receiver for tests: gRPC (MetricsService, TraceService,
+ProfilesService) and HTTP (/v1/metrics, /v1/traces, /v1development/profiles,
+protobuf bodies), keeping every request.
 
 It speaks the wire protocol with opentelemetry-proto's own stubs, so what the
 agent sends is decoded exactly as a collector would decode it.
@@ -14,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as ms_grpc
+from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2 as ps
+from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2_grpc as ps_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
 
@@ -23,6 +26,7 @@ class Received:
         self.lock = threading.Lock()
         self.metrics: list = []   # ExportMetricsServiceRequest
         self.traces: list = []    # ExportTraceServiceRequest
+        self.profiles: list = []  # ExportProfilesServiceRequest
         self.headers: list = []   # request metadata/headers, one dict per request
 
     def add(self, kind: str, req, headers: dict) -> None:
@@ -49,12 +53,22 @@ class _Traces(ts_grpc.TraceServiceServicer):
         return ts.ExportTraceServiceResponse()
 
 
+class _Profiles(ps_grpc.ProfilesServiceServicer):
+    def __init__(self, rx: Received):
+        self.rx = rx
+
+    def Export(self, request, context):
+        self.rx.add("profiles", request, dict(context.invocation_metadata()))
+        return ps.ExportProfilesServiceResponse()
+
+
 class GrpcReceiver:
     def __init__(self):
         self.rx = Received()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         ms_grpc.add_MetricsServiceServicer_to_server(_Metrics(self.rx), self.server)
         ts_grpc.add_TraceServiceServicer_to_server(_Traces(self.rx), self.server)
+        ps_grpc.add_ProfilesServiceServicer_to_server(_Profiles(self.rx), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -65,7 +79,9 @@ class GrpcReceiver:
 
 class HttpReceiver:
     _ROUTES = {"/v1/metrics": ("metrics", ms.ExportMetricsServiceRequest, ms.ExportMetricsServiceResponse),
-               "/v1/traces": ("traces", ts.ExportTraceServiceRequest, ts.ExportTraceServiceResponse)}
+               "/v1/traces": ("traces", ts.ExportTraceServiceRequest, ts.ExportTraceServiceResponse),
+               "/v1development/profiles": ("profiles", ps.ExportProfilesServiceRequest,
+                                           ps.ExportProfilesServiceResponse)}
 
     def __init__(self):
         self.rx = Received()

@@ -8,9 +8,10 @@ import yaml
 
 from collector import config
 from collector.config import ConfigError, parse_duration
+from probes.cpu_profile import CpuProfileProbe
 from probes.syscall_latency import SyscallLatencyProbe
 
-SCHEMAS = {"syscall_latency": SyscallLatencyProbe.config_schema}
+SCHEMAS = {"syscall_latency": SyscallLatencyProbe.config_schema, "cpu_profile": CpuProfileProbe.config_schema}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -90,7 +91,7 @@ def test_shipped_config_documents_every_key():
     keys = set(config.TOP_SCHEMA) | set(config.TOP_SCHEMA["kernel"])
     for schema in config.EXPORTER_SCHEMAS.values():
         keys |= set(schema)
-    keys |= set(SyscallLatencyProbe.config_schema) | {"enabled"}
+    keys |= set(SyscallLatencyProbe.config_schema) | set(CpuProfileProbe.config_schema) | {"enabled"}
     missing = [k for k in sorted(keys) if f"{k}:" not in text]
     assert not missing, f"undocumented keys in config/otelbpf.yaml: {missing}"
     cfg = config.build(yaml.safe_load(text), SCHEMAS)

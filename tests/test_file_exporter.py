@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from collector.export.file import FileExporter
-from collector.records import Batch, Counter, Instrument, Log2Histogram
+from collector.records import Batch, Counter, Frame, Instrument, Log2Histogram, Profile, ProfileSample
 
 NS = Instrument("t.duration", "ns", "d")
 CNT = Instrument("t.count", "{x}", "c")
@@ -36,11 +36,11 @@ def test_every_signal_is_one_parseable_line(tmp_path):
     exp = FileExporter({"path": str(path), "histogram": "exponential"})
     buckets = [0] * 40
     buckets[7] = 3
-    profiles = ExportProfilesServiceRequest()
-    profiles.resource_profiles.add().scope_profiles.add().profiles.add().duration_nano = 5
+    profile = Profile([ProfileSample({"process.pid": 7}, [Frame("leaf", 0x10), Frame("root", 0x20)], 3)],
+                      start_time_ns=1, duration_ns=5, period_ns=10_101_010)
     batch = Batch(time_ns=10, resource=Resource({"service.name": "otelbpf"}),
                   metrics={"s": [Log2Histogram(NS, {"a": "b"}, buckets, 300.0, 1), Counter(CNT, {}, 4, 1)]},
-                  spans=_spans(), profiles=profiles)
+                  spans=_spans(), profiles={"p": [profile]})
     assert exp.export(batch)
     exp.shutdown()
 
@@ -55,5 +55,6 @@ def test_every_signal_is_one_parseable_line(tmp_path):
     assert metric.name == "t.duration" and metric.exponential_histogram.data_points[0].count == 3
     span = t.resource_spans[0].scope_spans[0].spans[0]
     assert span.name == "GET /" and span.start_time_unix_nano == 1_000 and span.end_time_unix_nano == 2_000
-    assert p.resource_profiles[0].scope_profiles[0].profiles[0].duration_nano == 5
+    prof = p.resource_profiles[0].scope_profiles[0].profiles[0]
+    assert prof.duration_nano == 5 and prof.period == 10_101_010 and prof.samples[0].values == [3]
     assert "resourceMetrics" in lines[0]  # protobuf's JSON mapping: lowerCamelCase names

@@ -72,6 +72,8 @@ class ConsoleExporter:
                 by_inst.setdefault(r.instrument, []).append(r)
             for inst, rs in by_inst.items():
                 lines.extend(self._section(scope, inst, rs, dt))
+        for scope, profiles in batch.profiles.items():
+            lines.extend(self._profile_section(scope, profiles))
         lines.append("")
         return "\n".join(lines) + "\n"
 
@@ -117,6 +119,24 @@ class ConsoleExporter:
                 out.append(f"  {r.value:<14g} {_label(r.attributes)}")
             return out
         return []
+
+    def _profile_section(self, scope, profiles) -> list:
+        """Hottest functions of the interval: self (leaf) and total (anywhere on the stack)."""
+        self_n, total_n, samples = {}, {}, 0
+        for prof in profiles:
+            for smp in prof.samples:
+                samples += smp.count
+                names = [f.function or "[unknown]" for f in smp.frames]
+                if names:
+                    self_n[names[0]] = self_n.get(names[0], 0) + smp.count
+                for n in set(names):
+                    total_n[n] = total_n.get(n, 0) + smp.count
+        if not samples:
+            return []
+        out = [f"\ncpu profile: {samples} samples  [{scope}]", f"  {'self%':>6} {'total%':>6}  function"]
+        for name, n in sorted(self_n.items(), key=lambda kv: kv[1], reverse=True)[:self.top]:
+            out.append(f"  {100 * n / samples:6.1f} {100 * total_n[name] / samples:6.1f}  {name}")
+        return out
 
     def shutdown(self) -> None:
         pass

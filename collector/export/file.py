@@ -11,6 +11,7 @@ from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metr
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
 from . import metrics_data
+from .profiles_otlp import build_request
 
 
 class FileExporter:
@@ -35,8 +36,8 @@ class FileExporter:
             self._write(encode_metrics(data))
         if batch.spans:
             self._write(encode_spans(batch.spans))
-        if batch.profiles is not None:
-            self._write(batch.profiles)
+        if any(batch.profiles.values()):
+            self._write(build_request(batch.resource, batch.profiles))
         return True
 
     def shutdown(self) -> None:

@@ -11,6 +11,7 @@ from opentelemetry.sdk.metrics.export import MetricExportResult
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from . import metrics_data
+from .profiles_otlp import build_request
 
 log = logging.getLogger("otelbpf.export.otlp")
 
@@ -79,6 +80,64 @@ def make_span_exporter(cfg: dict):
     return OTLPSpanExporter(**_http_kwargs(cfg, "/v1/traces"))
 
 
+class ProfilesExporter:
+    """OTLP profiles (v1development): the SDK has no exporter for this signal
+    yet, so this sends ExportProfilesServiceRequest itself, over gRPC to the
+    ProfilesService or over HTTP to /v1development/profiles."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.protocol = _protocol(cfg, "profiles")
+        self.timeout = cfg["timeout"]
+        headers = _headers(cfg) or {}
+        if not cfg.get("headers"):
+            from opentelemetry.util.re import parse_env_headers
+            headers = parse_env_headers(os.environ.get("OTEL_EXPORTER_OTLP_HEADERS", ""), liberal=True)
+        self.headers = headers
+        endpoint = cfg.get("endpoint") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        if self.protocol == "grpc":
+            import grpc
+            from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2_grpc
+            url = urlparse(endpoint if endpoint and "://" in endpoint else f"http://{endpoint or 'localhost:4317'}")
+            target = url.netloc or url.path
+            insecure = cfg.get("insecure")
+            if insecure is None:
+                insecure = url.scheme == "http"
+            if insecure:
+                self._channel = grpc.insecure_channel(target)
+            else:
+                root = open(cfg["certificate"], "rb").read() if cfg.get("certificate") else None
+                self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root))
+            self._stub = profiles_service_pb2_grpc.ProfilesServiceStub(self._channel)
+        else:
+            import requests
+            self._session = requests.Session()
+            self.url = _http_endpoint(endpoint or "http://localhost:4318", "/v1development/profiles")
+            if endpoint and urlparse(self.url).path.endswith("/v1/metrics"):
+                self.url = self.url[: -len("/v1/metrics")] + "/v1development/profiles"
+
+    def export(self, request) -> bool:
+        try:
+            if self.protocol == "grpc":
+                self._stub.Export(request, timeout=self.timeout, metadata=list(self.headers.items()) or None)
+                return True
+            resp = self._session.post(self.url, data=request.SerializeToString(), timeout=self.timeout,
+                                      headers={"Content-Type": "application/x-protobuf", **self.headers},
+                                      verify=self.cfg.get("certificate") or True)
+            if resp.ok:
+                return True
+            log.warning("profiles export to %s: HTTP %d", self.url, resp.status_code)
+        except Exception as e:
+            log.warning("profiles export failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+
+    def shutdown(self) -> None:
+        if self.protocol == "grpc":
+            self._channel.close()
+        else:
+            self._session.close()
+
+
 class OtlpExporter:
     name = "otlp"
 
@@ -86,7 +145,8 @@ class OtlpExporter:
         self.cfg = cfg
         self.form = cfg["histogram"]
         self._metrics = make_metric_exporter(cfg)
-        self._spans = None  # created on the first span batch
+        self._spans = None     # created on the first span batch
+        self._profiles = None  # created on the first profile batch
 
     def export(self, batch) -> bool:
         ok = True
@@ -97,9 +157,15 @@ class OtlpExporter:
             if self._spans is None:
                 self._spans = make_span_exporter(self.cfg)
             ok &= self._spans.export(batch.spans) == SpanExportResult.SUCCESS
+        if any(batch.profiles.values()):
+            if self._profiles is None:
+                self._profiles = ProfilesExporter(self.cfg)
+            ok &= self._profiles.export(build_request(batch.resource, batch.profiles))
         return ok
 
     def shutdown(self) -> None:
         self._metrics.shutdown()
         if self._spans is not None:
             self._spans.shutdown()
+        if self._profiles is not None:
+            self._profiles.shutdown()

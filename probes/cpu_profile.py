@@ -1,0 +1,187 @@
+"""Whole-host CPU profiler: perf_event sampling on every online CPU, stacks
+and counts aggregated in the kernel (bpf/cpu_profile.bpf.c), symbolized here
+(kallsyms for the kernel, bcc's symbol cache for user code), one profile per
+interval.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+from collector import perf
+from collector.config import Field
+from collector.metadata.process import ProcessCache, alive
+from collector.probe import BpfProbe, ProbeError
+from collector.records import Frame, Profile, ProfileSample
+from collector.selftelemetry import dropped
+from collector.symbolize.kernel import KernelSymbols
+from collector.symbolize.user import UserSymbolizer
+
+STACK_DEPTH = 127                        # PROF_STACK_DEPTH in the .bpf.c
+_KEY = struct.Struct("=IiiI16s")         # struct prof_key
+_STACK = struct.Struct(f"={STACK_DEPTH}Q")
+STATS = ("samples", "idle", "user_stack_lost", "kernel_stack_lost", "counts_full")  # enum prof_stat
+DRAIN_GRACE_S = 0.002  # lets samples that read the old `active` finish before the drain
+
+
+def online_cpus(path: str = "/sys/devices/system/cpu/online") -> list:
+    """'0-3,6' -> [0, 1, 2, 3, 6]"""
+    with open(path) as f:
+        text = f.read().strip()
+    out = []
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+class CpuProfileProbe(BpfProbe):
+    name = "cpu_profile"
+    description = "whole-host CPU profiles: kernel+user stacks sampled on every CPU (perf_event)"
+    bpf_object = "cpu_profile.bpf.o"
+    requires = ("btf", "cap_bpf", "cap_perfmon", "perf_event", "perf_event_prog")
+    config_schema = {
+        "frequency": Field("int", 99, "samples per second per CPU", minimum=1, maximum=10000),
+        "event": Field("str", "cpu-clock", "cpu-clock (software, works in VMs) or cycles (hardware; falls back "
+                       "to cpu-clock where absent)", choices=("cpu-clock", "cycles")),
+        "idle": Field("str", "drop", "samples of idle CPUs: drop (counted only) or keep",
+                      choices=("drop", "keep")),
+        "max_stacks": Field("int", 16384, "distinct stacks per interval (kernel stack map size); beyond it "
+                            "stacks are lost, counted", minimum=256),
+        "max_keys": Field("int", 16384, "distinct (process, thread, stacks) per interval; beyond it samples "
+                          "are dropped, counted", minimum=256),
+    }
+
+    def start(self) -> None:
+        obj = self.open_object()
+        obj.set_global("drop_idle", struct.pack("=?", self.config["idle"] == "drop"))
+        for i in (0, 1):
+            obj.map(f"prof_stacks{i}").set_max_entries(self.config["max_stacks"])
+            obj.map(f"prof_counts{i}").set_max_entries(self.config["max_keys"])
+        obj.load()
+        self._prog = obj.program("prof_sample")
+        self._perf_fds: dict = {}   # cpu -> fd
+        self._event = self.config["event"]
+        self._attach_cpus()
+        if not self._perf_fds:
+            raise ProbeError("no CPU could be sampled")
+        self._active = 0
+        self._stats = obj.map("prof_stats")
+        self._ksyms = KernelSymbols()
+        if not self._ksyms.available:
+            self.log.warning("/proc/kallsyms shows no addresses (kptr_restrict): kernel frames stay unnamed")
+        self._usyms = UserSymbolizer()
+        self._procs = ProcessCache()
+        self.start_ns = self._last_ns = time.time_ns()
+        self.period_ns = round(1e9 / self.config["frequency"])
+        self.truncated = 0
+
+    # ------------------------------------------------------------- perf events
+    def _open_event(self, cpu: int) -> int:
+        freq = self.config["frequency"]
+        if self._event == "cycles":
+            try:
+                attr = perf.PerfEventAttr(type=perf.PERF_TYPE_HARDWARE, config=perf.PERF_COUNT_HW_CPU_CYCLES,
+                                          sample_period_or_freq=freq, flags=1 << 10)
+                return perf.perf_event_open(attr, -1, cpu)
+            except OSError as e:
+                self.log.warning("hardware cycles unavailable (%s); sampling cpu-clock instead", e.strerror)
+                self._event = "cpu-clock"
+        return perf.open_cpu_clock(cpu, freq)
+
+    def _attach_cpus(self) -> None:
+        """Cover every online CPU, including ones that came online since."""
+        for cpu in online_cpus():
+            if cpu in self._perf_fds:
+                continue
+            try:
+                fd = self._open_event(cpu)
+            except OSError as e:
+                self.log.warning("cpu %d: perf_event_open failed: %s", cpu, e.strerror)
+                continue
+            try:
+                self._prog.attach_perf_event(fd)
+            except Exception:
+                os.close(fd)
+                raise
+            self._perf_fds[cpu] = fd
+
+    def stop(self) -> None:
+        super().stop()  # destroying a perf_event link also closes its perf event fd
+        self._perf_fds = {}
+
+    # ------------------------------------------------------------- collect
+    def _drain(self) -> tuple:
+        """Flip the active buffer, then read and clear the previous one."""
+        old = self._active
+        self._active ^= 1
+        self.obj.write_global("active", struct.pack("=I", self._active))
+        time.sleep(DRAIN_GRACE_S)
+        counts_map = self.obj.map(f"prof_counts{old}")
+        stacks_map = self.obj.map(f"prof_stacks{old}")
+        counts = counts_map.items()
+        counts_map.delete_many([k for k, _ in counts])
+        stacks = {}
+        for k in list(stacks_map.keys()):
+            raw = stacks_map.lookup(k)
+            if raw is not None:
+                stacks[struct.unpack("=I", k)[0]] = raw
+        stacks_map.delete_many(list(struct.pack("=I", s) for s in stacks))
+        return counts, stacks
+
+    def _frames(self, pid: int, stacks: dict, kernel_id: int, user_id: int) -> list:
+        frames = []
+        if kernel_id >= 0 and kernel_id in stacks:
+            for addr in self._addresses(stacks[kernel_id]):
+                sym = self._ksyms.resolve(addr)
+                frames.append(Frame(sym[0] if sym else None, addr, None, kernel=True))
+        if user_id >= 0 and user_id in stacks:
+            for addr in self._addresses(stacks[user_id]):
+                frames.append(self._usyms.resolve(pid, addr))
+        return frames
+
+    def _addresses(self, raw: bytes) -> list:
+        addrs = _STACK.unpack(raw)
+        n = addrs.index(0) if 0 in addrs else STACK_DEPTH
+        if n == STACK_DEPTH:
+            self.truncated += 1  # filled to the depth limit: the root end is cut off
+        return list(addrs[:n])
+
+    def collect(self) -> list:
+        self._attach_cpus()
+        now = time.time_ns()
+        counts, stacks = self._drain()
+        keys = [(_KEY.unpack(k), struct.unpack("=Q", v)[0]) for k, v in counts]
+        pids = {k[0] for k, _ in keys}
+        live = {p for p in pids if p and alive(p)}
+        self._usyms.refresh(live)
+        samples = []
+        for (pid, user_id, kernel_id, _pad, comm), n in keys:
+            thread = comm.split(b"\0", 1)[0].decode(errors="replace")
+            attrs = {"process.pid": pid, "thread.name": thread,
+                     "process.executable.name": self._procs.executable_name(pid, fallback=thread) or thread}
+            samples.append(ProfileSample(attrs, self._frames(pid, stacks, kernel_id, user_id), n))
+        # Only now, with their last samples resolved, forget processes that exited.
+        for pid in self._usyms.known_pids():
+            if pid not in live and not alive(pid):
+                self._usyms.forget(pid)
+                self._procs.forget(pid)
+        profile = Profile(samples, start_time_ns=self._last_ns, duration_ns=now - self._last_ns,
+                          period_ns=self.period_ns)
+        self._last_ns = now
+        return [profile] + self._stat_records()
+
+    def _stat_records(self) -> list:
+        vals = {}
+        for i, name in enumerate(STATS):
+            vals[name] = sum(struct.unpack("=Q", v)[0] for v in self._stats.lookup_percpu(struct.pack("=I", i)))
+        out = [dropped(self.name, reason, vals[reason], self.start_ns)
+               for reason in ("user_stack_lost", "kernel_stack_lost", "counts_full")]
+        out.append(dropped(self.name, "stack_truncated", self.truncated, self.start_ns))
+        if self.config["idle"] == "drop":
+            out.append(dropped(self.name, "idle", vals["idle"], self.start_ns))
+        return out
