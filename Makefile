@@ -25,6 +25,7 @@ test: setup
 bench: setup
 	$(PY) bench/syscall_overhead.py
 	$(PY) bench/agent_cpu.py
+	$(PY) bench/profiler_overhead.py
 
 setup: $(STAMP_APT) $(STAMP_VENV) bpf
 
