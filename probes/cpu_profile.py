@@ -64,7 +64,7 @@ class CpuProfileProbe(BpfProbe):
             obj.map(f"prof_counts{i}").set_max_entries(self.config["max_keys"])
         obj.load()
         self._prog = obj.program("prof_sample")
-        self._perf_fds: dict = {}   # cpu -> fd
+        self._perf_fds: dict = {}   # cpu -> perf_event link (which owns the event's fd)
         self._event = self.config["event"]
         self._attach_cpus()
         if not self._perf_fds:
@@ -94,8 +94,12 @@ class CpuProfileProbe(BpfProbe):
         return perf.open_cpu_clock(cpu, freq)
 
     def _attach_cpus(self) -> None:
-        """Cover every online CPU, including ones that came online since."""
-        for cpu in online_cpus():
+        """Cover every online CPU, including ones that came online since; an
+        event of a CPU that went offline is dropped and reopened when it is back."""
+        online = online_cpus()
+        for cpu in [c for c in self._perf_fds if c not in online]:
+            self._perf_fds.pop(cpu).close()  # the link owns the perf event fd
+        for cpu in online:
             if cpu in self._perf_fds:
                 continue
             try:
@@ -104,11 +108,11 @@ class CpuProfileProbe(BpfProbe):
                 self.log.warning("cpu %d: perf_event_open failed: %s", cpu, e.strerror)
                 continue
             try:
-                self._prog.attach_perf_event(fd)
+                link = self._prog.attach_perf_event(fd)
             except Exception:
                 os.close(fd)
                 raise
-            self._perf_fds[cpu] = fd
+            self._perf_fds[cpu] = link
 
     def stop(self) -> None:
         super().stop()  # destroying a perf_event link also closes its perf event fd

@@ -197,3 +197,101 @@ def test_idle_samples_dropped_or_kept(tmp_path, idle):
     has_idle = any(line.startswith("swapper") or ";do_idle_[k]" in line or "cpu_idle" in line
                    for line in folded.splitlines())
     assert has_idle == (idle == "keep")
+
+
+def _probe():
+    import logging
+    import os
+    import time
+
+    from collector.config import PROBE_COMMON, parse_section
+    from collector.probe import ProbeContext, default_bpf_dir
+    from probes.cpu_profile import CpuProfileProbe
+    cfg = parse_section({}, {**PROBE_COMMON, **CpuProfileProbe.config_schema}, "probes.cpu_profile")
+    ctx = ProbeContext(default_bpf_dir(), None, None, os.getpid(), time.time_ns(), logging.getLogger("test"))
+    return CpuProfileProbe(cfg, ctx)
+
+
+def _samples_of(records, pid: int) -> int:
+    from collector.records import Profile
+    return sum(s.count for r in records if isinstance(r, Profile) for s in r.samples
+               if s.attributes["process.pid"] == pid)
+
+
+CPU1_ONLINE = "/sys/devices/system/cpu/cpu1/online"
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(CPU1_ONLINE), reason="needs a second, hot-pluggable CPU")
+def test_cpu_coming_online_later_is_sampled():
+    import os
+
+    def set_cpu1(state: str):
+        with open(CPU1_ONLINE, "w") as f:
+            f.write(state)
+    probe = _probe()
+    try:
+        set_cpu1("0")
+        probe.start()
+        assert set(probe._perf_fds) == {0}
+        set_cpu1("1")
+        probe.collect()
+        assert set(probe._perf_fds) == {0, 1}
+        w = subprocess.Popen(["taskset", "-c", "1", str(build_c("two_hot", opt="-O0")), "1.5"],
+                             stdout=subprocess.PIPE, text=True)
+        pid = int(w.stdout.readline())
+        w.wait(timeout=30)
+        assert _samples_of(probe.collect(), pid) > 50, "no samples from the CPU that came online"
+        # offline again and back: the dead event is replaced
+        set_cpu1("0")
+        probe.collect()
+        assert set(probe._perf_fds) == {0}
+        set_cpu1("1")
+        probe.collect()
+        assert set(probe._perf_fds) == {0, 1}
+    finally:
+        set_cpu1("1")
+        probe.stop()
+        assert os.path.exists(CPU1_ONLINE)
+
+
+def test_deleted_binary_still_symbolized(tmp_path):
+    """Symbols are read through /proc/PID/map_files, as for a container's
+    binaries that are not at that path on the host."""
+    import shutil
+    copy = tmp_path / "gone_hot"
+    shutil.copy(build_c("two_hot", opt="-O0"), copy)
+    w = subprocess.Popen([str(copy), "3"], stdout=subprocess.PIPE, text=True)
+    pid = int(w.stdout.readline())
+    copy.unlink()
+    probe = _probe()
+    try:
+        probe.start()
+        import time
+        time.sleep(1.5)
+        records = probe.collect()
+    finally:
+        probe.stop()
+        w.wait(timeout=30)
+    from collector.records import Profile
+    leaves = [s.frames[0].function for r in records if isinstance(r, Profile) for s in r.samples
+              if s.attributes["process.pid"] == pid and s.frames]
+    assert leaves and leaves.count("hot_a") > leaves.count(None), leaves[:10]
+
+
+@pytest.mark.skipif(__import__("shutil").which("node") is None, reason="needs node for a JIT workload")
+def test_jit_frames_named_from_perf_map(tmp_path):
+    from conftest import ROOT
+    w = subprocess.Popen(["node", "--perf-basic-prof", str(ROOT / "tests" / "workloads" / "hot.js"), "4"],
+                         stdout=subprocess.PIPE, text=True)
+    pid = int(w.stdout.readline())
+    out = tmp_path / "p.pb.gz"
+    try:
+        proc = run_cli("profile", "--duration", "2.5", "--output", str(out), "--pid", str(pid))
+    finally:
+        w.wait(timeout=30)
+        __import__("pathlib").Path(f"/tmp/perf-{pid}.map").unlink(missing_ok=True)
+    assert proc.returncode == 0, proc.stderr
+    folded = (tmp_path / "p.pb.gz.folded").read_text().splitlines()
+    total = sum(int(line.rsplit(" ", 1)[1]) for line in folded)
+    jit = sum(int(line.rsplit(" ", 1)[1]) for line in folded if "hotLoop" in line and "hot.js" in line)
+    assert total > 50 and jit / total > 0.5, folded[:3]
