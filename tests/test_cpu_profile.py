@@ -281,8 +281,9 @@ def test_deleted_binary_still_symbolized(tmp_path):
 @pytest.mark.skipif(__import__("shutil").which("node") is None, reason="needs node for a JIT workload")
 def test_jit_frames_named_from_perf_map(tmp_path):
     from conftest import ROOT
+    # cwd: node leaves an isolate-*-v8.log behind
     w = subprocess.Popen(["node", "--perf-basic-prof", str(ROOT / "tests" / "workloads" / "hot.js"), "4"],
-                         stdout=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     pid = int(w.stdout.readline())
     out = tmp_path / "p.pb.gz"
     try:
