@@ -95,7 +95,7 @@ class Agent:
             probe.start()
         except Exception as e:
             detail = str(e).splitlines()
-            hint = f" ({features.errno_hint(e.errno)})" if isinstance(e, libbpf.BpfError) else ""
+            hint = f" ({features.errno_hint(e.errno, e.log)})" if isinstance(e, libbpf.BpfError) else ""
             log.error("probe %s: failed to start: %s%s", name, detail[0] if detail else type(e).__name__, hint)
             for line in detail[1:]:
                 log.debug("probe %s: %s", name, line)

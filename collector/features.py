@@ -197,7 +197,9 @@ def missing(required: tuple, features: dict) -> list:
     return out
 
 
-def errno_hint(err: int) -> str:
+def errno_hint(err: int, log: str = "") -> str:
+    if err == errno.EACCES and "processed" in log:
+        return "rejected by the verifier: set log_level: debug for its log"
     if err in (errno.EPERM, errno.EACCES):
         return "not permitted: run as root or grant CAP_BPF and CAP_PERFMON"
     return os.strerror(err)

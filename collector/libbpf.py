@@ -52,10 +52,14 @@ LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
 _log_total = [0]  # lines ever captured, so marks survive the deque wrapping
 
 
+# One message can be a whole verifier log: room for it, allocated once.
+_PRINT_BUF = ctypes.create_string_buffer(4 << 20)
+
+
 def _print_cb(level: int, fmt: bytes, args: int) -> int:
     if level > LIBBPF_INFO:
         return 0
-    buf = ctypes.create_string_buffer(4096)
+    buf = _PRINT_BUF
     _libc.vsnprintf(buf, len(buf), fmt, args)
     for line in buf.value.decode(errors="replace").splitlines():
         _LOG_LINES.append(line)
@@ -129,6 +133,8 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_program__attach_perf_event": (P, [P, I]),
         "bpf_program__attach_uprobe_opts": (P, [P, I, S, SZ, P]),
         "bpf_link__destroy": (I, [P]),
+        "bpf_link__fd": (I, [P]),
+        "bpf_iter_create": (I, [I]),
         "bpf_map__name": (S, [P]),
         "bpf_map__fd": (I, [P]),
         "bpf_map__type": (I, [P]),
@@ -239,6 +245,27 @@ class Link:
         if self._ptr:
             lib().bpf_link__destroy(self._ptr)
             self._ptr = None
+
+    def run_iter(self, chunk: int = 1 << 16) -> bytes:
+        """For an iterator link (SEC("iter/...")): run one pass and return
+        what the program wrote with bpf_seq_write/printf."""
+        if not self._ptr:
+            raise BpfError(errno_mod.EBADF, f"{self.what}: link is closed")
+        fd = lib().bpf_iter_create(lib().bpf_link__fd(self._ptr))
+        if fd < 0:
+            raise BpfError(_errno_of(fd), f"{self.what}: bpf_iter_create")
+        out = []
+        try:
+            while True:
+                try:
+                    data = os.read(fd, chunk)
+                except InterruptedError:
+                    continue
+                if not data:
+                    return b"".join(out)
+                out.append(data)
+        finally:
+            os.close(fd)
 
     def __del__(self):
         self.close()

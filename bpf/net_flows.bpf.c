@@ -1,0 +1,438 @@
+// SPDX-License-Identifier: GPL-2.0
+/* TCP flows, aggregated in the kernel per (process, role, remote address,
+ * port). Stable hooks only:
+ *
+ *  - tracepoint sock:inet_sock_set_state: connect (owner captured in the
+ *    connecting process), listen (owner of a port), established, close,
+ *    failed connect (sk_err), reset;
+ *  - tracepoint tcp:tcp_retransmit_skb: retransmits as they happen;
+ *  - tracepoints sock:sock_send_length / sock_recv_length (6.x): live
+ *    connections report their counters at most every report_ns while they
+ *    send or receive, in every network namespace;
+ *  - iter/tcp, run by user space every interval: the same for established
+ *    connections of the agent's network namespace, and adoption of
+ *    connections that predate the agent (counted from then on).
+ *
+ * Bytes are the socket's own counters (bytes_acked, bytes_received): payload,
+ * counted once whatever the retransmissions. Each connection remembers what
+ * it already reported; the iterator and the close path add only the rest.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "log2_hist.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define ECONNRESET 104
+#define RTT_BUCKETS 32		/* log2 microseconds; a power of two so the index can be masked */
+
+enum flow_role { ROLE_UNKNOWN = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
+
+enum flow_stat {
+	FLOW_STAT_OVERFLOW = 0,		/* flows map full: counted in the overflow flow */
+	FLOW_STAT_CONN_TABLE_FULL,	/* a connection could not be tracked */
+	FLOW_STAT_MAX,
+};
+
+struct flow_key {
+	__u32 tgid;
+	__u8 role;
+	__u8 family;		/* of the peer address: AF_INET for v4 and v4-mapped */
+	__u16 port;		/* remote port (client role) or local port (server role) */
+	__u8 addr[16];		/* peer address, IPv4 as ::ffff:a.b.c.d */
+	__s32 err;		/* failed connects: the error; 0 otherwise */
+	char comm[16];
+};
+
+struct flow_val {
+	__u64 opened;
+	__u64 closed;
+	__u64 failed;
+	__u64 resets;
+	__u64 retransmits;
+	__u64 bytes_sent;
+	__u64 bytes_recv;
+	__u64 segs_sent;
+	__u64 segs_recv;
+	__u64 rtt_sum_us;
+	__u64 rtt_buckets[RTT_BUCKETS];
+};
+
+struct conn_info {
+	struct flow_key key;
+	__u64 start_ns;
+	__u64 rep_sent;		/* counters already added to the flow */
+	__u64 rep_recv;
+	__u64 rep_segs_out;
+	__u64 rep_segs_in;
+	__u64 last_report_ns;
+	__u8 established;
+};
+
+struct owner {
+	__u32 tgid;
+	char comm[16];
+};
+
+/* Ports are per network namespace: pods may all listen on :8080. */
+struct listener_key {
+	__u32 netns;
+	__u16 port;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct flow_key);
+	__type(value, struct flow_val);
+} flow_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);		/* struct sock * */
+	__type(value, struct conn_info);
+} flow_conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct listener_key);
+	__type(value, struct owner);
+} flow_listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FLOW_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} flow_counters SEC(".maps");
+
+/* An all-zero flow_val to insert from: too large for the BPF stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flow_val);
+} flow_zero SEC(".maps");
+
+/* The key every flow falls back to when flow_stats is full; user space
+ * inserts it before attaching, so it always exists. */
+const volatile __u32 overflow_tgid = 0xFFFFFFFF;
+/* Live connections report at most this often from the send/receive path. */
+const volatile __u64 report_ns = 1000000000ULL;
+
+static __always_inline void count_stat(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&flow_counters, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline struct flow_val *flow_get(struct flow_key *key)
+{
+	struct flow_val *v = bpf_map_lookup_elem(&flow_stats, key);
+	struct flow_key ovf = {};
+	__u32 zero_idx = 0;
+	struct flow_val *zero;
+
+	if (v)
+		return v;
+	zero = bpf_map_lookup_elem(&flow_zero, &zero_idx);
+	if (!zero)
+		return NULL;
+	bpf_map_update_elem(&flow_stats, key, zero, BPF_NOEXIST);
+	v = bpf_map_lookup_elem(&flow_stats, key);
+	if (v)
+		return v;
+	count_stat(FLOW_STAT_OVERFLOW);
+	ovf.tgid = overflow_tgid;
+	return bpf_map_lookup_elem(&flow_stats, &ovf);
+}
+
+static __always_inline void set_peer(struct flow_key *key, __u16 family, const __u8 *v4, const __u8 *v6)
+{
+	if (family == AF_INET) {
+		key->family = AF_INET;
+		key->addr[10] = 0xff;
+		key->addr[11] = 0xff;
+		__builtin_memcpy(&key->addr[12], v4, 4);
+		return;
+	}
+	__builtin_memcpy(key->addr, v6, 16);
+	/* v4-mapped IPv6 (a dual-stack socket talking IPv4) is IPv4 on the wire */
+	if (!v6[0] && !v6[1] && !v6[2] && !v6[3] && !v6[4] && !v6[5] && !v6[6] && !v6[7] && !v6[8] && !v6[9] &&
+	    v6[10] == 0xff && v6[11] == 0xff)
+		key->family = AF_INET;
+	else
+		key->family = AF_INET6;
+}
+
+static __always_inline void add_rtt(struct flow_val *v, __u32 srtt_us)
+{
+	__u32 b = otb_log2_bucket(srtt_us);	/* (2^(b-1), 2^b] us, as every log2 histogram here */
+
+	if (b >= RTT_BUCKETS)
+		b = RTT_BUCKETS - 1;
+	/* clang drops a mask it can prove redundant; the verifier cannot prove
+	 * the clamp, so hide b from clang and keep the mask */
+	asm volatile("" : "+r"(b));
+	b &= RTT_BUCKETS - 1;
+	__sync_fetch_and_add(&v->rtt_buckets[b], 1);
+	__sync_fetch_and_add(&v->rtt_sum_us, srtt_us);
+}
+
+/* Add what the socket counted since the connection last reported. */
+static __always_inline void report(struct conn_info *c, struct flow_val *v, __u64 acked, __u64 recv,
+				   __u64 segs_out, __u64 segs_in)
+{
+	if (acked > c->rep_sent)
+		__sync_fetch_and_add(&v->bytes_sent, acked - c->rep_sent);
+	if (recv > c->rep_recv)
+		__sync_fetch_and_add(&v->bytes_recv, recv - c->rep_recv);
+	if (segs_out > c->rep_segs_out)
+		__sync_fetch_and_add(&v->segs_sent, segs_out - c->rep_segs_out);
+	if (segs_in > c->rep_segs_in)
+		__sync_fetch_and_add(&v->segs_recv, segs_in - c->rep_segs_in);
+	c->rep_sent = acked;
+	c->rep_recv = recv;
+	c->rep_segs_out = segs_out;
+	c->rep_segs_in = segs_in;
+}
+
+static __always_inline __u32 sk_netns(struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+static __always_inline void owner_of_current(struct flow_key *key)
+{
+	key->tgid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(&key->comm, sizeof(key->comm));
+}
+
+SEC("tp/sock/inet_sock_set_state")
+int flow_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	__u64 sk = (__u64)ctx->skaddr;
+	struct listener_key lkey = {};
+	struct conn_info *c;
+	struct flow_val *v;
+	__u16 family, sport, dport;
+	__u8 v4[4], v6[16];
+	int oldstate, newstate;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	oldstate = ctx->oldstate;
+	newstate = ctx->newstate;
+	family = ctx->family;
+	sport = ctx->sport;
+	dport = ctx->dport;
+	bpf_probe_read_kernel(v4, sizeof(v4), ctx->daddr);
+	bpf_probe_read_kernel(v6, sizeof(v6), ctx->daddr_v6);
+
+	if (newstate == TCP_LISTEN || oldstate == TCP_LISTEN || (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV)) {
+		lkey.netns = sk_netns((struct sock *)ctx->skaddr);
+		lkey.port = sport;
+	}
+	if (newstate == TCP_LISTEN) {
+		struct owner o = {};
+
+		o.tgid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(&o.comm, sizeof(o.comm));
+		bpf_map_update_elem(&flow_listeners, &lkey, &o, BPF_ANY);
+		return 0;
+	}
+	if (oldstate == TCP_LISTEN && newstate == TCP_CLOSE) {
+		bpf_map_delete_elem(&flow_listeners, &lkey);
+		return 0;
+	}
+
+	if (newstate == TCP_SYN_SENT) {
+		/* connect(): runs in the connecting process, the owner */
+		struct conn_info ci = {};
+
+		owner_of_current(&ci.key);
+		ci.key.role = ROLE_CLIENT;
+		ci.key.port = dport;
+		set_peer(&ci.key, family, v4, v6);
+		ci.start_ns = bpf_ktime_get_ns();
+		if (bpf_map_update_elem(&flow_conns, &sk, &ci, BPF_ANY))
+			count_stat(FLOW_STAT_CONN_TABLE_FULL);
+		return 0;
+	}
+
+	if (newstate == TCP_ESTABLISHED) {
+		if (oldstate == TCP_SYN_RECV) {
+			/* passive open, in softirq: the owner is the listener's */
+			struct conn_info ci = {};
+			struct owner *o = bpf_map_lookup_elem(&flow_listeners, &lkey);
+
+			if (o) {
+				ci.key.tgid = o->tgid;
+				__builtin_memcpy(ci.key.comm, o->comm, sizeof(ci.key.comm));
+			}
+			ci.key.role = ROLE_SERVER;
+			ci.key.port = sport;
+			set_peer(&ci.key, family, v4, v6);
+			ci.start_ns = bpf_ktime_get_ns();
+			ci.established = 1;
+			if (bpf_map_update_elem(&flow_conns, &sk, &ci, BPF_ANY)) {
+				count_stat(FLOW_STAT_CONN_TABLE_FULL);
+				return 0;
+			}
+			v = flow_get(&ci.key);
+			if (v)
+				__sync_fetch_and_add(&v->opened, 1);
+			return 0;
+		}
+		c = bpf_map_lookup_elem(&flow_conns, &sk);
+		if (!c)
+			return 0;
+		c->established = 1;
+		v = flow_get(&c->key);
+		if (v)
+			__sync_fetch_and_add(&v->opened, 1);
+		return 0;
+	}
+
+	if (newstate != TCP_CLOSE)
+		return 0;
+	c = bpf_map_lookup_elem(&flow_conns, &sk);
+	if (!c)
+		return 0;
+	{
+		struct tcp_sock *tp = (struct tcp_sock *)ctx->skaddr;
+		int sk_err = BPF_CORE_READ(&tp->inet_conn.icsk_inet.sk, sk_err);
+
+		if (!c->established) {
+			/* never established: a failed connect, keyed by its error */
+			struct flow_key fk = c->key;
+
+			fk.err = sk_err;
+			v = flow_get(&fk);
+			if (v)
+				__sync_fetch_and_add(&v->failed, 1);
+		} else {
+			v = flow_get(&c->key);
+			if (v) {
+				report(c, v, BPF_CORE_READ(tp, bytes_acked), BPF_CORE_READ(tp, bytes_received),
+				       BPF_CORE_READ(tp, segs_out), BPF_CORE_READ(tp, segs_in));
+				add_rtt(v, BPF_CORE_READ(tp, srtt_us) >> 3);
+				__sync_fetch_and_add(&v->closed, 1);
+				if (sk_err == ECONNRESET)
+					__sync_fetch_and_add(&v->resets, 1);
+			}
+		}
+	}
+	bpf_map_delete_elem(&flow_conns, &sk);
+	return 0;
+}
+
+static __always_inline int report_live(struct trace_event_raw_sock_msg_length *ctx)
+{
+	__u64 sk = (__u64)ctx->sk, now;
+	struct tcp_sock *tp = (struct tcp_sock *)ctx->sk;
+	struct conn_info *c;
+	struct flow_val *v;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	c = bpf_map_lookup_elem(&flow_conns, &sk);
+	if (!c || !c->established)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if (now - c->last_report_ns < report_ns)
+		return 0;
+	c->last_report_ns = now;
+	v = flow_get(&c->key);
+	if (!v)
+		return 0;
+	report(c, v, BPF_CORE_READ(tp, bytes_acked), BPF_CORE_READ(tp, bytes_received),
+	       BPF_CORE_READ(tp, segs_out), BPF_CORE_READ(tp, segs_in));
+	add_rtt(v, BPF_CORE_READ(tp, srtt_us) >> 3);
+	return 0;
+}
+
+SEC("tp/sock/sock_send_length")
+int flow_send(struct trace_event_raw_sock_msg_length *ctx)
+{
+	return report_live(ctx);
+}
+
+SEC("tp/sock/sock_recv_length")
+int flow_recv(struct trace_event_raw_sock_msg_length *ctx)
+{
+	return report_live(ctx);
+}
+
+SEC("tp/tcp/tcp_retransmit_skb")
+int flow_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
+{
+	__u64 sk = (__u64)ctx->skaddr;
+	struct conn_info *c = bpf_map_lookup_elem(&flow_conns, &sk);
+	struct flow_val *v;
+
+	if (!c)
+		return 0;
+	v = flow_get(&c->key);
+	if (v)
+		__sync_fetch_and_add(&v->retransmits, 1);
+	return 0;
+}
+
+/* Run by user space each interval: live counters of every tracked
+ * connection; connections that predate the agent are adopted, counting from
+ * now (their owner is unknown: tgid 0). */
+SEC("iter/tcp")
+int flow_iter(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct tcp_sock *tp;
+	struct conn_info *c;
+	struct flow_val *v;
+	__u64 sk;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp || skc->skc_state != TCP_ESTABLISHED)
+		return 0;
+	sk = (__u64)tp;
+	c = bpf_map_lookup_elem(&flow_conns, &sk);
+	if (!c) {
+		struct conn_info ci = {};
+		struct listener_key lk = {};
+		__u8 v4[4];
+
+		lk.netns = skc->skc_net.net->ns.inum;
+		lk.port = skc->skc_num;
+		ci.key.role = bpf_map_lookup_elem(&flow_listeners, &lk) ? ROLE_SERVER : ROLE_CLIENT;
+		ci.key.port = ci.key.role == ROLE_SERVER ? lk.port : bpf_ntohs(skc->skc_dport);
+		__builtin_memcpy(v4, &skc->skc_daddr, 4);
+		set_peer(&ci.key, skc->skc_family, v4, skc->skc_v6_daddr.in6_u.u6_addr8);
+		ci.established = 1;
+		ci.rep_sent = tp->bytes_acked;
+		ci.rep_recv = tp->bytes_received;
+		ci.rep_segs_out = tp->segs_out;
+		ci.rep_segs_in = tp->segs_in;
+		if (bpf_map_update_elem(&flow_conns, &sk, &ci, BPF_NOEXIST))
+			count_stat(FLOW_STAT_CONN_TABLE_FULL);
+		return 0;
+	}
+	v = flow_get(&c->key);
+	if (!v)
+		return 0;
+	report(c, v, tp->bytes_acked, tp->bytes_received, tp->segs_out, tp->segs_in);
+	add_rtt(v, tp->srtt_us >> 3);
+	c->last_report_ns = bpf_ktime_get_ns();
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,233 @@
+"""TCP flows: connections opened/closed/failed/reset, bytes and segments per
+direction, retransmits and RTT, per (process, role, peer address, port),
+aggregated in the kernel by bpf/net_flows.bpf.c.
+
+Series are bounded: by default per executable (not per pid: forking servers),
+the client side keyed by the server's port and the server side by its
+listening port (the ephemeral port never becomes an attribute), and at most
+max_series flows per interval, the rest in one overflow series, counted.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import struct
+import time
+
+from collector.config import Field
+from collector.metadata.process import ProcessCache, alive
+from collector.probe import BpfProbe
+from collector.records import Counter, Instrument, Log2Histogram
+from collector.selftelemetry import dropped, overflow
+
+_KEY = struct.Struct("=IBBH16si16s")      # struct flow_key
+RTT_BUCKETS = 32
+_VAL = struct.Struct(f"=10Q{RTT_BUCKETS}Q")  # struct flow_val
+_VAL_FIELDS = ("opened", "closed", "failed", "resets", "retransmits", "bytes_sent", "bytes_recv",
+               "segs_sent", "segs_recv", "rtt_sum_us")
+OVERFLOW_TGID = 0xFFFFFFFF
+AF_INET = 2
+ROLES = {0: "unknown", 1: "client", 2: "server"}
+STATS = ("overflow", "conn_table_full")  # enum flow_stat
+
+IO = Instrument("otelbpf.network.io", "By", "TCP payload bytes, by network.io.direction (socket counters: "
+                "bytes acknowledged by the peer, bytes received)")
+SEGMENTS = Instrument("otelbpf.tcp.segments", "{segment}", "TCP segments, by network.io.direction")
+CONNECTIONS = Instrument("otelbpf.tcp.connections", "{connection}",
+                         "TCP connection events, by otelbpf.tcp.event (opened, closed, failed, reset)")
+RETRANSMITS = Instrument("otelbpf.tcp.retransmits", "{segment}", "TCP segments retransmitted")
+RTT = Instrument("otelbpf.tcp.rtt", "us", "Smoothed RTT of connections, sampled each interval and at close")
+
+
+class NetFlowsProbe(BpfProbe):
+    name = "net_flows"
+    description = "TCP connections, bytes, segments, retransmits and RTT per process and peer"
+    bpf_object = "net_flows.bpf.o"
+    requires = ("btf", "cap_bpf", "tracepoint", "tracefs")
+    config_schema = {
+        "per_pid": Field("bool", False, "add process.pid to flow series (forking servers multiply them)"),
+        "max_series": Field("int", 2000, "flows exported at most; the rest go to an overflow series, counted",
+                            minimum=1),
+        "max_flows": Field("int", 16384, "kernel flow table size; beyond it events land in an overflow "
+                           "flow, counted", minimum=64),
+        "max_connections": Field("int", 65536, "connections tracked at once in the kernel", minimum=256),
+        "live_report": Field("duration", 1.0, "how often a busy connection adds its counters to its flow"),
+    }
+
+    def start(self) -> None:
+        obj = self.open_object()
+        obj.set_global("overflow_tgid", struct.pack("=I", OVERFLOW_TGID))
+        obj.set_global("report_ns", struct.pack("=Q", int(self.config["live_report"] * 1e9)))
+        # sock:sock_{send,recv}_length are 6.x: without them live counters come
+        # from the iterator alone (the agent's network namespace only)
+        tracefs = self.ctx.tracefs or "/sys/kernel/tracing"
+        self.live_hooks = os.path.isdir(f"{tracefs}/events/sock/sock_send_length")
+        if not self.live_hooks:
+            obj.program("flow_send").set_autoload(False)
+            obj.program("flow_recv").set_autoload(False)
+            self.log.warning("no sock:sock_send_length tracepoint: live byte counts only for the agent's "
+                             "network namespace; other namespaces report at close")
+        obj.map("flow_stats").set_max_entries(self.config["max_flows"])
+        obj.map("flow_conns").set_max_entries(self.config["max_connections"])
+        obj.load()
+        self._flows = obj.map("flow_stats")
+        self._counters = obj.map("flow_counters")
+        # the overflow flow exists before anything can need it
+        self._flows.update(_KEY.pack(OVERFLOW_TGID, 0, 0, 0, b"", 0, b""), b"\0" * _VAL.size)
+        self._iter = None
+        self._seed_listeners(obj.map("flow_listeners"))
+        for prog in obj.programs():
+            if not self.live_hooks and prog.name in ("flow_send", "flow_recv"):
+                continue
+            link = prog.attach()
+            if prog.section.startswith("iter/"):
+                self._iter = link
+        self._iter.run_iter()  # adopt connections that predate us, counting from now
+        self.start_ns = self._last_tick_ns = time.time_ns()
+        self._prev: dict = {}
+        self._series: dict = {}   # (instrument name, attr tuple) -> record
+        self._flow_keys: set = set()
+        self._series_overflow = 0
+        self._procs = ProcessCache()
+
+    @staticmethod
+    def _seed_listeners(listeners) -> None:
+        """Owners of ports already listening when the agent starts, from
+        /proc/net/tcp{,6} (socket inodes) and /proc/PID/fd."""
+        inodes = {}
+        for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(path) as f:
+                    next(f)
+                    for line in f:
+                        parts = line.split()
+                        if len(parts) > 9 and parts[3] == "0A":  # TCP_LISTEN
+                            inodes[parts[9]] = int(parts[1].rsplit(":", 1)[1], 16)
+            except OSError:
+                continue
+        if not inodes:
+            return
+        netns = os.stat("/proc/self/ns/net").st_ino  # /proc/net/tcp shows our namespace only
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    port = inodes.pop(target[8:-1])
+                    try:
+                        with open(f"/proc/{pid}/comm", "rb") as f:
+                            comm = f.read().strip()[:15]
+                    except OSError:
+                        comm = b""
+                    listeners.update(struct.pack("=IHH", netns, port, 0), struct.pack("=I16s", int(pid), comm))
+            if not inodes:
+                return
+
+    # ------------------------------------------------------------- collect
+    def collect(self) -> list:
+        self._iter.run_iter()  # live connections add what they counted since the last pass
+        now = time.time_ns()
+        items = self._flows.items()
+        for kb, vb in items:
+            vals = _VAL.unpack(vb)
+            old = self._prev.get(kb)
+            self._prev[kb] = vals
+            delta = vals if old is None else tuple(a - b for a, b in zip(vals, old))
+            if any(delta):
+                self._route(_KEY.unpack(kb), delta)
+        self._reap()
+        self._last_tick_ns = now
+        return list(self._series.values()) + self._stat_records()
+
+    def _flow_attrs(self, key) -> dict:
+        tgid, role, family, port, addr, err, comm = key
+        if tgid == OVERFLOW_TGID:
+            return {"otelbpf.overflow": True, "network.transport": "tcp"}
+        ip = ipaddress.IPv6Address(addr)
+        peer = str(ip.ipv4_mapped) if family == AF_INET and ip.ipv4_mapped else str(ip)
+        attrs = {"network.transport": "tcp", "network.type": "ipv4" if family == AF_INET else "ipv6",
+                 "network.peer.address": peer, "otelbpf.tcp.role": ROLES.get(role, "unknown")}
+        if role == 2:
+            attrs["network.local.port"] = port
+        else:
+            attrs["network.peer.port"] = port
+        thread = comm.split(b"\0", 1)[0].decode(errors="replace")
+        if tgid:
+            attrs["process.executable.name"] = self._procs.executable_name(tgid, fallback=thread) or thread
+            if self.config["per_pid"]:
+                attrs["process.pid"] = tgid
+        else:
+            attrs["process.executable.name"] = "unknown"  # connection older than the agent
+        return attrs
+
+    def _route(self, key, delta) -> None:
+        d = dict(zip(_VAL_FIELDS, delta[:len(_VAL_FIELDS)]))
+        rtt = delta[len(_VAL_FIELDS):]
+        base = self._flow_attrs(key)
+        flow = tuple(sorted(base.items()))
+        if flow not in self._flow_keys:
+            if len(self._flow_keys) >= self.config["max_series"]:
+                self._series_overflow += 1
+                base = {"otelbpf.overflow": True, "network.transport": "tcp"}
+                flow = tuple(sorted(base.items()))
+            self._flow_keys.add(flow)
+        err = key[5]
+        self._add(IO, base, d["bytes_sent"], {"network.io.direction": "transmit"})
+        self._add(IO, base, d["bytes_recv"], {"network.io.direction": "receive"})
+        self._add(SEGMENTS, base, d["segs_sent"], {"network.io.direction": "transmit"})
+        self._add(SEGMENTS, base, d["segs_recv"], {"network.io.direction": "receive"})
+        self._add(CONNECTIONS, base, d["opened"], {"otelbpf.tcp.event": "opened"})
+        self._add(CONNECTIONS, base, d["closed"], {"otelbpf.tcp.event": "closed"})
+        self._add(CONNECTIONS, base, d["resets"], {"otelbpf.tcp.event": "reset"})
+        if d["failed"]:
+            self._add(CONNECTIONS, base, d["failed"], {"otelbpf.tcp.event": "failed",
+                                                       "error.type": errno.errorcode.get(err, str(err))})
+        self._add(RETRANSMITS, base, d["retransmits"], {})
+        if any(rtt):
+            k = (RTT.name, flow)
+            h = self._series.get(k)
+            if h is None:
+                h = self._series[k] = Log2Histogram(RTT, dict(base), [0] * RTT_BUCKETS, 0.0, self._last_tick_ns)
+            h.buckets = [a + b for a, b in zip(h.buckets, rtt)]
+            h.sum += d["rtt_sum_us"]
+
+    def _add(self, inst: Instrument, base: dict, value: int, extra: dict) -> None:
+        if not value:
+            return
+        attrs = dict(base, **extra)
+        k = (inst.name, tuple(sorted(attrs.items())))
+        rec = self._series.get(k)
+        if rec is None:
+            rec = self._series[k] = Counter(inst, attrs, 0, self._last_tick_ns)
+        rec.value += value
+
+    def _reap(self) -> None:
+        """Free kernel flows of processes that exited (their counts are read)."""
+        dead = set()
+        for kb in self._prev:
+            tgid = _KEY.unpack(kb)[0]
+            if tgid and tgid != OVERFLOW_TGID and tgid not in dead and not alive(tgid):
+                dead.add(tgid)
+        if not dead:
+            return
+        gone = [kb for kb in self._prev if _KEY.unpack(kb)[0] in dead]
+        self._flows.delete_many(gone)
+        for kb in gone:
+            del self._prev[kb]
+        for tgid in dead:
+            self._procs.forget(tgid)
+
+    def _stat_records(self) -> list:
+        vals = {}
+        for i, name in enumerate(STATS):
+            vals[name] = sum(struct.unpack("=Q", v)[0] for v in self._counters.lookup_percpu(struct.pack("=I", i)))
+        return [overflow(self.name, "kernel_flow_table_full", vals["overflow"], self.start_ns),
+                dropped(self.name, "conn_table_full", vals["conn_table_full"], self.start_ns),
+                overflow(self.name, "max_series", self._series_overflow, self.start_ns)]
