@@ -5,7 +5,6 @@
  *  - tracepoint sock:inet_sock_set_state: connect (owner captured in the
  *    connecting process), listen (owner of a port), established, close,
  *    failed connect (sk_err), reset;
- *  - tracepoint tcp:tcp_retransmit_skb: retransmits as they happen;
  *  - tracepoints sock:sock_send_length / sock_recv_length (6.x): live
  *    connections report their counters at most every report_ns while they
  *    send or receive, in every network namespace;
@@ -13,14 +12,17 @@
  *    connections of the agent's network namespace, and adoption of
  *    connections that predate the agent (counted from then on).
  *
- * Bytes are the socket's own counters (bytes_acked, bytes_received): payload,
- * counted once whatever the retransmissions. Each connection remembers what
+ * Bytes are the socket's own counters: sent = bytes_sent - bytes_retrans
+ * (payload, each byte once however often it was retransmitted; bytes_acked
+ * would also count the FIN's sequence number), received = bytes_received,
+ * less the one sequence number of a received FIN. Each connection remembers what
  * it already reported; the iterator and the close path add only the rest.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_tracing.h>
 #include "log2_hist.h"
 
 #define AF_INET 2
@@ -34,6 +36,8 @@ enum flow_role { ROLE_UNKNOWN = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
 enum flow_stat {
 	FLOW_STAT_OVERFLOW = 0,		/* flows map full: counted in the overflow flow */
 	FLOW_STAT_CONN_TABLE_FULL,	/* a connection could not be tracked */
+	FLOW_STAT_CLOSE_UNTRACKED,	/* a close of a connection never seen open (predates the agent) */
+	FLOW_STAT_CLOSED_AT_DESTROY,	/* finished at tcp_destroy_sock: no TCP_CLOSE was seen */
 	FLOW_STAT_MAX,
 };
 
@@ -68,6 +72,7 @@ struct conn_info {
 	__u64 rep_recv;
 	__u64 rep_segs_out;
 	__u64 rep_segs_in;
+	__u64 rep_retrans;
 	__u64 last_report_ns;
 	__u8 established;
 };
@@ -188,21 +193,41 @@ static __always_inline void add_rtt(struct flow_val *v, __u32 srtt_us)
 }
 
 /* Add what the socket counted since the connection last reported. */
-static __always_inline void report(struct conn_info *c, struct flow_val *v, __u64 acked, __u64 recv,
-				   __u64 segs_out, __u64 segs_in)
+static __always_inline void report(struct conn_info *c, struct flow_val *v, __u64 sent, __u64 recv,
+				   __u64 segs_out, __u64 segs_in, __u64 retrans)
 {
-	if (acked > c->rep_sent)
-		__sync_fetch_and_add(&v->bytes_sent, acked - c->rep_sent);
+	if (retrans > c->rep_retrans)
+		__sync_fetch_and_add(&v->retransmits, retrans - c->rep_retrans);
+	c->rep_retrans = retrans;
+	if (sent > c->rep_sent)
+		__sync_fetch_and_add(&v->bytes_sent, sent - c->rep_sent);
 	if (recv > c->rep_recv)
 		__sync_fetch_and_add(&v->bytes_recv, recv - c->rep_recv);
 	if (segs_out > c->rep_segs_out)
 		__sync_fetch_and_add(&v->segs_sent, segs_out - c->rep_segs_out);
 	if (segs_in > c->rep_segs_in)
 		__sync_fetch_and_add(&v->segs_recv, segs_in - c->rep_segs_in);
-	c->rep_sent = acked;
+	c->rep_sent = sent;
 	c->rep_recv = recv;
 	c->rep_segs_out = segs_out;
 	c->rep_segs_in = segs_in;
+}
+
+#define RCV_SHUTDOWN 1
+
+/* Payload received: bytes_received counts a received FIN's sequence number. */
+static __always_inline __u64 payload_received(struct tcp_sock *tp)
+{
+	struct sock *sk = (struct sock *)tp;
+	__u64 recv = BPF_CORE_READ(tp, bytes_received);
+	__u8 shutdown = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_shutdown);
+
+	return (shutdown & RCV_SHUTDOWN) && recv ? recv - 1 : recv;
+}
+
+static __always_inline __u64 payload_sent(struct tcp_sock *tp)
+{
+	return BPF_CORE_READ(tp, bytes_sent) - BPF_CORE_READ(tp, bytes_retrans);
 }
 
 static __always_inline __u32 sk_netns(struct sock *sk)
@@ -216,29 +241,54 @@ static __always_inline void owner_of_current(struct flow_key *key)
 	bpf_get_current_comm(&key->comm, sizeof(key->comm));
 }
 
-SEC("tp/sock/inet_sock_set_state")
-int flow_state(struct trace_event_raw_inet_sock_set_state *ctx)
+/* A connection ends: failed connect (keyed by its error) or close with its
+ * final counters. */
+static __always_inline void finish_conn(__u64 sk, struct conn_info *c, struct tcp_sock *tp)
 {
-	__u64 sk = (__u64)ctx->skaddr;
+	int sk_err = BPF_CORE_READ(&tp->inet_conn.icsk_inet.sk, sk_err);
+	struct flow_val *v;
+
+	if (!c->established) {
+		struct flow_key fk = c->key;
+
+		fk.err = sk_err;
+		v = flow_get(&fk);
+		if (v)
+			__sync_fetch_and_add(&v->failed, 1);
+	} else {
+		v = flow_get(&c->key);
+		if (v) {
+			report(c, v, payload_sent(tp), payload_received(tp), BPF_CORE_READ(tp, segs_out),
+			       BPF_CORE_READ(tp, segs_in), BPF_CORE_READ(tp, total_retrans));
+			add_rtt(v, BPF_CORE_READ(tp, srtt_us) >> 3);
+			__sync_fetch_and_add(&v->closed, 1);
+			if (sk_err == ECONNRESET)
+				__sync_fetch_and_add(&v->resets, 1);
+		}
+	}
+	bpf_map_delete_elem(&flow_conns, &sk);
+}
+
+SEC("raw_tp/inet_sock_set_state")
+int BPF_PROG(flow_state, struct sock *sk_ptr, int oldstate, int newstate)
+{
+	__u64 sk = (__u64)sk_ptr;
 	struct listener_key lkey = {};
 	struct conn_info *c;
 	struct flow_val *v;
 	__u16 family, sport, dport;
 	__u8 v4[4], v6[16];
-	int oldstate, newstate;
 
-	if (ctx->protocol != IPPROTO_TCP)
+	if (BPF_CORE_READ_BITFIELD_PROBED(sk_ptr, sk_protocol) != IPPROTO_TCP)
 		return 0;
-	oldstate = ctx->oldstate;
-	newstate = ctx->newstate;
-	family = ctx->family;
-	sport = ctx->sport;
-	dport = ctx->dport;
-	bpf_probe_read_kernel(v4, sizeof(v4), ctx->daddr);
-	bpf_probe_read_kernel(v6, sizeof(v6), ctx->daddr_v6);
+	family = BPF_CORE_READ(sk_ptr, __sk_common.skc_family);
+	sport = BPF_CORE_READ(sk_ptr, __sk_common.skc_num);
+	dport = bpf_ntohs(BPF_CORE_READ(sk_ptr, __sk_common.skc_dport));
+	BPF_CORE_READ_INTO(&v4, sk_ptr, __sk_common.skc_daddr);
+	BPF_CORE_READ_INTO(&v6, sk_ptr, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 
 	if (newstate == TCP_LISTEN || oldstate == TCP_LISTEN || (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV)) {
-		lkey.netns = sk_netns((struct sock *)ctx->skaddr);
+		lkey.netns = sk_netns(sk_ptr);
 		lkey.port = sport;
 	}
 	if (newstate == TCP_LISTEN) {
@@ -305,45 +355,37 @@ int flow_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	if (newstate != TCP_CLOSE)
 		return 0;
 	c = bpf_map_lookup_elem(&flow_conns, &sk);
-	if (!c)
+	if (!c) {
+		count_stat(FLOW_STAT_CLOSE_UNTRACKED);
 		return 0;
-	{
-		struct tcp_sock *tp = (struct tcp_sock *)ctx->skaddr;
-		int sk_err = BPF_CORE_READ(&tp->inet_conn.icsk_inet.sk, sk_err);
-
-		if (!c->established) {
-			/* never established: a failed connect, keyed by its error */
-			struct flow_key fk = c->key;
-
-			fk.err = sk_err;
-			v = flow_get(&fk);
-			if (v)
-				__sync_fetch_and_add(&v->failed, 1);
-		} else {
-			v = flow_get(&c->key);
-			if (v) {
-				report(c, v, BPF_CORE_READ(tp, bytes_acked), BPF_CORE_READ(tp, bytes_received),
-				       BPF_CORE_READ(tp, segs_out), BPF_CORE_READ(tp, segs_in));
-				add_rtt(v, BPF_CORE_READ(tp, srtt_us) >> 3);
-				__sync_fetch_and_add(&v->closed, 1);
-				if (sk_err == ECONNRESET)
-					__sync_fetch_and_add(&v->resets, 1);
-			}
-		}
 	}
-	bpf_map_delete_elem(&flow_conns, &sk);
+	finish_conn(sk, c, (struct tcp_sock *)sk_ptr);
 	return 0;
 }
 
-static __always_inline int report_live(struct trace_event_raw_sock_msg_length *ctx)
+/* Safety net: a socket destroyed while still tracked (it never passed
+ * through TCP_CLOSE where we could see it) is finished here. */
+SEC("raw_tp/tcp_destroy_sock")
+int BPF_PROG(flow_destroy, struct sock *sk_ptr)
 {
-	__u64 sk = (__u64)ctx->sk, now;
-	struct tcp_sock *tp = (struct tcp_sock *)ctx->sk;
+	__u64 sk = (__u64)sk_ptr;
+	struct conn_info *c = bpf_map_lookup_elem(&flow_conns, &sk);
+
+	if (!c)
+		return 0;
+	count_stat(FLOW_STAT_CLOSED_AT_DESTROY);
+	finish_conn(sk, c, (struct tcp_sock *)sk_ptr);
+	return 0;
+}
+
+static __always_inline int report_live(struct sock *sk_ptr)
+{
+	__u64 sk = (__u64)sk_ptr, now;
+	struct tcp_sock *tp = (struct tcp_sock *)sk_ptr;
 	struct conn_info *c;
 	struct flow_val *v;
 
-	if (ctx->protocol != IPPROTO_TCP)
-		return 0;
+	/* any protocol reaches here; only TCP sockets are in flow_conns */
 	c = bpf_map_lookup_elem(&flow_conns, &sk);
 	if (!c || !c->established)
 		return 0;
@@ -354,37 +396,22 @@ static __always_inline int report_live(struct trace_event_raw_sock_msg_length *c
 	v = flow_get(&c->key);
 	if (!v)
 		return 0;
-	report(c, v, BPF_CORE_READ(tp, bytes_acked), BPF_CORE_READ(tp, bytes_received),
-	       BPF_CORE_READ(tp, segs_out), BPF_CORE_READ(tp, segs_in));
+	report(c, v, payload_sent(tp), payload_received(tp), BPF_CORE_READ(tp, segs_out),
+	       BPF_CORE_READ(tp, segs_in), BPF_CORE_READ(tp, total_retrans));
 	add_rtt(v, BPF_CORE_READ(tp, srtt_us) >> 3);
 	return 0;
 }
 
-SEC("tp/sock/sock_send_length")
-int flow_send(struct trace_event_raw_sock_msg_length *ctx)
+SEC("raw_tp/sock_send_length")
+int BPF_PROG(flow_send, struct sock *sk_ptr)
 {
-	return report_live(ctx);
+	return report_live(sk_ptr);
 }
 
-SEC("tp/sock/sock_recv_length")
-int flow_recv(struct trace_event_raw_sock_msg_length *ctx)
+SEC("raw_tp/sock_recv_length")
+int BPF_PROG(flow_recv, struct sock *sk_ptr)
 {
-	return report_live(ctx);
-}
-
-SEC("tp/tcp/tcp_retransmit_skb")
-int flow_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
-{
-	__u64 sk = (__u64)ctx->skaddr;
-	struct conn_info *c = bpf_map_lookup_elem(&flow_conns, &sk);
-	struct flow_val *v;
-
-	if (!c)
-		return 0;
-	v = flow_get(&c->key);
-	if (v)
-		__sync_fetch_and_add(&v->retransmits, 1);
-	return 0;
+	return report_live(sk_ptr);
 }
 
 /* Run by user space each interval: live counters of every tracked
@@ -418,10 +445,11 @@ int flow_iter(struct bpf_iter__tcp *ctx)
 		__builtin_memcpy(v4, &skc->skc_daddr, 4);
 		set_peer(&ci.key, skc->skc_family, v4, skc->skc_v6_daddr.in6_u.u6_addr8);
 		ci.established = 1;
-		ci.rep_sent = tp->bytes_acked;
-		ci.rep_recv = tp->bytes_received;
+		ci.rep_sent = payload_sent(tp);
+		ci.rep_recv = payload_received(tp);
 		ci.rep_segs_out = tp->segs_out;
 		ci.rep_segs_in = tp->segs_in;
+		ci.rep_retrans = tp->total_retrans;
 		if (bpf_map_update_elem(&flow_conns, &sk, &ci, BPF_NOEXIST))
 			count_stat(FLOW_STAT_CONN_TABLE_FULL);
 		return 0;
@@ -429,7 +457,7 @@ int flow_iter(struct bpf_iter__tcp *ctx)
 	v = flow_get(&c->key);
 	if (!v)
 		return 0;
-	report(c, v, tp->bytes_acked, tp->bytes_received, tp->segs_out, tp->segs_in);
+	report(c, v, payload_sent(tp), payload_received(tp), tp->segs_out, tp->segs_in, tp->total_retrans);
 	add_rtt(v, tp->srtt_us >> 3);
 	c->last_report_ns = bpf_ktime_get_ns();
 	return 0;

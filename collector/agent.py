@@ -14,9 +14,9 @@ from . import features, libbpf
 from .config import AgentConfig, ConfigError
 from .export.worker import ExportWorker
 from .metadata.host import host_resource
-from .probe import ProbeContext, ProbeEntry, default_bpf_dir
+from .probe import BpfProbe, ProbeContext, ProbeEntry, default_bpf_dir
 from .records import Batch, Profile
-from .selftelemetry import AgentCounters
+from .selftelemetry import AgentCounters, dropped
 
 log = logging.getLogger("otelbpf")
 
@@ -41,6 +41,7 @@ class _RunningProbe:
     def __init__(self, name: str, probe, cfg: dict):
         self.name, self.probe, self.cfg = name, probe, cfg
         self.failures = 0
+        self.started_ns = time.time_ns()
 
 
 class Agent:
@@ -141,6 +142,8 @@ class Agent:
                     log.error("probe %s: disabled after %d failed collections", name, rp.failures)
                     self._stop_probe(name)
                 continue
+            if isinstance(rp.probe, BpfProbe):
+                records.append(dropped(name, "recursion_miss", rp.probe.recursion_misses(), rp.started_ns))
             scope = f"otelbpf.probe.{name}"
             batch.metrics[scope] = [r for r in records if not isinstance(r, Profile)]
             profiles = [r for r in records if isinstance(r, Profile)]

@@ -149,6 +149,7 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_map_get_next_key": (I, [I, P, P]),
         "bpf_map_lookup_batch": (I, [I, P, P, P, P, ctypes.POINTER(U32), P]),
         "bpf_map_delete_batch": (I, [I, P, ctypes.POINTER(U32), P]),
+        "bpf_obj_get_info_by_fd": (I, [I, P, ctypes.POINTER(U32)]),
         "btf__find_by_name_kind": (I, [P, S, U32]),
         "btf__type_by_id": (P, [P, U32]),
         "btf__name_by_offset": (S, [P, U32]),
@@ -498,6 +499,21 @@ class Program:
     @property
     def fd(self) -> int:
         return lib().bpf_program__fd(self._ptr)
+
+    # struct bpf_prog_info (UAPI, append-only): run_cnt at 200, recursion_misses at 208
+    _INFO_SIZE, _RUN_CNT_OFF, _MISSES_OFF = 232, 200, 208
+
+    def recursion_misses(self) -> int:
+        """Times the kernel skipped this program because it was already
+        running on that CPU (an event it never saw); 0 where not reported."""
+        fd = self.fd
+        if fd < 0:
+            return 0
+        buf = ctypes.create_string_buffer(self._INFO_SIZE)
+        size = ctypes.c_uint32(self._INFO_SIZE)
+        if lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(size)) < 0 or size.value < self._MISSES_OFF + 8:
+            return 0
+        return int.from_bytes(buf.raw[self._MISSES_OFF:self._MISSES_OFF + 8], "little")
 
     def _link(self, ptr: int, what: str, mark: int) -> Link:
         if not ptr:

@@ -87,6 +87,12 @@ class BpfProbe(Probe):
         self.obj = libbpf.BpfObject(path, btf_custom_path=self.ctx.btf_path)
         return self.obj
 
+    def recursion_misses(self) -> int:
+        """Events the kernel did not run our programs for (see Program.recursion_misses)."""
+        if self.obj is None:
+            return 0
+        return sum(p.recursion_misses() for p in self.obj.programs())
+
     def stop(self) -> None:
         if self.obj is not None:
             self.obj.close()

@@ -29,14 +29,15 @@ _VAL_FIELDS = ("opened", "closed", "failed", "resets", "retransmits", "bytes_sen
 OVERFLOW_TGID = 0xFFFFFFFF
 AF_INET = 2
 ROLES = {0: "unknown", 1: "client", 2: "server"}
-STATS = ("overflow", "conn_table_full")  # enum flow_stat
+STATS = ("overflow", "conn_table_full", "close_untracked", "closed_at_destroy")  # enum flow_stat
 
-IO = Instrument("otelbpf.network.io", "By", "TCP payload bytes, by network.io.direction (socket counters: "
-                "bytes acknowledged by the peer, bytes received)")
+IO = Instrument("otelbpf.network.io", "By", "TCP payload bytes, by network.io.direction (each byte once, "
+                "however often it was retransmitted)")
 SEGMENTS = Instrument("otelbpf.tcp.segments", "{segment}", "TCP segments, by network.io.direction")
 CONNECTIONS = Instrument("otelbpf.tcp.connections", "{connection}",
                          "TCP connection events, by otelbpf.tcp.event (opened, closed, failed, reset)")
-RETRANSMITS = Instrument("otelbpf.tcp.retransmits", "{segment}", "TCP segments retransmitted")
+RETRANSMITS = Instrument("otelbpf.tcp.retransmits", "{segment}",
+                         "TCP segments retransmitted (the socket's total_retrans, as ss -ti shows it)")
 RTT = Instrument("otelbpf.tcp.rtt", "us", "Smoothed RTT of connections, sampled each interval and at close")
 
 
