@@ -26,6 +26,7 @@ bench: setup
 	$(PY) bench/syscall_overhead.py
 	$(PY) bench/agent_cpu.py
 	$(PY) bench/profiler_overhead.py
+	$(PY) bench/net_overhead.py
 
 setup: $(STAMP_APT) $(STAMP_VENV) bpf
 
