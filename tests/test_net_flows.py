@@ -126,20 +126,29 @@ class Capture:
         time.sleep(1.0)  # "Capturing on" comes a moment before packets are
 
     def payload_by_source(self) -> dict:
-        """Payload per sender, each byte once: segments tshark flags as
-        retransmissions are left out, as the socket counters leave them out."""
+        """Payload per sender as the capture shows it, each byte once: the
+        union of the [seq, seq + len) ranges tshark saw, so a retransmitted
+        segment is neither counted twice nor lost when its original was not
+        captured."""
         time.sleep(0.5)
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(timeout=30)
-        out = sh("tshark", "-r", str(self.path), "-Y", "not tcp.analysis.retransmission and "
-                 "not tcp.analysis.fast_retransmission and not tcp.analysis.spurious_retransmission",
-                 "-T", "fields", "-e", "ip.src", "-e", "tcp.len").stdout
-        sums = {}
+        out = sh("tshark", "-r", str(self.path), "-T", "fields", "-e", "ip.src", "-e", "tcp.seq",
+                 "-e", "tcp.len").stdout
+        ranges: dict = {}
         for line in out.splitlines():
-            src, _, n = line.partition("\t")
-            if n:
-                sums[src] = sums.get(src, 0) + int(n)
-        return sums
+            src, seq, n = (line.split("\t") + ["", ""])[:3]
+            if n and int(n):
+                ranges.setdefault(src, []).append((int(seq), int(seq) + int(n)))
+        covered = {}
+        for src, rs in ranges.items():
+            total, end = 0, -1
+            for lo, hi in sorted(rs):
+                if hi > end:
+                    total += hi - max(lo, end)
+                    end = hi
+            covered[src] = total
+        return covered
 
 
 def flow_value(data, name, **match):
