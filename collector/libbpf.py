@@ -131,6 +131,7 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_program__attach_raw_tracepoint": (P, [P, S]),
         "bpf_program__attach_tracepoint": (P, [P, S, S]),
         "bpf_program__attach_perf_event": (P, [P, I]),
+        "bpf_program__attach_cgroup": (P, [P, I]),
         "bpf_program__attach_uprobe_opts": (P, [P, I, S, SZ, P]),
         "bpf_link__destroy": (I, [P]),
         "bpf_link__fd": (I, [P]),
@@ -542,6 +543,12 @@ class Program:
         mark = log_mark()
         return self._link(lib().bpf_program__attach_perf_event(self._ptr, pfd),
                           f"attach perf_event fd {pfd}", mark)
+
+    def attach_cgroup(self, cgroup_fd: int, what: str = "") -> Link:
+        """cgroup programs (cgroup_skb...), as a BPF link: detached on close."""
+        mark = log_mark()
+        return self._link(lib().bpf_program__attach_cgroup(self._ptr, cgroup_fd),
+                          f"attach cgroup {what or cgroup_fd}", mark)
 
     def attach_uprobe(self, binary: str, func_name: str = None, offset: int = 0,
                       pid: int = -1, retprobe: bool = False) -> Link:

@@ -82,21 +82,29 @@ class BpfProbe(Probe):
 
     obj: Optional[libbpf.BpfObject] = None
 
-    def open_object(self) -> libbpf.BpfObject:
-        path = os.path.join(self.ctx.bpf_dir, self.bpf_object)
-        self.obj = libbpf.BpfObject(path, btf_custom_path=self.ctx.btf_path)
-        return self.obj
+    def open_object(self, name: Optional[str] = None) -> libbpf.BpfObject:
+        """Open bpf/<bpf_object> (or another object of this probe: closed on
+        stop like the main one)."""
+        path = os.path.join(self.ctx.bpf_dir, name or self.bpf_object)
+        obj = libbpf.BpfObject(path, btf_custom_path=self.ctx.btf_path)
+        if name is None:
+            self.obj = obj
+        else:
+            self.__dict__.setdefault("_extra_objects", []).append(obj)
+        return obj
+
+    def _objects(self) -> list:
+        return ([self.obj] if self.obj is not None else []) + self.__dict__.get("_extra_objects", [])
 
     def recursion_misses(self) -> int:
         """Events the kernel did not run our programs for (see Program.recursion_misses)."""
-        if self.obj is None:
-            return 0
-        return sum(p.recursion_misses() for p in self.obj.programs())
+        return sum(p.recursion_misses() for o in self._objects() for p in o.programs())
 
     def stop(self) -> None:
-        if self.obj is not None:
-            self.obj.close()
-            self.obj = None
+        for o in self._objects():
+            o.close()
+        self.obj = None
+        self.__dict__["_extra_objects"] = []
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""TCP flows: connections opened/closed/failed/reset, bytes and segments per
-direction, retransmits and RTT, per (process, role, peer address, port),
-aggregated in the kernel by bpf/net_flows.bpf.c.
+"""Network flows. TCP: connections opened/closed/failed/reset, bytes and
+segments per direction, retransmits and RTT, per (process, role, peer
+address, port), aggregated in the kernel by bpf/net_flows.bpf.c. UDP
+datagrams and DNS messages: bpf/net_udp.bpf.c, read by probes/net_udp.py.
 
 Series are bounded: by default per executable (not per pid: forking servers),
 the client side keyed by the server's port and the server side by its
@@ -15,11 +16,14 @@ import os
 import struct
 import time
 
+from collector import libbpf
 from collector.config import Field
 from collector.metadata.process import ProcessCache, alive
 from collector.probe import BpfProbe
 from collector.records import Counter, Instrument, Log2Histogram
 from collector.selftelemetry import dropped, overflow
+
+from .net_udp import UdpCounters
 
 _KEY = struct.Struct("=IBBH16si16s")      # struct flow_key
 RTT_BUCKETS = 32
@@ -54,6 +58,7 @@ class NetFlowsProbe(BpfProbe):
                            "flow, counted", minimum=64),
         "max_connections": Field("int", 65536, "connections tracked at once in the kernel", minimum=256),
         "live_report": Field("duration", 1.0, "how often a busy connection adds its counters to its flow"),
+        "udp": Field("bool", True, "count UDP datagrams and DNS messages too (cgroup_skb on the cgroup v2 root)"),
     }
 
     def start(self) -> None:
@@ -85,6 +90,14 @@ class NetFlowsProbe(BpfProbe):
             if prog.section.startswith("iter/"):
                 self._iter = link
         self._iter.run_iter()  # adopt connections that predate us, counting from now
+        self._udp = None
+        if self.config["udp"]:
+            try:
+                udp_obj = self.open_object("net_udp.bpf.o")
+                udp_obj.load()
+                self._udp = UdpCounters(udp_obj, self.log)
+            except (libbpf.BpfError, OSError) as e:
+                self.log.warning("UDP/DNS counting disabled, TCP goes on: %s", str(e).splitlines()[0])
         self.start_ns = self._last_tick_ns = time.time_ns()
         self._prev: dict = {}
         self._series: dict = {}   # (instrument name, attr tuple) -> record
@@ -144,6 +157,10 @@ class NetFlowsProbe(BpfProbe):
             if any(delta):
                 self._route(_KEY.unpack(kb), delta)
         self._reap()
+        if self._udp is not None:
+            self._udp.collect(lambda inst, base, v, extra: self._add(inst, self._capped(base), v, extra),
+                              lambda tgid, thread: self._procs.executable_name(tgid, fallback=thread) or thread,
+                              IO)
         self._last_tick_ns = now
         return list(self._series.values()) + self._stat_records()
 
@@ -171,14 +188,8 @@ class NetFlowsProbe(BpfProbe):
     def _route(self, key, delta) -> None:
         d = dict(zip(_VAL_FIELDS, delta[:len(_VAL_FIELDS)]))
         rtt = delta[len(_VAL_FIELDS):]
-        base = self._flow_attrs(key)
+        base = self._capped(self._flow_attrs(key))
         flow = tuple(sorted(base.items()))
-        if flow not in self._flow_keys:
-            if len(self._flow_keys) >= self.config["max_series"]:
-                self._series_overflow += 1
-                base = {"otelbpf.overflow": True, "network.transport": "tcp"}
-                flow = tuple(sorted(base.items()))
-            self._flow_keys.add(flow)
         err = key[5]
         self._add(IO, base, d["bytes_sent"], {"network.io.direction": "transmit"})
         self._add(IO, base, d["bytes_recv"], {"network.io.direction": "receive"})
@@ -198,6 +209,17 @@ class NetFlowsProbe(BpfProbe):
                 h = self._series[k] = Log2Histogram(RTT, dict(base), [0] * RTT_BUCKETS, 0.0, self._last_tick_ns)
             h.buckets = [a + b for a, b in zip(h.buckets, rtt)]
             h.sum += d["rtt_sum_us"]
+
+    def _capped(self, base: dict) -> dict:
+        """The flow's attributes, or the overflow flow's once max_series flows exist."""
+        flow = tuple(sorted(base.items()))
+        if flow not in self._flow_keys:
+            if len(self._flow_keys) >= self.config["max_series"]:
+                self._series_overflow += 1
+                base = {"otelbpf.overflow": True, "network.transport": base.get("network.transport", "tcp")}
+                flow = tuple(sorted(base.items()))
+            self._flow_keys.add(flow)
+        return base
 
     def _add(self, inst: Instrument, base: dict, value: int, extra: dict) -> None:
         if not value:
@@ -229,6 +251,11 @@ class NetFlowsProbe(BpfProbe):
         vals = {}
         for i, name in enumerate(STATS):
             vals[name] = sum(struct.unpack("=Q", v)[0] for v in self._counters.lookup_percpu(struct.pack("=I", i)))
-        return [overflow(self.name, "kernel_flow_table_full", vals["overflow"], self.start_ns),
-                dropped(self.name, "conn_table_full", vals["conn_table_full"], self.start_ns),
-                overflow(self.name, "max_series", self._series_overflow, self.start_ns)]
+        out = [overflow(self.name, "kernel_flow_table_full", vals["overflow"], self.start_ns),
+               dropped(self.name, "conn_table_full", vals["conn_table_full"], self.start_ns),
+               overflow(self.name, "max_series", self._series_overflow, self.start_ns)]
+        if self._udp is not None:
+            udp_full, dns_full = self._udp.table_full()
+            out += [dropped(self.name, "udp_table_full", udp_full, self.start_ns),
+                    dropped(self.name, "dns_table_full", dns_full, self.start_ns)]
+        return out

@@ -292,3 +292,98 @@ def test_ipv6_and_v4_mapped(flows_agent):
     assert v6 and v6[-1][2]["network.peer.address"] == "::1"
     assert v4 and v4[-1][2]["network.peer.address"] == "127.0.0.1"  # v4-mapped is IPv4 on the wire
     assert max(p[1].as_int for p in v6) == 1000 and max(p[1].as_int for p in v4) == 1000
+
+
+UDP_SERVER = textwrap.dedent("""
+    import socket, sys
+    host, port, n, reply = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((host, port))
+    print("ready", flush=True)
+    for _ in range(n):
+        data, peer = s.recvfrom(65536)
+        s.sendto(b"r" * reply, peer)
+""")
+
+UDP_CLIENT = textwrap.dedent("""
+    import socket, sys
+    host, port, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(5)
+    for _ in range(n):
+        c.sendto(b"q" * size, (host, port))  # unconnected: the address travels with each datagram
+        c.recvfrom(65536)
+""")
+
+
+def test_udp_bytes_and_packets_per_endpoint(netns_pair, flows_agent):
+    n, size, reply, port = 50, 1200, 300, 6000
+    server = subprocess.Popen(in_ns(NS_S) + [sys.executable, "-c", UDP_SERVER, IP_S, str(port), str(n), str(reply)],
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    subprocess.run(in_ns(NS_C) + [sys.executable, "-c", UDP_CLIENT, IP_S, str(port), str(n), str(size)],
+                   check=True, timeout=60)
+    server.wait(timeout=30)
+    time.sleep(1.5)
+    data = flows_agent()
+    client = {"network__transport": "udp", "network__peer__address": IP_S, "network__peer__port": port}
+    srv = {"network__transport": "udp", "network__peer__address": IP_C, "network__local__port": port}
+    for match, sent, got in ((client, size, reply), (srv, reply, size)):
+        assert flow_value(data, "otelbpf.network.io", network__io__direction="transmit", **match) == n * sent
+        assert flow_value(data, "otelbpf.network.io", network__io__direction="receive", **match) == n * got
+        assert flow_value(data, "otelbpf.network.packets", network__io__direction="transmit", **match) == n
+        assert flow_value(data, "otelbpf.network.packets", network__io__direction="receive", **match) == n
+    _m, _dp, attrs = last_point(data, "otelbpf.network.io", **client)
+    assert attrs["process.executable.name"].startswith("python") and attrs["network.type"] == "ipv4"
+
+
+DNS_SERVER = textwrap.dedent("""
+    import socket, struct, sys
+    host, n = sys.argv[1], int(sys.argv[2])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((host, 53))
+    print("ready", flush=True)
+    for _ in range(n):
+        q, peer = s.recvfrom(512)
+        qid, = struct.unpack_from("!H", q)
+        qtype, = struct.unpack_from("!H", q, len(q) - 4)
+        rcode = 3 if qtype == 1 else 0      # A: NXDOMAIN, AAAA: NOERROR (no answers)
+        s.sendto(struct.pack("!HHHHHH", qid, 0x8180 | rcode, 1, 0, 0, 0) + q[12:], peer)
+""")
+
+DNS_CLIENT = textwrap.dedent("""
+    import socket, struct, sys
+    host = sys.argv[1]
+    name = b"".join(bytes([len(p)]) + p for p in b"otelbpf.example.test".split(b".")) + b"\\0"
+    for i, qtype in enumerate([1, 1, 1, 28, 28]):
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(5)  # a socket per query
+        c.sendto(struct.pack("!HHHHHH", i, 0x0100, 1, 0, 0, 0) + name + struct.pack("!HH", qtype, 1), (host, 53))
+        c.recvfrom(512)
+        c.close()
+""")
+
+
+def test_dns_queries_and_answers_by_type_and_rcode(netns_pair, flows_agent):
+    server = subprocess.Popen(in_ns(NS_S) + [sys.executable, "-c", DNS_SERVER, IP_S, "5"],
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    subprocess.run(in_ns(NS_C) + [sys.executable, "-c", DNS_CLIENT, IP_S], check=True, timeout=60)
+    server.wait(timeout=30)
+    time.sleep(1.5)
+    data = flows_agent()
+
+    def dns(**match):
+        pts = points(data, "otelbpf.dns.messages", **match)
+        # one series per executable: sum the latest point of each
+        latest = {}
+        for _m, dp, a in pts:
+            key = tuple(sorted(a.items()))
+            if key not in latest or dp.time_unix_nano > latest[key].time_unix_nano:
+                latest[key] = dp
+        return sum(dp.as_int for dp in latest.values())
+    # the client's side: queries out, answers in
+    assert dns(otelbpf__dns__kind="query", dns__question__type="A", network__io__direction="transmit") == 3
+    assert dns(otelbpf__dns__kind="query", dns__question__type="AAAA", network__io__direction="transmit") == 2
+    assert dns(otelbpf__dns__kind="response", dns__question__type="A", dns__response_code="NXDOMAIN",
+               network__io__direction="receive") == 3
+    assert dns(otelbpf__dns__kind="response", dns__question__type="AAAA", dns__response_code="NOERROR",
+               network__io__direction="receive") == 2
+    # and the server's: queries in
+    assert dns(otelbpf__dns__kind="query", network__io__direction="receive") == 5
