@@ -58,6 +58,8 @@ class NetFlowsProbe(BpfProbe):
                            "flow, counted", minimum=64),
         "max_connections": Field("int", 65536, "connections tracked at once in the kernel", minimum=256),
         "live_report": Field("duration", 1.0, "how often a busy connection adds its counters to its flow"),
+        "flow_idle": Field("int", 30, "intervals without traffic after which a flow's series are no longer "
+                           "exported (they restart from zero if it comes back)", minimum=1),
         "udp": Field("bool", True, "count UDP datagrams and DNS messages too (cgroup_skb on the cgroup v2 root)"),
     }
 
@@ -101,7 +103,8 @@ class NetFlowsProbe(BpfProbe):
         self.start_ns = self._last_tick_ns = time.time_ns()
         self._prev: dict = {}
         self._series: dict = {}   # (instrument name, attr tuple) -> record
-        self._flow_keys: set = set()
+        self._flows_seen: dict = {}   # flow attrs -> (last active tick, series keys)
+        self._tick = 0
         self._series_overflow = 0
         self._procs = ProcessCache()
 
@@ -146,6 +149,8 @@ class NetFlowsProbe(BpfProbe):
 
     # ------------------------------------------------------------- collect
     def collect(self) -> list:
+        self._tick += 1
+        self._retire_idle_flows()
         self._iter.run_iter()  # live connections add what they counted since the last pass
         now = time.time_ns()
         items = self._flows.items()
@@ -207,19 +212,32 @@ class NetFlowsProbe(BpfProbe):
             h = self._series.get(k)
             if h is None:
                 h = self._series[k] = Log2Histogram(RTT, dict(base), [0] * RTT_BUCKETS, 0.0, self._last_tick_ns)
+                self._flows_seen[flow][1].add(k)
             h.buckets = [a + b for a, b in zip(h.buckets, rtt)]
             h.sum += d["rtt_sum_us"]
 
     def _capped(self, base: dict) -> dict:
-        """The flow's attributes, or the overflow flow's once max_series flows exist."""
+        """The flow's attributes, or the overflow flow's once max_series flows
+        are active."""
         flow = tuple(sorted(base.items()))
-        if flow not in self._flow_keys:
-            if len(self._flow_keys) >= self.config["max_series"]:
+        if flow not in self._flows_seen:
+            if len(self._flows_seen) >= self.config["max_series"]:
                 self._series_overflow += 1
                 base = {"otelbpf.overflow": True, "network.transport": base.get("network.transport", "tcp")}
                 flow = tuple(sorted(base.items()))
-            self._flow_keys.add(flow)
+        self._flows_seen[flow] = (self._tick, self._flows_seen.get(flow, (0, set()))[1])
         return base
+
+    def _retire_idle_flows(self) -> None:
+        """Flows without traffic for flow_idle intervals stop being exported
+        (their last values went out already), so max_series bounds the flows
+        active now, not every flow ever seen."""
+        limit = self.config["flow_idle"]
+        for flow, (last, series) in list(self._flows_seen.items()):
+            if self._tick - last > limit:
+                for k in series:
+                    self._series.pop(k, None)
+                del self._flows_seen[flow]
 
     def _add(self, inst: Instrument, base: dict, value: int, extra: dict) -> None:
         if not value:
@@ -229,6 +247,7 @@ class NetFlowsProbe(BpfProbe):
         rec = self._series.get(k)
         if rec is None:
             rec = self._series[k] = Counter(inst, attrs, 0, self._last_tick_ns)
+            self._flows_seen[tuple(sorted(base.items()))][1].add(k)
         rec.value += value
 
     def _reap(self) -> None:

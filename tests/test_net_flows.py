@@ -387,3 +387,52 @@ def test_dns_queries_and_answers_by_type_and_rcode(netns_pair, flows_agent):
                network__io__direction="receive") == 2
     # and the server's: queries in
     assert dns(otelbpf__dns__kind="query", network__io__direction="receive") == 5
+
+
+RESET = textwrap.dedent("""
+    import socket, struct, threading
+    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1); port = srv.getsockname()[1]
+    def serve():
+        c, _ = srv.accept()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()                       # linger 0: an RST instead of a FIN
+    t = threading.Thread(target=serve); t.start()
+    c = socket.create_connection(("127.0.0.1", port)); t.join()
+    try:
+        c.recv(10)
+    except ConnectionResetError:
+        print(port, flush=True)
+""")
+
+
+def test_received_reset_counted(flows_agent):
+    port = int(subprocess.run([sys.executable, "-c", RESET], capture_output=True, text=True, timeout=60,
+                              check=True).stdout)
+    time.sleep(1.5)
+    data = flows_agent()
+    assert flow_value(data, "otelbpf.tcp.connections", otelbpf__tcp__event="reset", otelbpf__tcp__role="client",
+                      network__peer__port=port) == 1
+
+
+def test_series_cap_overflows_and_counts(agent_factory, tmp_path):
+    jsonl = tmp_path / "t.jsonl"
+    agent = agent_factory({"interval": "1s", "exporters": {"file": {"path": str(jsonl)}},
+                           "probes": {"net_flows": {"max_series": 2, "udp": False}}})
+    agent.wait_for_log("collecting every")
+    script = textwrap.dedent("""
+        import socket, threading
+        ports = []
+        for _ in range(5):
+            srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1); ports.append(srv.getsockname()[1])
+            threading.Thread(target=lambda s=srv: s.accept()[0].close()).start()
+            socket.create_connection(("127.0.0.1", ports[-1])).close()
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    time.sleep(1.5)
+    assert agent.stop() == 0
+    data = read_jsonl(jsonl)
+    assert flow_value(data, "otelbpf.overflow", otelbpf__probe="net_flows", reason="max_series") > 0
+    assert flow_value(data, "otelbpf.tcp.connections", otelbpf__overflow=True, otelbpf__tcp__event="opened") > 0
+    flows = {tuple(sorted((k, v) for k, v in a.items() if k != "otelbpf.tcp.event"))
+             for _m, _dp, a in points(data, "otelbpf.tcp.connections")}
+    assert len(flows) <= 3, flows  # two flows and the overflow flow
