@@ -152,6 +152,8 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_map_delete_batch": (I, [I, P, ctypes.POINTER(U32), P]),
         "bpf_obj_get_info_by_fd": (I, [I, P, ctypes.POINTER(U32)]),
         "btf__find_by_name_kind": (I, [P, S, U32]),
+        "btf__load_vmlinux_btf": (P, []),
+        "btf__free": (None, [P]),
         "btf__type_by_id": (P, [P, U32]),
         "btf__name_by_offset": (S, [P, U32]),
         "ring_buffer__new": (P, [I, P, P, P]),
@@ -721,6 +723,26 @@ def probe_prog_type(kind: str) -> bool:
 
 def probe_map_type(map_type: int) -> bool:
     return lib().libbpf_probe_bpf_map_type(map_type, None) == 1
+
+
+BTF_KIND_STRUCT, BTF_KIND_TYPEDEF = 4, 8
+_kernel_types: dict = {}
+
+
+def kernel_has_type(name: str, kind: int) -> bool:
+    """Whether the running kernel's BTF has this type: how a probe learns that
+    a hook exists (raw tracepoint `x` <-> typedef btf_trace_x; iterator `y`
+    <-> struct bpf_iter__y) without tracefs."""
+    key = (name, kind)
+    if key not in _kernel_types:
+        btf = lib().btf__load_vmlinux_btf()
+        if not btf:
+            return False
+        try:
+            _kernel_types[key] = lib().btf__find_by_name_kind(btf, name.encode(), kind) > 0
+        finally:
+            lib().btf__free(btf)
+    return _kernel_types[key]
 
 
 def version() -> str:

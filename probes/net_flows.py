@@ -49,7 +49,7 @@ class NetFlowsProbe(BpfProbe):
     name = "net_flows"
     description = "TCP connections, bytes, segments, retransmits and RTT per process and peer"
     bpf_object = "net_flows.bpf.o"
-    requires = ("btf", "cap_bpf", "tracepoint", "tracefs")
+    requires = ("btf", "cap_bpf", "raw_tracepoint")
     config_schema = {
         "per_pid": Field("bool", False, "add process.pid to flow series (forking servers multiply them)"),
         "max_series": Field("int", 2000, "flows exported at most; the rest go to an overflow series, counted",
@@ -69,13 +69,17 @@ class NetFlowsProbe(BpfProbe):
         obj.set_global("report_ns", struct.pack("=Q", int(self.config["live_report"] * 1e9)))
         # sock:sock_{send,recv}_length are 6.x: without them live counters come
         # from the iterator alone (the agent's network namespace only)
-        tracefs = self.ctx.tracefs or "/sys/kernel/tracing"
-        self.live_hooks = os.path.isdir(f"{tracefs}/events/sock/sock_send_length")
+        self.live_hooks = libbpf.kernel_has_type("btf_trace_sock_send_length", libbpf.BTF_KIND_TYPEDEF)
         if not self.live_hooks:
             obj.program("flow_send").set_autoload(False)
             obj.program("flow_recv").set_autoload(False)
             self.log.warning("no sock:sock_send_length tracepoint: live byte counts only for the agent's "
                              "network namespace; other namespaces report at close")
+        # iter/tcp is 5.9+: without it, connections report while sending and at close
+        self.has_iter = libbpf.kernel_has_type("bpf_iter__tcp", libbpf.BTF_KIND_STRUCT)
+        if not self.has_iter:
+            obj.program("flow_iter").set_autoload(False)
+            self.log.warning("no TCP iterator (kernel < 5.9): connections older than the agent are not adopted")
         obj.map("flow_stats").set_max_entries(self.config["max_flows"])
         obj.map("flow_conns").set_max_entries(self.config["max_connections"])
         obj.load()
@@ -88,10 +92,13 @@ class NetFlowsProbe(BpfProbe):
         for prog in obj.programs():
             if not self.live_hooks and prog.name in ("flow_send", "flow_recv"):
                 continue
+            if not self.has_iter and prog.name == "flow_iter":
+                continue
             link = prog.attach()
             if prog.section.startswith("iter/"):
                 self._iter = link
-        self._iter.run_iter()  # adopt connections that predate us, counting from now
+        if self._iter is not None:
+            self._iter.run_iter()  # adopt connections that predate us, counting from now
         self._udp = None
         if self.config["udp"]:
             try:
@@ -151,7 +158,8 @@ class NetFlowsProbe(BpfProbe):
     def collect(self) -> list:
         self._tick += 1
         self._retire_idle_flows()
-        self._iter.run_iter()  # live connections add what they counted since the last pass
+        if self._iter is not None:
+            self._iter.run_iter()  # live connections add what they counted since the last pass
         now = time.time_ns()
         items = self._flows.items()
         for kb, vb in items:
