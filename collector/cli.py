@@ -86,9 +86,21 @@ def cmd_check(args) -> int:
 def cmd_run(args) -> int:
     from .agent import Agent
 
+    from .instance_lock import AlreadyRunning, InstanceLock
+
     entries = discover()
     cfg = load_config(args.config, entries)
     _setup_logging(cfg.log_level)
+    lock = InstanceLock(cfg.lock_file)
+    try:
+        lock.acquire()
+    except AlreadyRunning as e:
+        log.error("%s", e)
+        return EXIT_FAILED
+    except OSError as e:
+        log.error("cannot take the instance lock %s: %s (set lock_file to a writable path)", cfg.lock_file,
+                  e.strerror)
+        return EXIT_FAILED
     agent = Agent(cfg, entries, reload_config=lambda: load_config(args.config, discover()))
     enabled = [n for n, p in cfg.probes.items() if p["enabled"]]
     running = agent.start()

@@ -7,6 +7,7 @@ module knows no probe by name.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -39,8 +40,8 @@ def parse_duration(value: Any, key: str) -> float:
         secs = float(num) * _DURATION_UNITS[unit or "s"]
     else:
         raise ConfigError(key, f"{value!r} is not a duration", "write it like 10s, 500ms or 2m")
-    if secs <= 0:
-        raise ConfigError(key, f"{value!r} must be positive", "write it like 10s, 500ms or 2m")
+    if not math.isfinite(secs) or secs <= 0:
+        raise ConfigError(key, f"{value!r} must be a positive, finite duration", "write it like 10s, 500ms or 2m")
     return secs
 
 
@@ -89,7 +90,7 @@ class Field:
                 return value
             raise ConfigError(key, f"expected an integer, got {_type_name(value)} {value!r}", "write a whole number")
         if k == "float":
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 return float(value)
             raise ConfigError(key, f"expected a number, got {_type_name(value)} {value!r}", "write a number")
         if k == "str":
@@ -218,11 +219,13 @@ CONSOLE_SCHEMA = {
 EXPORTER_SCHEMAS = {"otlp": OTLP_SCHEMA, "file": FILE_SCHEMA, "console": CONSOLE_SCHEMA}
 
 TOP_SCHEMA = {
-    "interval": Field("duration", 10.0, "collection and export period"),
+    "interval": Field("duration", 10.0, "collection and export period (at least 100ms)", minimum=0.1),
     "resource": Field("str_map", {}, "extra resource attributes (OTEL_RESOURCE_ATTRIBUTES also applies)"),
     "log_level": Field("str", "info", "agent log level", choices=("debug", "info", "warning", "error")),
     "export_queue": Field("int", 64, "batches buffered per exporter while a backend is slow or down; "
                           "the oldest are dropped and counted beyond it", minimum=1),
+    "lock_file": Field("str", "/run/otelbpf/otelbpf.lock", "one agent per host: a second `otelbpf run` with "
+                       "the same lock file exits with a clear message"),
     "kernel": {
         "btf": Field("str", None, "BTF file for CO-RE when the kernel has no /sys/kernel/btf/vmlinux",
                      check=_check_existing_file),
@@ -239,6 +242,7 @@ class AgentConfig:
     resource: dict
     log_level: str
     export_queue: int
+    lock_file: str
     kernel: dict
     exporters: dict  # name -> settings; only the enabled exporters appear
     probes: dict     # name -> settings (enabled included)
@@ -290,7 +294,8 @@ def build(raw: Any, probe_schemas: Mapping[str, Schema], source: str = "(embedde
     exporters = _build_exporters(raw.get("exporters", _MISSING), env)
     probes = _build_probes(raw.get("probes", _MISSING), probe_schemas)
     return AgentConfig(interval=top["interval"], resource=top["resource"], log_level=top["log_level"],
-                       export_queue=top["export_queue"], kernel=top["kernel"], exporters=exporters,
+                       export_queue=top["export_queue"], lock_file=top["lock_file"], kernel=top["kernel"],
+                       exporters=exporters,
                        probes=probes, source=source, raw=dict(raw))
 
 

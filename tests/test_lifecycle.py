@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
-from conftest import SYSCALL_LATENCY_MAPS, SYSCALL_LATENCY_PROGS, bpftool_objects, loaded_ids, needs_root
+from conftest import ROOT, SYSCALL_LATENCY_MAPS, SYSCALL_LATENCY_PROGS, bpftool_objects, loaded_ids, needs_root
 from otlp_data import points, read_jsonl
 
 pytestmark = needs_root
@@ -133,3 +134,38 @@ def test_agent_mounts_tracefs(agent_factory, tmp_path):
                           args=("--duration", "1"))
     assert agent.wait(timeout=30) == 0, agent.stderr()
     assert tracefs_mount_point() == "/sys/kernel/tracing"
+
+
+def test_second_instance_exits_with_a_clear_message(agent_factory, tmp_path):
+    cfg = {"interval": "1s", "exporters": {"file": {"path": str(tmp_path / "t.jsonl")}},
+           "probes": {"syscall_latency": {}}, "lock_file": str(tmp_path / "otelbpf.lock")}
+    first = agent_factory(cfg)
+    first.wait_for_log("collecting every")
+    second = subprocess.run([sys.executable, "-m", "collector.cli", "run", "--config", str(first.config_path),
+                             "--duration", "2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert f"another otelbpf agent (pid {first.pid}) is running" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.stop() == 0
+
+
+def test_twenty_start_stop_cycles_leave_nothing_behind(agent_factory, tmp_path):
+    """SIGTERM, SIGINT, --duration and SIGKILL (then a fresh start), 20 times."""
+    cfg = {"interval": "1s", "exporters": {"file": {"path": str(tmp_path / "t.jsonl")}},
+           "probes": {"syscall_latency": {}}, "lock_file": str(tmp_path / "otelbpf.lock")}
+    seen_progs, seen_maps = set(), set()
+    ways = [signal.SIGTERM, signal.SIGINT, "duration", signal.SIGKILL]
+    for i in range(20):
+        way = ways[i % len(ways)]
+        agent = agent_factory(cfg, args=("--duration", "1") if way == "duration" else ())
+        agent.wait_for_log("collecting every")
+        progs, maps = _our_ids()
+        seen_progs |= progs
+        seen_maps |= maps
+        if way == "duration":
+            assert agent.wait(timeout=30) == 0, agent.stderr()
+        else:
+            code = agent.stop(way)
+            assert code == (-signal.SIGKILL if way == signal.SIGKILL else 0), agent.stderr()
+    _assert_gone(seen_progs, seen_maps)
+    assert len(seen_progs) >= 40  # each cycle really loaded its own programs
