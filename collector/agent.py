@@ -16,7 +16,7 @@ from .export.worker import ExportWorker
 from .metadata.host import host_resource
 from .probe import BpfProbe, ProbeContext, ProbeEntry, default_bpf_dir
 from .records import Batch, Profile
-from .selftelemetry import AgentCounters, dropped
+from .selftelemetry import AgentCounters, DropWarner, dropped
 
 log = logging.getLogger("otelbpf")
 
@@ -52,6 +52,7 @@ class Agent:
         self._reload_config = reload_config
         self.bpf_dir = bpf_dir or default_bpf_dir()
         self.counters = AgentCounters()
+        self.drop_warner = DropWarner(log)
         self.resource = host_resource(cfg.resource)
         self.probes: dict = {}        # name -> _RunningProbe
         self.probe_up: dict = {}      # name -> bool, for self-telemetry
@@ -150,6 +151,8 @@ class Agent:
             if profiles:
                 batch.profiles[scope] = profiles
         batch.metrics["otelbpf.agent"] = self.counters.records(self.probe_up)
+        for records in batch.metrics.values():
+            self.drop_warner.check(records)
         for w in self.workers.values():
             w.submit(batch)
         return batch

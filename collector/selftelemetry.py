@@ -56,3 +56,25 @@ class AgentCounters:
         for name, up in sorted(probe_states.items()):
             out.append(Gauge(PROBE_UP, {"otelbpf.probe": name}, 1 if up else 0))
         return out
+
+
+class DropWarner:
+    """A warning when a drop counter grows, at most once per `every` seconds
+    per (component, reason): drops must not be silent, nor flood the log."""
+
+    def __init__(self, log, every: float = 60.0):
+        self.log = log
+        self.every = every
+        self._state: dict = {}  # (component, reason) -> (value last warned about, when)
+
+    def check(self, records, now: float = None) -> None:
+        now = time.monotonic() if now is None else now
+        for r in records:
+            if not isinstance(r, Counter) or r.instrument is not DROPPED:
+                continue
+            key = (r.attributes.get("otelbpf.probe", "?"), r.attributes.get("reason", "?"))
+            warned, when = self._state.get(key, (0, None))
+            if r.value > warned and (when is None or now - when >= self.every):
+                self.log.warning("%s: %d events dropped (%s) since the last warning; total %d",
+                                 key[0], r.value - warned, key[1], r.value)
+                self._state[key] = (r.value, now)

@@ -70,3 +70,4 @@ def test_quantile_upper_bound():
     buckets[4], buckets[10] = 98, 2
     assert quantile_upper_bound(buckets, 0.5) == 16
     assert quantile_upper_bound(buckets, 0.99) == 1024
+
