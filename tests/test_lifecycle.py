@@ -169,3 +169,44 @@ def test_twenty_start_stop_cycles_leave_nothing_behind(agent_factory, tmp_path):
             assert code == (-signal.SIGKILL if way == signal.SIGKILL else 0), agent.stderr()
     _assert_gone(seen_progs, seen_maps)
     assert len(seen_progs) >= 40  # each cycle really loaded its own programs
+
+
+def test_backend_that_comes_back_gets_the_data_without_resets(agent_factory, tmp_path):
+    """The collector is down when the agent starts and comes up 4 s later:
+    collection goes on, exports are retried, and the cumulative series that
+    reach it keep the start time and totals they had from the beginning."""
+    import socket
+
+    from otlp_data import last_point
+    from otlp_receiver import GrpcReceiver
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    started = time.time_ns()
+    agent = agent_factory({"interval": "1s", "exporters": {"otlp": {"endpoint": f"http://127.0.0.1:{port}",
+                                                                     "timeout": "1s"}},
+                           "probes": {"syscall_latency": {"syscalls": ["getppid"]}}})
+    agent.wait_for_log("collecting every")
+    # alive across a collection, so it gets a series of its own
+    before = subprocess.Popen(["python3", "-c", "import os, time\nfor _ in range(300): os.getppid()\n"
+                               "print(os.getpid(), flush=True)\ntime.sleep(2.5)"], stdout=subprocess.PIPE, text=True)
+    pid = int(before.stdout.readline())
+    before.wait(timeout=30)
+    time.sleep(1.5)
+    receiver = GrpcReceiver(port)
+    try:
+        deadline = time.monotonic() + 60
+        while not receiver.rx.metrics and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+        assert agent.stop() == 0, agent.stderr()
+    finally:
+        receiver.stop()
+    got = receiver.rx.metrics
+    assert got, "nothing delivered after the backend came back"
+    # the calls made while the backend was down are in the totals, from a start time before the outage
+    _m, dp, _a = last_point(got, "otelbpf.syscall.duration", syscall__name="getppid",
+                            process__pid=pid)
+    assert dp.count >= 300 and dp.start_time_unix_nano < started + 4_000_000_000
+    assert "Traceback" not in agent.stderr()

@@ -1,17 +1,32 @@
 """A bounded queue and a thread in front of each exporter.
 
-Collection enqueues and returns at once. When the backend is slow or down the
-queue fills; then the oldest batch is dropped and counted, so memory stays
-bounded and the newest data wins.
+Collection enqueues and returns at once: a slow or absent backend never
+blocks collection. A failed export is retried with exponential backoff while
+newer batches queue up behind it. Metrics are cumulative, so when a newer
+batch is waiting the failed batch's metrics are superseded (the newer totals
+include them) and only its spans and profiles are retried. Beyond the queue
+bound the oldest batch is dropped, and what that loses is counted per signal.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
+import random
 import threading
 import time
 
 log = logging.getLogger("otelbpf.export")
+
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+
+
+def _lost_items(batch) -> dict:
+    """What dropping this batch loses, per signal (metrics: nothing a later
+    cumulative batch does not carry again, but their resolution)."""
+    return {"metrics": sum(len(v) for v in batch.metrics.values()), "spans": len(batch.spans),
+            "profiles": sum(len(v) for v in batch.profiles.values())}
 
 
 class ExportWorker:
@@ -24,14 +39,20 @@ class ExportWorker:
         self._counters = counters
         self._closing = False
         self._busy = False
+        self._failures = 0
+        self.delivered = 0
         self._thread = threading.Thread(target=self._run, name=f"export-{self.name}", daemon=True)
         self._thread.start()
+
+    def _drop(self, batch, reason: str) -> None:
+        for signal, n in _lost_items(batch).items():
+            if n:
+                self._counters.drop(f"exporter.{self.name}", f"{reason}.{signal}", n)
 
     def submit(self, batch) -> None:
         with self._cv:
             if len(self._q) >= self._max:
-                self._q.popleft()
-                self._counters.drop(f"exporter.{self.name}", "queue_full")
+                self._drop(self._q.popleft(), "queue_full")
             self._q.append(batch)
             self._cv.notify()
 
@@ -49,14 +70,33 @@ class ExportWorker:
             except Exception as e:  # an exporter bug must not kill the worker
                 log.warning("exporter %s failed: %s", self.name, e)
                 ok = False
-            if not ok:
-                self._counters.drop(f"exporter.{self.name}", "export_failed")
             with self._cv:
                 self._busy = False
+                if ok:
+                    self._failures = 0
+                    self.delivered += 1
+                else:
+                    self._counters.drop(f"exporter.{self.name}", "export_failed")  # attempts, not data
+                    self._failures += 1
+                    self._requeue(batch)
+                    if not self._closing:
+                        backoff = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self._failures - 1))
+                        self._cv.wait(backoff * random.uniform(0.8, 1.2))
                 self._cv.notify_all()
 
+    def _requeue(self, batch) -> None:
+        """Put a failed batch back in front, its metrics dropped when a newer
+        (cumulative) batch is already waiting."""
+        if self._q and any(batch.metrics.values()):
+            batch = dataclasses.replace(batch, metrics={})
+        if batch.spans or any(batch.profiles.values()) or any(batch.metrics.values()):
+            if len(self._q) >= self._max:
+                self._drop(batch, "queue_full")
+            else:
+                self._q.appendleft(batch)
+
     def flush(self, timeout: float) -> bool:
-        """Wait until everything queued has been handed to the exporter."""
+        """Wait until everything queued has been delivered (or timeout)."""
         deadline = time.monotonic() + timeout
         with self._cv:
             while self._q or self._busy:
@@ -70,12 +110,14 @@ class ExportWorker:
         flushed = self.flush(timeout)
         with self._cv:
             self._closing = True
-            left = len(self._q)
+            left = list(self._q)
             self._q.clear()
             self._cv.notify_all()
-        if not flushed and left:
-            self._counters.drop(f"exporter.{self.name}", "shutdown_timeout", left)
-            log.warning("exporter %s: %d batches not delivered before shutdown", self.name, left)
+        if not flushed:
+            for batch in left:
+                self._drop(batch, "shutdown_timeout")
+            if left:
+                log.warning("exporter %s: %d batches not delivered before shutdown", self.name, len(left))
         self._thread.join(timeout=max(timeout, 0.1))
         try:
             self.exporter.shutdown()
