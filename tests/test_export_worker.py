@@ -53,6 +53,23 @@ def test_failed_metrics_are_superseded_and_spans_retried(monkeypatch):
     assert counters.get("exporter.flaky", "queue_full.spans") == 0
 
 
+def test_series_only_an_old_batch_has_are_kept(monkeypatch):
+    """A series that ended (its process exited) is not in newer batches: its
+    last value must still be delivered."""
+    monkeypatch.setattr(worker_mod, "BACKOFF_FIRST_S", 0.05)
+    exp = FlakyExporter(fail_first=1)
+    w = ExportWorker(exp, max_batches=10, counters=AgentCounters())
+    old = Batch(time_ns=1, metrics={"s": [Counter(C, {"pid": 1}, 5, 0), Counter(C, {"pid": 2}, 7, 0)]})
+    new = Batch(time_ns=2, metrics={"s": [Counter(C, {"pid": 2}, 9, 0)]})
+    w.submit(old)
+    time.sleep(0.01)
+    w.submit(new)
+    assert w.flush(timeout=10)
+    w.close(1)
+    delivered = [(b.time_ns, r.attributes["pid"], r.value) for b in exp.calls[1:] for r in b.metrics.get("s", [])]
+    assert sorted(delivered) == [(1, 1, 5), (2, 2, 9)]
+
+
 def test_submit_never_blocks_and_the_bound_counts_losses(monkeypatch):
     monkeypatch.setattr(worker_mod, "BACKOFF_FIRST_S", 10)  # a backend that stays down
     exp = FlakyExporter(fail_first=10 ** 9)

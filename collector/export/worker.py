@@ -3,8 +3,9 @@
 Collection enqueues and returns at once: a slow or absent backend never
 blocks collection. A failed export is retried with exponential backoff while
 newer batches queue up behind it. Metrics are cumulative, so when a newer
-batch is waiting the failed batch's metrics are superseded (the newer totals
-include them) and only its spans and profiles are retried. Beyond the queue
+batch is waiting the failed batch's series that the newer one carries are
+superseded (its totals include them); series only the failed batch has, and
+its spans and profiles, are retried. Beyond the queue
 bound the oldest batch is dropped, and what that loses is counted per signal.
 """
 from __future__ import annotations
@@ -27,6 +28,10 @@ def _lost_items(batch) -> dict:
     cumulative batch does not carry again, but their resolution)."""
     return {"metrics": sum(len(v) for v in batch.metrics.values()), "spans": len(batch.spans),
             "profiles": sum(len(v) for v in batch.profiles.values())}
+
+
+def _series_key(record) -> tuple:
+    return (record.instrument.name, type(record).__name__, tuple(sorted(record.attributes.items())))
 
 
 class ExportWorker:
@@ -64,7 +69,14 @@ class ExportWorker:
                 if not self._q:
                     return
                 batch = self._q.popleft()
+                if self._q:  # a newer batch is waiting (a backlog, or a retry)
+                    batch = self._supersede(batch, self._q[0])
                 self._busy = True
+            if batch.is_empty():
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+                continue
             try:
                 ok = self.exporter.export(batch)
             except Exception as e:  # an exporter bug must not kill the worker
@@ -85,15 +97,22 @@ class ExportWorker:
                 self._cv.notify_all()
 
     def _requeue(self, batch) -> None:
-        """Put a failed batch back in front, its metrics dropped when a newer
-        (cumulative) batch is already waiting."""
-        if self._q and any(batch.metrics.values()):
-            batch = dataclasses.replace(batch, metrics={})
-        if batch.spans or any(batch.profiles.values()) or any(batch.metrics.values()):
-            if len(self._q) >= self._max:
-                self._drop(batch, "queue_full")
-            else:
-                self._q.appendleft(batch)
+        """Put a failed batch back in front, for the next attempt."""
+        if len(self._q) >= self._max:
+            self._drop(batch, "queue_full")
+        else:
+            self._q.appendleft(batch)
+
+    @staticmethod
+    def _supersede(batch, newer):
+        """The series `newer` carries replace this batch's (cumulative totals
+        include them); series only this batch has (a process that exited, a
+        flow that went idle) are kept, since their last values exist nowhere
+        else. Spans and profiles are always kept."""
+        present = {(scope, _series_key(r)) for scope, recs in newer.metrics.items() for r in recs}
+        kept = {scope: [r for r in recs if (scope, _series_key(r)) not in present]
+                for scope, recs in batch.metrics.items()}
+        return dataclasses.replace(batch, metrics={k: v for k, v in kept.items() if v})
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued has been delivered (or timeout)."""
