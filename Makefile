@@ -61,3 +61,25 @@ syscall-tables:
 clean:
 	rm -f $(BPF_OBJS)
 	rm -rf build
+
+# Install as a systemd service: the checkout is copied to $(PREFIX) and set up
+# there; the config goes to /etc/otelbpf (kept if present). `make uninstall`
+# removes all of it but the config and /var/lib/otelbpf.
+PREFIX ?= /opt/otelbpf
+UNIT_DIR ?= /etc/systemd/system
+
+.PHONY: install uninstall
+install:
+	mkdir -p $(PREFIX) /etc/otelbpf
+	git ls-files -z | xargs -0 -I{} cp --parents {} $(PREFIX)/
+	$(MAKE) -C $(PREFIX) setup
+	test -e /etc/otelbpf/otelbpf.yaml || install -m 0644 config/otelbpf.yaml /etc/otelbpf/otelbpf.yaml
+	install -m 0644 deploy/systemd/otelbpf.service $(UNIT_DIR)/otelbpf.service
+	-systemctl daemon-reload
+	@echo "installed: systemctl enable --now otelbpf"
+
+uninstall:
+	-systemctl disable --now otelbpf
+	rm -f $(UNIT_DIR)/otelbpf.service
+	-systemctl daemon-reload
+	rm -rf $(PREFIX)

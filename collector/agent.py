@@ -16,6 +16,7 @@ from .export.worker import ExportWorker
 from .metadata.host import host_resource
 from .probe import BpfProbe, ProbeContext, ProbeEntry, default_bpf_dir
 from .records import Batch, Profile
+from .sdnotify import Notifier
 from .selftelemetry import AgentCounters, DropWarner, dropped
 
 log = logging.getLogger("otelbpf")
@@ -53,6 +54,7 @@ class Agent:
         self.bpf_dir = bpf_dir or default_bpf_dir()
         self.counters = AgentCounters()
         self.drop_warner = DropWarner(log)
+        self.notifier = Notifier()
         self.resource = host_resource(cfg.resource)
         self.probes: dict = {}        # name -> _RunningProbe
         self.probe_up: dict = {}      # name -> bool, for self-telemetry
@@ -155,6 +157,7 @@ class Agent:
             self.drop_warner.check(records)
         for w in self.workers.values():
             w.submit(batch)
+        self.notifier.watchdog()  # a tick happened: the main loop is alive
         return batch
 
     def _stop_probe(self, name: str) -> None:
@@ -227,6 +230,7 @@ class Agent:
 
     def shutdown(self) -> None:
         """One last collection, detach everything, flush every exporter."""
+        self.notifier.stopping()
         try:
             self.tick()
         except Exception as e:

@@ -110,6 +110,8 @@ def cmd_run(args) -> int:
         return EXIT_FAILED
     log.info("collecting every %gs; probes: %s; exporters: %s", cfg.interval, ", ".join(agent.probes) or "none",
              ", ".join(agent.workers) or "none")
+    agent.notifier.ready(f"probes: {', '.join(agent.probes) or 'none'}; exporters: "
+                         f"{', '.join(agent.workers) or 'none'}")
     try:
         agent.run(duration=args.duration)
     finally:
