@@ -74,7 +74,7 @@ install:
 	git ls-files -z | xargs -0 -I{} cp --parents {} $(PREFIX)/
 	$(MAKE) -C $(PREFIX) setup
 	test -e /etc/otelbpf/otelbpf.yaml || install -m 0644 config/otelbpf.yaml /etc/otelbpf/otelbpf.yaml
-	install -m 0644 deploy/systemd/otelbpf.service $(UNIT_DIR)/otelbpf.service
+	install -D -m 0644 deploy/systemd/otelbpf.service $(UNIT_DIR)/otelbpf.service
 	-systemctl daemon-reload
 	@echo "installed: systemctl enable --now otelbpf"
 
