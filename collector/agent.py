@@ -55,6 +55,7 @@ class Agent:
         self.counters = AgentCounters()
         self.drop_warner = DropWarner(log)
         self.notifier = Notifier()
+        self.health = None
         self.resource = host_resource(cfg.resource)
         self.probes: dict = {}        # name -> _RunningProbe
         self.probe_up: dict = {}      # name -> bool, for self-telemetry
@@ -120,8 +121,19 @@ class Agent:
             except Exception as e:
                 log.error("exporter %s: cannot start: %s", name, e)
 
+    def _start_health(self) -> None:
+        if not self.cfg.health:
+            return
+        from .health import HealthServer
+        try:
+            self.health = HealthServer(self.cfg.health, self.cfg.interval)
+            log.info("health and self-metrics on http://%s/healthz and /metrics", self.health.address)
+        except (OSError, ValueError) as e:
+            log.warning("health endpoint %s unavailable (%s); running without it", self.cfg.health, e)
+
     def start(self) -> int:
         """Start exporters and enabled probes; returns how many probes run."""
+        self._start_health()
         self._ensure_tracefs()
         self._start_exporters()
         for name, pcfg in self.cfg.probes.items():
@@ -158,6 +170,8 @@ class Agent:
         for w in self.workers.values():
             w.submit(batch)
         self.notifier.watchdog()  # a tick happened: the main loop is alive
+        if self.health is not None:
+            self.health.update(batch)
         return batch
 
     def _stop_probe(self, name: str) -> None:
@@ -240,6 +254,9 @@ class Agent:
         for name, w in list(self.workers.items()):
             w.close(FLUSH_TIMEOUT_S)
         self.workers.clear()
+        if self.health is not None:
+            self.health.close()
+            self.health = None
 
 
 def _safe_stop(probe, name: str) -> None:

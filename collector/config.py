@@ -224,6 +224,8 @@ TOP_SCHEMA = {
     "log_level": Field("str", "info", "agent log level", choices=("debug", "info", "warning", "error")),
     "export_queue": Field("int", 64, "batches buffered per exporter while a backend is slow or down; "
                           "the oldest are dropped and counted beyond it", minimum=1),
+    "health": Field("str", "127.0.0.1:9464", "host:port for /healthz and /metrics (Prometheus text of the "
+                    "agent's own telemetry); empty to disable"),
     "lock_file": Field("str", "/run/otelbpf/otelbpf.lock", "one agent per host: a second `otelbpf run` with "
                        "the same lock file exits with a clear message"),
     "kernel": {
@@ -243,6 +245,7 @@ class AgentConfig:
     log_level: str
     export_queue: int
     lock_file: str
+    health: str
     kernel: dict
     exporters: dict  # name -> settings; only the enabled exporters appear
     probes: dict     # name -> settings (enabled included)
@@ -294,7 +297,8 @@ def build(raw: Any, probe_schemas: Mapping[str, Schema], source: str = "(embedde
     exporters = _build_exporters(raw.get("exporters", _MISSING), env)
     probes = _build_probes(raw.get("probes", _MISSING), probe_schemas)
     return AgentConfig(interval=top["interval"], resource=top["resource"], log_level=top["log_level"],
-                       export_queue=top["export_queue"], lock_file=top["lock_file"], kernel=top["kernel"],
+                       export_queue=top["export_queue"], lock_file=top["lock_file"], health=top["health"],
+                       kernel=top["kernel"],
                        exporters=exporters,
                        probes=probes, source=source, raw=dict(raw))
 
