@@ -13,6 +13,7 @@ from typing import Callable, Optional
 from . import features, libbpf
 from .config import AgentConfig, ConfigError
 from .export.worker import ExportWorker
+from .metadata.enrich import ProcessEnricher
 from .metadata.host import host_resource
 from .probe import BpfProbe, ProbeContext, ProbeEntry, default_bpf_dir
 from .records import Batch, Profile
@@ -56,6 +57,7 @@ class Agent:
         self.drop_warner = DropWarner(log)
         self.notifier = Notifier()
         self.health = None
+        self.enricher = ProcessEnricher()
         self.resource = host_resource(cfg.resource)
         self.probes: dict = {}        # name -> _RunningProbe
         self.probe_up: dict = {}      # name -> bool, for self-telemetry
@@ -157,6 +159,10 @@ class Agent:
                     log.error("probe %s: disabled after %d failed collections", name, rp.failures)
                     self._stop_probe(name)
                 continue
+            try:
+                self.enricher.enrich(records)
+            except Exception as e:  # metadata is a nicety: never lose the data over it
+                log.warning("probe %s: process metadata failed: %s", name, e)
             if isinstance(rp.probe, BpfProbe):
                 records.append(dropped(name, "recursion_miss", rp.probe.recursion_misses(), rp.started_ns))
             scope = f"otelbpf.probe.{name}"

@@ -1,0 +1,66 @@
+"""Adds per-process resource-like attributes to every record that names a
+process: container.id, k8s.pod.uid, process.executable.path, process.owner.
+Cached per (pid, start time), bounded, so a reused pid never inherits."""
+from __future__ import annotations
+
+import collections
+import os
+import pwd
+
+from ..records import Profile
+from .container import container_of
+from .process import ProcessCache
+
+
+class ProcessEnricher:
+    def __init__(self, max_entries: int = 16384):
+        self._cache: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
+        self._max = max_entries
+        self._owners: dict = {}
+
+    def _owner(self, uid: int) -> str:
+        if uid not in self._owners:
+            try:
+                self._owners[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._owners[uid] = str(uid)
+        return self._owners[uid]
+
+    def attributes(self, pid: int) -> dict:
+        start = ProcessCache._start_time(pid)
+        if start is None:
+            return {}  # exited: nothing reliable to add
+        key = (pid, start)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        attrs = dict(container_of(pid))
+        try:
+            attrs["process.executable.path"] = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            pass
+        try:
+            attrs["process.owner"] = self._owner(os.stat(f"/proc/{pid}").st_uid)
+        except OSError:
+            pass
+        self._cache[key] = attrs
+        if len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+        return attrs
+
+    def enrich(self, records: list) -> None:
+        """In place: metric records with process.pid, and profile samples."""
+        for r in records:
+            if isinstance(r, Profile):
+                for s in r.samples:
+                    self._add(s)
+            else:
+                self._add(r)
+
+    def _add(self, rec) -> None:
+        pid = rec.attributes.get("process.pid")
+        if isinstance(pid, int) and pid > 0:
+            extra = self.attributes(pid)
+            if extra and not all(k in rec.attributes for k in extra):
+                rec.attributes = {**rec.attributes, **extra}
