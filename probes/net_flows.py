@@ -163,10 +163,12 @@ class NetFlowsProbe(BpfProbe):
         now = time.time_ns()
         items = self._flows.items()
         for kb, vb in items:
-            vals = _VAL.unpack(vb)
             old = self._prev.get(kb)
-            self._prev[kb] = vals
-            delta = vals if old is None else tuple(a - b for a, b in zip(vals, old))
+            if old == vb:
+                continue  # most flows are idle: compare bytes, unpack only what moved
+            self._prev[kb] = vb
+            vals = _VAL.unpack(vb)
+            delta = vals if old is None else tuple(a - b for a, b in zip(vals, _VAL.unpack(old)))
             if any(delta):
                 self._route(_KEY.unpack(kb), delta)
         self._reap()

@@ -132,7 +132,7 @@ class SyscallLatencyProbe(BpfProbe):
             prog.attach()
         self.start_ns = time.time_ns()
         self._last_tick_ns = self.start_ns
-        self._prev: dict = {}        # kernel key -> (buckets, sum, errors) last read
+        self._prev: dict = {}        # kernel key -> raw value last read
         self._prev_ovf: dict = {}    # same, for the overflow histograms
         self._retiring: set = set()  # pids whose series go after one last export
         self._series: dict = {}      # attribute tuple -> _Acc
@@ -158,21 +158,26 @@ class SyscallLatencyProbe(BpfProbe):
 
     @staticmethod
     def _read_deltas(items, prev: dict) -> list:
-        """(owner, nr, comm, delta buckets, delta sum, delta errors) per key that moved."""
+        """(owner, nr, comm, delta buckets, delta sum, delta errors) per key
+        that moved. prev keeps each key's raw value: an unchanged entry costs
+        one bytes comparison."""
         out = []
         for kb, vb in items:
+            old = prev.get(kb)
+            if old == vb:
+                continue
+            prev[kb] = vb
             owner, nr, _ = _KEY.unpack(kb)
             vals = _VALUE.unpack(vb)
             comm = vals[0].split(b"\0", 1)[0].decode(errors="replace")
             buckets, s, errs = vals[1:1 + NBUCKETS], vals[1 + NBUCKETS], vals[2 + NBUCKETS]
-            old = prev.get(kb)
-            prev[kb] = (buckets, s, errs)
             if old is None:
                 if any(buckets):
                     out.append((owner, nr, comm, buckets, s, errs))
-            elif old[1] != s or old[2] != errs:
-                db = [a - b for a, b in zip(buckets, old[0])]
-                out.append((owner, nr, comm, db, s - old[1], errs - old[2]))
+                continue
+            ovals = _VALUE.unpack(old)
+            db = [a - b for a, b in zip(buckets, ovals[1:1 + NBUCKETS])]
+            out.append((owner, nr, comm, db, s - ovals[1 + NBUCKETS], errs - ovals[2 + NBUCKETS]))
         return out
 
     def _route(self, deltas: list, now: int) -> None:
