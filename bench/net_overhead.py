@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """What the net_flows probe costs TCP, measured in one run.
 
-bench/tcp_loop.c on loopback, in interleaved rounds without and with the
-probe loaded (as the agent loads it, collecting once per round):
+bench/tcp_loop.c on loopback, in interleaved rounds without the probe, with
+it as configured by default (TCP), and with `udp: true` (cgroup_skb programs
+that see every packet of the host), loaded as the agent loads it:
 
   bulk    one connection streaming --bytes; Gbit/s     (target: >= 98% with the probe)
   conns   --conns connect/close cycles; connections/s  (the per-connection hooks' cost)
@@ -20,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, build  # noqa: E402  (puts the checkout on sys.path)
 
 from collector.config import PROBE_COMMON, parse_section  # noqa: E402
 from collector.features import ensure_tracefs  # noqa: E402
@@ -29,11 +29,6 @@ from collector.probe import ProbeContext, default_bpf_dir  # noqa: E402
 from probes.net_flows import NetFlowsProbe  # noqa: E402
 
 
-def build() -> str:
-    out = ROOT / "bench" / "bin" / "tcp_loop"
-    out.parent.mkdir(exist_ok=True)
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "bench" / "tcp_loop.c")], check=True)
-    return str(out)
 
 
 def run(binary: str, mode: str, amount: int) -> float:
@@ -46,33 +41,34 @@ def main() -> int:
     ap.add_argument("--bytes", type=float, default=4e9)
     ap.add_argument("--conns", type=int, default=5000)
     args = ap.parse_args()
-    binary = build()
+    binary = build("tcp_loop")
     tracefs = ensure_tracefs()
-    cfg = parse_section({}, {**PROBE_COMMON, **NetFlowsProbe.config_schema}, "probes.net_flows")
-    results = {(m, p): [] for m in ("bulk", "conns") for p in (False, True)}
+    setups = {"none": None, "net_flows (default: TCP)": {"udp": False}, "net_flows + udp: true": {"udp": True}}
+    results = {(m, name): [] for m in ("bulk", "conns") for name in setups}
     run(binary, "bulk", int(args.bytes) // 4)  # warm up
     for _ in range(args.rounds):
-        for with_probe in (False, True):
+        for name, overrides in setups.items():
             probe = None
-            if with_probe:
+            if overrides is not None:
+                cfg = parse_section(overrides, {**PROBE_COMMON, **NetFlowsProbe.config_schema}, "probes.net_flows")
                 ctx = ProbeContext(default_bpf_dir(), None, tracefs, os.getpid(), time.time_ns(),
                                    logging.getLogger("bench"))
                 probe = NetFlowsProbe(cfg, ctx)
                 probe.start()
             try:
-                results[("bulk", with_probe)].append(run(binary, "bulk", int(args.bytes)))
-                results[("conns", with_probe)].append(run(binary, "conns", args.conns))
+                results[("bulk", name)].append(run(binary, "bulk", int(args.bytes)))
+                results[("conns", name)].append(run(binary, "conns", args.conns))
                 if probe:
                     probe.collect()
             finally:
                 if probe:
                     probe.stop()
-    print(f"loopback TCP, {args.rounds} interleaved rounds, medians\n")
-    for mode, unit, target in (("bulk", "Gbit/s", "target >= 98%"), ("conns", "conn/s", "")):
-        base = statistics.median(results[(mode, False)])
-        withp = statistics.median(results[(mode, True)])
-        print(f"{mode:<6} without {base:10.2f} {unit}   with net_flows {withp:10.2f} {unit}   "
-              f"ratio {100 * withp / base:6.1f}%  {target}")
+    print(f"loopback TCP, {args.rounds} interleaved rounds, medians (ratio against no probe)\n")
+    for mode, unit, target in (("bulk", "Gbit/s", "  target >= 98%"), ("conns", "conn/s", "")):
+        base = statistics.median(results[(mode, "none")])
+        for name in setups:
+            v = statistics.median(results[(mode, name)])
+            print(f"{mode:<6} {name:<26} {v:10.2f} {unit}  {100 * v / base:6.1f}%" + (target if name != "none" else ""))
     return 0
 
 

@@ -26,14 +26,9 @@ from pathlib import Path
 import psutil
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, build  # noqa: E402
 
 
-def build() -> str:
-    out = ROOT / "bench" / "bin" / "cpu_work"
-    out.parent.mkdir(exist_ok=True)
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "bench" / "cpu_work.c")], check=True)
-    return str(out)
 
 
 def work(binary: str, iterations: int) -> float:
@@ -60,7 +55,7 @@ def main() -> int:
     ap.add_argument("--interval", default="2s")
     ap.add_argument("--frequency", type=int, default=99)
     args = ap.parse_args()
-    binary = build()
+    binary = build("cpu_work")
     work(binary, args.iterations // 10)  # warm up
     base, prof, agent_cpu, agent_wall, startup_cpu = [], [], 0.0, 0.0, []
     warmup = float(args.interval.rstrip("s")) * 1.5  # past the first collection

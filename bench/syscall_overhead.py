@@ -30,8 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, build  # noqa: E402  (puts the checkout on sys.path)
 
 from collector import libbpf  # noqa: E402
 from collector.config import PROBE_COMMON, parse_section  # noqa: E402
@@ -39,11 +38,6 @@ from collector.probe import ProbeContext, default_bpf_dir  # noqa: E402
 from probes.syscall_latency import SyscallLatencyProbe  # noqa: E402
 
 
-def build_loop() -> str:
-    out = ROOT / "bench" / "bin" / "getppid_loop"
-    out.parent.mkdir(exist_ok=True)
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "bench" / "getppid_loop.c")], check=True)
-    return str(out)
 
 
 def run_loop(binary: str, calls: int) -> float:
@@ -135,7 +129,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
 
-    loop = build_loop()
+    loop = build("getppid_loop")
     bench_bpf = ROOT / "bench" / "bpf"
     setups = [Nothing(), ObjectSetup("floor", bench_bpf / "empty_raw_tp.bpf.o"),
               ObjectSetup("clock floor", bench_bpf / "clock_floor.bpf.o"), OtelbpfProbe(),

@@ -154,9 +154,18 @@ static __always_inline int count_udp(struct __sk_buff *skb, __u8 dir)
 	struct udp_key k = {};
 	struct udphdr uh;
 	struct udp_val *v, init = {};
+	struct bpf_sock *sk;
 	__u32 l4;
 	__u16 payload, rport, lport;
 
+	/* Every packet of the host comes here: leave TCP and the rest on the
+	 * socket's protocol, before touching packet bytes. */
+	sk = skb->sk;
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->protocol != IPPROTO_UDP)
+		return 1;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 

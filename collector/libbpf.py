@@ -338,6 +338,14 @@ class Map:
         stride = ((self.value_size + 7) // 8) * 8
         return [raw[i:i + self.value_size] for i in range(0, len(raw), stride)]
 
+    def counters(self, n: int) -> list:
+        """A PERCPU_ARRAY of u64 counters indexed 0..n-1: each summed over CPUs."""
+        out = []
+        for i in range(n):
+            per_cpu = self.lookup_percpu(i.to_bytes(4, "little"))
+            out.append(sum(int.from_bytes(v[:8], "little") for v in per_cpu))
+        return out
+
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         self._check_key(key)
         if len(value) != self._value_buf_size():

@@ -180,9 +180,7 @@ class CpuProfileProbe(BpfProbe):
         return [profile] + self._stat_records()
 
     def _stat_records(self) -> list:
-        vals = {}
-        for i, name in enumerate(STATS):
-            vals[name] = sum(struct.unpack("=Q", v)[0] for v in self._stats.lookup_percpu(struct.pack("=I", i)))
+        vals = dict(zip(STATS, self._stats.counters(len(STATS))))
         out = [dropped(self.name, reason, vals[reason], self.start_ns)
                for reason in ("user_stack_lost", "kernel_stack_lost", "counts_full")]
         out.append(dropped(self.name, "stack_truncated", self.truncated, self.start_ns))

@@ -132,6 +132,5 @@ class UdpCounters:
             del self._prev_dns[kb]
 
     def table_full(self) -> tuple:
-        vals = [sum(struct.unpack("=Q", v)[0] for v in self._counters.lookup_percpu(struct.pack("=I", i)))
-                for i in range(2)]
-        return vals[0], vals[1]
+        udp_full, dns_full = self._counters.counters(2)
+        return udp_full, dns_full

@@ -294,8 +294,4 @@ class SyscallLatencyProbe(BpfProbe):
         return out
 
     def _kernel_stats(self) -> dict:
-        out = {}
-        for i, name in enumerate(STATS):
-            per_cpu = self._stats.lookup_percpu(struct.pack("=I", i))
-            out[name] = sum(struct.unpack("=Q", v)[0] for v in per_cpu)
-        return out
+        return dict(zip(STATS, self._stats.counters(len(STATS))))

@@ -160,7 +160,7 @@ def flow_value(data, name, **match):
 def flows_agent(agent_factory, tmp_path):
     jsonl = tmp_path / "t.jsonl"
     agent = agent_factory({"interval": "1s", "exporters": {"file": {"path": str(jsonl)}},
-                           "probes": {"net_flows": {}}})
+                           "probes": {"net_flows": {"udp": True}}})
     agent.wait_for_log("collecting every")
 
     def finish():
