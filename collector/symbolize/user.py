@@ -21,6 +21,7 @@ import logging
 from typing import Optional
 
 from ..records import Frame
+from .demangle import demangle
 from .elf import build_id, load_segments
 from .procmaps import MappingInfo, ProcessMaps, read_maps
 
@@ -68,7 +69,7 @@ class BinarySymbols:
         if i < 0:
             return None
         name = self._names[i]
-        return name.decode(errors="replace") if isinstance(name, bytes) else name
+        return demangle(name.decode(errors="replace") if isinstance(name, bytes) else name)
 
 
 class UserSymbolizer:
