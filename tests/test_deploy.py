@@ -92,3 +92,49 @@ def test_healthz_turns_unhealthy_when_collection_stalls():
         assert e.value.code == 503 and b"last collection" in e.value.read()
     finally:
         h.close()
+
+
+def _k8s_docs():
+    import yaml
+    return {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "otelbpf.yaml").read_text())}
+
+
+def test_kubernetes_config_map_is_a_valid_agent_config():
+    import yaml
+
+    from collector import config
+    from collector.probe import discover
+    cm = _k8s_docs()["ConfigMap"]
+    schemas = {n: e.cls.config_schema for n, e in discover().items() if e.cls}
+    cfg = config.build(yaml.safe_load(cm["data"]["otelbpf.yaml"]), schemas, env={})
+    assert set(cfg.probes) == {"syscall_latency", "cpu_profile", "net_flows"}
+    assert cfg.health == "127.0.0.1:9464"
+
+
+def test_kubernetes_daemonset_least_privilege_and_wiring():
+    docs = _k8s_docs()
+    assert {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"} <= set(docs)
+    ds = docs["DaemonSet"]
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True and pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert set(sc["capabilities"]["add"]) <= {"BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE", "SYS_PTRACE",
+                                              "DAC_READ_SEARCH"}
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert {"/sys/kernel/btf", "/sys/kernel/tracing", "/sys/fs/cgroup", "/etc/otelbpf", "/run/otelbpf"} <= mounts
+    volumes = {v["name"] for v in pod["volumes"]}
+    assert {m["name"] for m in c["volumeMounts"]} <= volumes
+    # the probes hit the health endpoint the ConfigMap configures
+    import yaml
+    health = yaml.safe_load(docs["ConfigMap"]["data"]["otelbpf.yaml"])["health"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = c[probe]["httpGet"]
+        assert f'{get["host"]}:{get["port"]}' == health and get["path"] == "/healthz"
+    assert c["resources"]["limits"]["memory"] and c["resources"]["requests"]["cpu"]
+    rules = docs["ClusterRole"]["rules"]
+    assert any("pods" in r["resources"] and {"list", "watch"} <= set(r["verbs"]) for r in rules)
+    subject = docs["ClusterRoleBinding"]["subjects"][0]
+    assert subject["name"] == docs["ServiceAccount"]["metadata"]["name"]
