@@ -57,7 +57,7 @@ class Agent:
         self.drop_warner = DropWarner(log)
         self.notifier = Notifier()
         self.health = None
-        self.enricher = ProcessEnricher()
+        self.enricher = ProcessEnricher(pods=self._start_pod_cache())
         self.resource = host_resource(cfg.resource)
         self.probes: dict = {}        # name -> _RunningProbe
         self.probe_up: dict = {}      # name -> bool, for self-telemetry
@@ -68,6 +68,21 @@ class Agent:
         self._features: Optional[dict] = None
 
     # ------------------------------------------------------------- startup
+    def _start_pod_cache(self):
+        k = self.cfg.kubernetes
+        if k["enabled"] == "off":
+            return None
+        from .metadata.kubernetes import PodCache
+        import socket
+        node = k["node"] or os.environ.get("K8S_NODE_NAME") or socket.gethostname()
+        cache = PodCache(k["api"], node) if k["api"] else PodCache.in_cluster(node)
+        if cache is None:
+            if k["enabled"] == "on":
+                log.warning("kubernetes: not in a cluster and no kubernetes.api set; pod names disabled")
+            return None
+        log.info("kubernetes: watching pods of node %s at %s", node, cache.api)
+        return cache.start()
+
     def _ensure_tracefs(self) -> None:
         try:
             self.tracefs = features.ensure_tracefs(self.cfg.kernel["tracefs"])

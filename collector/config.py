@@ -228,6 +228,12 @@ TOP_SCHEMA = {
                     "agent's own telemetry); empty to disable"),
     "lock_file": Field("str", "/run/otelbpf/otelbpf.lock", "one agent per host: a second `otelbpf run` with "
                        "the same lock file exits with a clear message"),
+    "kubernetes": {
+        "enabled": Field("str", "auto", "pod names from the Kubernetes API: auto (in a cluster), on, off",
+                         choices=("auto", "on", "off")),
+        "api": Field("str", None, "API server URL; unset: in-cluster (service account)"),
+        "node": Field("str", None, "this node's name; unset: $K8S_NODE_NAME, then the host name"),
+    },
     "kernel": {
         "btf": Field("str", None, "BTF file for CO-RE when the kernel has no /sys/kernel/btf/vmlinux",
                      check=_check_existing_file),
@@ -247,6 +253,7 @@ class AgentConfig:
     lock_file: str
     health: str
     kernel: dict
+    kubernetes: dict
     exporters: dict  # name -> settings; only the enabled exporters appear
     probes: dict     # name -> settings (enabled included)
     source: str = "(embedded default)"
@@ -298,7 +305,7 @@ def build(raw: Any, probe_schemas: Mapping[str, Schema], source: str = "(embedde
     probes = _build_probes(raw.get("probes", _MISSING), probe_schemas)
     return AgentConfig(interval=top["interval"], resource=top["resource"], log_level=top["log_level"],
                        export_queue=top["export_queue"], lock_file=top["lock_file"], health=top["health"],
-                       kernel=top["kernel"],
+                       kernel=top["kernel"], kubernetes=top["kubernetes"],
                        exporters=exporters,
                        probes=probes, source=source, raw=dict(raw))
 

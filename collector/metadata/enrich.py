@@ -13,7 +13,9 @@ from .process import ProcessCache
 
 
 class ProcessEnricher:
-    def __init__(self, max_entries: int = 16384):
+    def __init__(self, max_entries: int = 16384, pods=None):
+        """pods: a kubernetes.PodCache (or None): pod UID -> pod attributes."""
+        self.pods = pods
         self._cache: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
         self._max = max_entries
         self._owners: dict = {}
@@ -62,5 +64,10 @@ class ProcessEnricher:
         pid = rec.attributes.get("process.pid")
         if isinstance(pid, int) and pid > 0:
             extra = self.attributes(pid)
+            uid = extra.get("k8s.pod.uid")
+            if uid and self.pods is not None:
+                pod = self.pods.get(uid)  # looked up each time: the watch may have learnt it since
+                if pod:
+                    extra = {**extra, **pod}
             if extra and not all(k in rec.attributes for k in extra):
                 rec.attributes = {**rec.attributes, **extra}
