@@ -185,6 +185,14 @@ def _check_existing_file(path: str, key: str) -> str:
     return path
 
 
+def _check_header_secrets(headers: dict, key: str) -> dict:
+    for name, value in headers.items():
+        if isinstance(value, str) and value.startswith("file:") and not os.path.isfile(value[5:]):
+            raise ConfigError(f"{key}.{name}", f"secret file {value[5:]} does not exist",
+                              "point it at a readable file (its content is the header value)")
+    return headers
+
+
 def _check_endpoint(url: str, key: str) -> str:
     if not re.match(r"^(https?://)?[\w.\-\[\]:]+(:\d+)?(/.*)?$", url):
         raise ConfigError(key, f"{url!r} is not an endpoint URL", "write it like http://127.0.0.1:4317")
@@ -196,9 +204,13 @@ OTLP_SCHEMA = {
                       "For http/protobuf a bare host:port gets /v1/<signal> appended.", check=_check_endpoint),
     "protocol": Field("str", None, "grpc or http/protobuf; unset uses OTEL_EXPORTER_OTLP_PROTOCOL, then grpc",
                       choices=("grpc", "http/protobuf")),
-    "headers": Field("str_map", {}, "extra request headers (e.g. authorization); merged over OTEL_EXPORTER_OTLP_HEADERS"),
+    "headers": Field("str_map", {}, "extra request headers (e.g. authorization), merged over "
+                     "OTEL_EXPORTER_OTLP_HEADERS; a value \"file:/path\" or \"env:NAME\" is read from there",
+                     check=lambda v, key: _check_header_secrets(v, key)),
     "insecure": Field("bool", None, "gRPC without TLS; unset follows the endpoint scheme and OTEL_EXPORTER_OTLP_INSECURE"),
     "certificate": Field("str", None, "CA bundle for TLS", check=_check_existing_file),
+    "client_certificate": Field("str", None, "client certificate (PEM) for mutual TLS", check=_check_existing_file),
+    "client_key": Field("str", None, "client private key (PEM) for mutual TLS", check=_check_existing_file),
     "compression": Field("str", None, "none or gzip", choices=("none", "gzip")),
     "timeout": Field("duration", 10.0, "per-export timeout"),
     "histogram": Field("str", "exponential", "exponential (exact kernel log2 buckets) or explicit (for backends "
@@ -330,6 +342,11 @@ def _build_exporters(raw: Any, env: Mapping[str, str]) -> dict:
         if name not in EXPORTER_SCHEMAS:
             raise ConfigError(f"exporters.{name}", "unknown exporter", _suggest(str(name), EXPORTER_SCHEMAS))
         out[name] = parse_section(sub, EXPORTER_SCHEMAS[name], f"exporters.{name}")
+    otlp = out.get("otlp")
+    if otlp and bool(otlp["client_certificate"]) != bool(otlp["client_key"]):
+        missing = "client_key" if otlp["client_certificate"] else "client_certificate"
+        raise ConfigError(f"exporters.otlp.{missing}", "mutual TLS needs both a client certificate and its key",
+                          f"set {missing} too, or remove the other")
     return out
 
 

@@ -63,15 +63,20 @@ class _Profiles(ps_grpc.ProfilesServiceServicer):
 
 
 class GrpcReceiver:
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, credentials=None):
+        """credentials: grpc.ssl_server_credentials(...) for TLS, else plaintext."""
         self.rx = Received()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         ms_grpc.add_MetricsServiceServicer_to_server(_Metrics(self.rx), self.server)
         ts_grpc.add_TraceServiceServicer_to_server(_Traces(self.rx), self.server)
         ps_grpc.add_ProfilesServiceServicer_to_server(_Profiles(self.rx), self.server)
-        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
+        if credentials is None:
+            self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
+            self.endpoint = f"http://127.0.0.1:{self.port}"
+        else:
+            self.port = self.server.add_secure_port(f"127.0.0.1:{port}", credentials)
+            self.endpoint = f"https://localhost:{self.port}"
         self.server.start()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.server.stop(grace=0)

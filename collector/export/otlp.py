@@ -21,13 +21,42 @@ def _protocol(cfg: dict, signal: str) -> str:
             or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
 
 
+def secret_value(value: str) -> str:
+    """Header values may name their secret instead of holding it:
+    "file:/path" reads the file (trailing newline dropped), "env:NAME" the
+    environment. Values are never logged."""
+    if value.startswith("file:"):
+        with open(value[5:], encoding="utf-8") as f:
+            return f.read().rstrip("\n")
+    if value.startswith("env:"):
+        return os.environ.get(value[4:], "")
+    return value
+
+
 def _headers(cfg: dict):
     if not cfg.get("headers"):
         return None  # the SDK reads OTEL_EXPORTER_OTLP_HEADERS itself
     from opentelemetry.util.re import parse_env_headers
     merged = parse_env_headers(os.environ.get("OTEL_EXPORTER_OTLP_HEADERS", ""), liberal=True)
-    merged.update({k.lower(): str(v) for k, v in cfg["headers"].items()})
+    merged.update({k.lower(): secret_value(str(v)) for k, v in cfg["headers"].items()})
     return merged
+
+
+def _read(path):
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def grpc_credentials(cfg: dict):
+    """TLS for gRPC: CA bundle, and a client certificate for mutual TLS."""
+    if not (cfg.get("certificate") or cfg.get("client_certificate")):
+        return None
+    from grpc import ssl_channel_credentials
+    return ssl_channel_credentials(root_certificates=_read(cfg.get("certificate")),
+                                   private_key=_read(cfg.get("client_key")),
+                                   certificate_chain=_read(cfg.get("client_certificate")))
 
 
 def _http_endpoint(endpoint, path: str):
@@ -48,16 +77,16 @@ def _grpc_kwargs(cfg: dict) -> dict:
     if cfg.get("compression"):
         from grpc import Compression
         kw["compression"] = Compression.Gzip if cfg["compression"] == "gzip" else Compression.NoCompression
-    if cfg.get("certificate"):
-        from grpc import ssl_channel_credentials
-        with open(cfg["certificate"], "rb") as f:
-            kw["credentials"] = ssl_channel_credentials(root_certificates=f.read())
+    creds = grpc_credentials(cfg)
+    if creds is not None:
+        kw["credentials"] = creds
     return kw
 
 
 def _http_kwargs(cfg: dict, path: str) -> dict:
     kw = {"endpoint": _http_endpoint(cfg.get("endpoint"), path), "headers": _headers(cfg),
-          "timeout": cfg["timeout"], "certificate_file": cfg.get("certificate")}
+          "timeout": cfg["timeout"], "certificate_file": cfg.get("certificate"),
+          "client_certificate_file": cfg.get("client_certificate"), "client_key_file": cfg.get("client_key")}
     if cfg.get("compression"):
         from opentelemetry.exporter.otlp.proto.http import Compression
         kw["compression"] = Compression.Gzip if cfg["compression"] == "gzip" else Compression.NoCompression
@@ -106,8 +135,8 @@ class ProfilesExporter:
             if insecure:
                 self._channel = grpc.insecure_channel(target)
             else:
-                root = open(cfg["certificate"], "rb").read() if cfg.get("certificate") else None
-                self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root))
+                creds = grpc_credentials(cfg) or grpc.ssl_channel_credentials()
+                self._channel = grpc.secure_channel(target, creds)
             self._stub = profiles_service_pb2_grpc.ProfilesServiceStub(self._channel)
         else:
             import requests
@@ -121,9 +150,11 @@ class ProfilesExporter:
             if self.protocol == "grpc":
                 self._stub.Export(request, timeout=self.timeout, metadata=list(self.headers.items()) or None)
                 return True
+            cert = ((self.cfg["client_certificate"], self.cfg["client_key"])
+                    if self.cfg.get("client_certificate") else None)
             resp = self._session.post(self.url, data=request.SerializeToString(), timeout=self.timeout,
                                       headers={"Content-Type": "application/x-protobuf", **self.headers},
-                                      verify=self.cfg.get("certificate") or True)
+                                      verify=self.cfg.get("certificate") or True, cert=cert)
             if resp.ok:
                 return True
             log.warning("profiles export to %s: HTTP %d", self.url, resp.status_code)
