@@ -16,11 +16,19 @@ from typing import Any, Callable, Mapping, Optional
 import yaml
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a newline in a key...) shown escaped: one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 class ConfigError(Exception):
     def __init__(self, key: str, problem: str, fix: str = ""):
-        self.key, self.problem, self.fix = key, problem, fix
-        msg = f"{key}: {problem}" if key else problem
-        super().__init__(msg + (f"; {fix}" if fix else ""))
+        self.key, self.problem, self.fix = _one_line(key), problem, fix
+        msg = f"{self.key}: {problem}" if key else problem
+        super().__init__(_one_line(msg + (f"; {fix}" if fix else "")))
 
 
 # ---------------------------------------------------------------- field kinds
