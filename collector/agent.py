@@ -22,7 +22,9 @@ from .selftelemetry import AgentCounters, DropWarner, dropped
 
 log = logging.getLogger("otelbpf")
 
-MAX_COLLECT_FAILURES = 3   # consecutive failures before a probe is disabled
+MAX_COLLECT_FAILURES = 3   # consecutive failures before a probe is stopped
+MAX_RESTARTS = 5           # then it stays disabled
+RESTART_BACKOFF_S = 30.0   # doubled after each restart
 FLUSH_TIMEOUT_S = 5.0
 
 
@@ -64,6 +66,8 @@ class Agent:
         self.workers: dict = {}       # exporter name -> ExportWorker
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._restart_at: dict = {}   # probe name -> (monotonic time, config) of a pending restart
+        self._restarts: dict = {}     # probe name -> restarts so far
         self.tracefs: Optional[str] = None
         self._features: Optional[dict] = None
 
@@ -159,7 +163,20 @@ class Agent:
         return len(self.probes)
 
     # ------------------------------------------------------------- ticks
+    def _restart_due_probes(self) -> None:
+        now = time.monotonic()
+        for name, (when, pcfg) in list(self._restart_at.items()):
+            if now < when:
+                continue
+            del self._restart_at[name]
+            if name in self.probes or name not in self.cfg.probes:
+                continue  # a reload already started it, or removed it
+            self._restarts[name] = self._restarts.get(name, 0) + 1
+            if self._start_probe(name, pcfg):
+                log.info("probe %s: restarted", name)
+
     def tick(self) -> Batch:
+        self._restart_due_probes()
         batch = Batch(time_ns=time.time_ns(), resource=self.resource)
         for name, rp in list(self.probes.items()):
             try:
@@ -171,8 +188,15 @@ class Agent:
                 log.error("probe %s: collect failed (%d/%d): %s", name, rp.failures, MAX_COLLECT_FAILURES,
                           str(e).splitlines()[0] if str(e) else type(e).__name__)
                 if rp.failures >= MAX_COLLECT_FAILURES:
-                    log.error("probe %s: disabled after %d failed collections", name, rp.failures)
                     self._stop_probe(name)
+                    restarts = self._restarts.get(name, 0)
+                    if restarts < MAX_RESTARTS:
+                        delay = RESTART_BACKOFF_S * 2 ** restarts
+                        self._restart_at[name] = (time.monotonic() + delay, rp.cfg)
+                        log.error("probe %s: stopped after %d failed collections; restarting in %.0fs (%d/%d)",
+                                  name, rp.failures, delay, restarts + 1, MAX_RESTARTS)
+                    else:
+                        log.error("probe %s: disabled after %d restarts", name, restarts)
                 continue
             try:
                 self.enricher.enrich(records)
