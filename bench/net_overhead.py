@@ -19,9 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from common import ROOT, build  # noqa: E402  (puts the checkout on sys.path)
+from common import build  # noqa: E402  (puts the checkout on sys.path)
 
 from collector.config import PROBE_COMMON, parse_section  # noqa: E402
 from collector.features import ensure_tracefs  # noqa: E402

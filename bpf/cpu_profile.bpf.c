@@ -8,6 +8,7 @@
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
+#include "otb_stats.h"
 
 #define PROF_STACK_DEPTH 127	/* the kernel's PERF_MAX_STACK_DEPTH default */
 
@@ -57,14 +58,6 @@ struct {
 	__type(value, __u64);
 } prof_stats SEC(".maps");
 
-static __always_inline void count_stat(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&prof_stats, &idx);
-
-	if (v)
-		*v += 1;
-}
-
 /* -EFAULT means there is no such stack (user stack of a kernel thread, kernel
  * stack of a sample taken in user mode); anything else is a lost stack. */
 static __always_inline __s32 stack_id(void *ctx, void *stacks, __u64 flags, __u32 lost_stat)
@@ -72,7 +65,7 @@ static __always_inline __s32 stack_id(void *ctx, void *stacks, __u64 flags, __u3
 	long id = bpf_get_stackid(ctx, stacks, flags);
 
 	if (id < 0 && id != -14 /* EFAULT */)
-		count_stat(lost_stat);
+		otb_count(&prof_stats, lost_stat);
 	return (__s32)id;
 }
 
@@ -97,7 +90,7 @@ static __always_inline void record(void *ctx, void *stacks, void *counts, __u32 
 	if (v)
 		__sync_fetch_and_add(v, 1);
 	else
-		count_stat(PROF_STAT_COUNTS_FULL);
+		otb_count(&prof_stats, PROF_STAT_COUNTS_FULL);
 }
 
 SEC("perf_event")
@@ -105,9 +98,9 @@ int prof_sample(struct bpf_perf_event_data *ctx)
 {
 	__u32 pid = bpf_get_current_pid_tgid() >> 32;
 
-	count_stat(PROF_STAT_SAMPLES);
+	otb_count(&prof_stats, PROF_STAT_SAMPLES);
 	if (pid == 0) {
-		count_stat(PROF_STAT_IDLE);
+		otb_count(&prof_stats, PROF_STAT_IDLE);
 		if (drop_idle)
 			return 0;
 	}

@@ -20,6 +20,7 @@
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
+#include "otb_stats.h"
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_tracing.h>
@@ -131,14 +132,6 @@ const volatile __u32 overflow_tgid = 0xFFFFFFFF;
 /* Live connections report at most this often from the send/receive path. */
 const volatile __u64 report_ns = 1000000000ULL;
 
-static __always_inline void count_stat(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&flow_counters, &idx);
-
-	if (v)
-		*v += 1;
-}
-
 static __always_inline struct flow_val *flow_get(struct flow_key *key)
 {
 	struct flow_val *v = bpf_map_lookup_elem(&flow_stats, key);
@@ -155,7 +148,7 @@ static __always_inline struct flow_val *flow_get(struct flow_key *key)
 	v = bpf_map_lookup_elem(&flow_stats, key);
 	if (v)
 		return v;
-	count_stat(FLOW_STAT_OVERFLOW);
+	otb_count(&flow_counters, FLOW_STAT_OVERFLOW);
 	ovf.tgid = overflow_tgid;
 	return bpf_map_lookup_elem(&flow_stats, &ovf);
 }
@@ -314,7 +307,7 @@ int BPF_PROG(flow_state, struct sock *sk_ptr, int oldstate, int newstate)
 		set_peer(&ci.key, family, v4, v6);
 		ci.start_ns = bpf_ktime_get_ns();
 		if (bpf_map_update_elem(&flow_conns, &sk, &ci, BPF_ANY))
-			count_stat(FLOW_STAT_CONN_TABLE_FULL);
+			otb_count(&flow_counters, FLOW_STAT_CONN_TABLE_FULL);
 		return 0;
 	}
 
@@ -334,7 +327,7 @@ int BPF_PROG(flow_state, struct sock *sk_ptr, int oldstate, int newstate)
 			ci.start_ns = bpf_ktime_get_ns();
 			ci.established = 1;
 			if (bpf_map_update_elem(&flow_conns, &sk, &ci, BPF_ANY)) {
-				count_stat(FLOW_STAT_CONN_TABLE_FULL);
+				otb_count(&flow_counters, FLOW_STAT_CONN_TABLE_FULL);
 				return 0;
 			}
 			v = flow_get(&ci.key);
@@ -356,7 +349,7 @@ int BPF_PROG(flow_state, struct sock *sk_ptr, int oldstate, int newstate)
 		return 0;
 	c = bpf_map_lookup_elem(&flow_conns, &sk);
 	if (!c) {
-		count_stat(FLOW_STAT_CLOSE_UNTRACKED);
+		otb_count(&flow_counters, FLOW_STAT_CLOSE_UNTRACKED);
 		return 0;
 	}
 	finish_conn(sk, c, (struct tcp_sock *)sk_ptr);
@@ -373,7 +366,7 @@ int BPF_PROG(flow_destroy, struct sock *sk_ptr)
 
 	if (!c)
 		return 0;
-	count_stat(FLOW_STAT_CLOSED_AT_DESTROY);
+	otb_count(&flow_counters, FLOW_STAT_CLOSED_AT_DESTROY);
 	finish_conn(sk, c, (struct tcp_sock *)sk_ptr);
 	return 0;
 }
@@ -451,7 +444,7 @@ int flow_iter(struct bpf_iter__tcp *ctx)
 		ci.rep_segs_in = tp->segs_in;
 		ci.rep_retrans = tp->total_retrans;
 		if (bpf_map_update_elem(&flow_conns, &sk, &ci, BPF_NOEXIST))
-			count_stat(FLOW_STAT_CONN_TABLE_FULL);
+			otb_count(&flow_counters, FLOW_STAT_CONN_TABLE_FULL);
 		return 0;
 	}
 	v = flow_get(&c->key);

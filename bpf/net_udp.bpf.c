@@ -14,6 +14,7 @@
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
+#include "otb_stats.h"
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_tracing.h>
@@ -86,14 +87,6 @@ struct {
 	__type(value, __u64);
 } udp_counters SEC(".maps");
 
-static __always_inline void count_stat(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&udp_counters, &idx);
-
-	if (v)
-		*v += 1;
-}
-
 struct dns_hdr {
 	__u16 id;
 	__u16 flags;
@@ -146,7 +139,7 @@ static __always_inline void count_dns(struct __sk_buff *skb, __u64 cookie, __u32
 	if (v)
 		__sync_fetch_and_add(v, 1);
 	else if (bpf_map_update_elem(&udp_dns, &k, &one, BPF_NOEXIST))
-		count_stat(UDP_STAT_DNS_TABLE_FULL);
+		otb_count(&udp_counters, UDP_STAT_DNS_TABLE_FULL);
 }
 
 static __always_inline int count_udp(struct __sk_buff *skb, __u8 dir)
@@ -204,7 +197,7 @@ static __always_inline int count_udp(struct __sk_buff *skb, __u8 dir)
 		bpf_map_update_elem(&udp_traffic, &k, &init, BPF_NOEXIST);
 		v = bpf_map_lookup_elem(&udp_traffic, &k);
 		if (!v) {
-			count_stat(UDP_STAT_TABLE_FULL);
+			otb_count(&udp_counters, UDP_STAT_TABLE_FULL);
 			return 1;
 		}
 	}

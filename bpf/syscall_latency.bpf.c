@@ -9,6 +9,7 @@
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
+#include "otb_stats.h"
 #include <bpf/bpf_tracing.h>
 #include "log2_hist.h"
 
@@ -79,14 +80,6 @@ struct {
 	__type(value, __u64);
 } sc_lat_stats SEC(".maps");
 
-static __always_inline void count_stat(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&sc_lat_stats, &idx);
-
-	if (v)
-		*v += 1;	/* per-CPU: no atomic needed */
-}
-
 static __always_inline void hist_add(struct sc_hist *h, __u64 delta_ns, long ret)
 {
 	__u32 b = otb_log2_bucket(delta_ns);
@@ -120,7 +113,7 @@ int sc_lat_enter(struct bpf_raw_tracepoint_args *ctx)
 	if (!slot)
 		return 0;
 	if (slot->start_ns && slot->tid != tid)
-		count_stat(SC_STAT_SLOT_COLLISION);
+		otb_count(&sc_lat_stats, SC_STAT_SLOT_COLLISION);
 	slot->tid = tid;
 	slot->nr = nr;
 	slot->start_ns = bpf_ktime_get_ns();
@@ -150,7 +143,7 @@ int sc_lat_exit(struct bpf_raw_tracepoint_args *ctx)
 	if (!slot->start_ns || slot->tid != tid) {
 		/* Filtered-out syscalls leave no slot either: only count real misses. */
 		if (!filter_syscalls)
-			count_stat(SC_STAT_NO_ENTER);
+			otb_count(&sc_lat_stats, SC_STAT_NO_ENTER);
 		return 0;
 	}
 	delta = now - slot->start_ns;
@@ -171,7 +164,7 @@ int sc_lat_exit(struct bpf_raw_tracepoint_args *ctx)
 			h = bpf_map_lookup_elem(&sc_lat_ovf, &key.nr);
 			if (!h)
 				return 0;
-			count_stat(SC_STAT_OVERFLOW);
+			otb_count(&sc_lat_stats, SC_STAT_OVERFLOW);
 		}
 	}
 	hist_add(h, delta, ret);

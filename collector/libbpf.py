@@ -511,8 +511,8 @@ class Program:
     def fd(self) -> int:
         return lib().bpf_program__fd(self._ptr)
 
-    # struct bpf_prog_info (UAPI, append-only): run_cnt at 200, recursion_misses at 208
-    _INFO_SIZE, _RUN_CNT_OFF, _MISSES_OFF = 232, 200, 208
+    # struct bpf_prog_info (UAPI, append-only): recursion_misses at 208
+    _INFO_SIZE, _MISSES_OFF = 232, 208
 
     def recursion_misses(self) -> int:
         """Times the kernel skipped this program because it was already

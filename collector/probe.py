@@ -16,7 +16,7 @@ import abc
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from typing import ClassVar, Dict, Optional, Tuple
 
@@ -47,7 +47,6 @@ class ProbeContext:
     agent_pid: int
     start_time_ns: int
     log: logging.Logger
-    extras: dict = field(default_factory=dict)
 
 
 class Probe(abc.ABC):
@@ -80,7 +79,10 @@ class BpfProbe(Probe):
     """A probe backed by one libbpf object, bpf/<bpf_object>."""
     bpf_object: ClassVar[str]
 
-    obj: Optional[libbpf.BpfObject] = None
+    def __init__(self, config: dict, ctx: ProbeContext):
+        super().__init__(config, ctx)
+        self.obj: Optional[libbpf.BpfObject] = None
+        self._extra_objects: list = []
 
     def open_object(self, name: Optional[str] = None) -> libbpf.BpfObject:
         """Open bpf/<bpf_object> (or another object of this probe: closed on
@@ -90,11 +92,11 @@ class BpfProbe(Probe):
         if name is None:
             self.obj = obj
         else:
-            self.__dict__.setdefault("_extra_objects", []).append(obj)
+            self._extra_objects.append(obj)
         return obj
 
     def _objects(self) -> list:
-        return ([self.obj] if self.obj is not None else []) + self.__dict__.get("_extra_objects", [])
+        return ([self.obj] if self.obj is not None else []) + self._extra_objects
 
     def recursion_misses(self) -> int:
         """Events the kernel did not run our programs for (see Program.recursion_misses)."""
@@ -104,7 +106,7 @@ class BpfProbe(Probe):
         for o in self._objects():
             o.close()
         self.obj = None
-        self.__dict__["_extra_objects"] = []
+        self._extra_objects = []
 
 
 @dataclass

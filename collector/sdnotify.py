@@ -14,10 +14,6 @@ class Notifier:
         pid = env.get("WATCHDOG_PID", "")
         self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and (not pid or pid == str(os.getpid())) else None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.addr)
-
     def send(self, *fields: str) -> None:
         if not self.addr:
             return
@@ -36,6 +32,3 @@ class Notifier:
     def watchdog(self) -> None:
         if self.watchdog_s:
             self.send("WATCHDOG=1")
-
-    def status(self, text: str) -> None:
-        self.send(f"STATUS={text}")

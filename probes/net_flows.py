@@ -174,7 +174,7 @@ class NetFlowsProbe(BpfProbe):
                 self._route(_KEY.unpack(kb), delta)
         self._reap()
         if self._udp is not None:
-            self._udp.collect(lambda inst, base, v, extra: self._add(inst, self._capped(base), v, extra),
+            self._udp.collect(lambda inst, base, v, extra: self._add(inst, *self._capped(base), v, extra),
                               lambda tgid, thread: self._procs.executable_name(tgid, fallback=thread) or thread,
                               IO)
         self._last_tick_ns = now
@@ -204,20 +204,19 @@ class NetFlowsProbe(BpfProbe):
     def _route(self, key, delta) -> None:
         d = dict(zip(_VAL_FIELDS, delta[:len(_VAL_FIELDS)]))
         rtt = delta[len(_VAL_FIELDS):]
-        base = self._capped(self._flow_attrs(key))
-        flow = tuple(sorted(base.items()))
+        base, flow = self._capped(self._flow_attrs(key))
         err = key[5]
-        self._add(IO, base, d["bytes_sent"], {"network.io.direction": "transmit"})
-        self._add(IO, base, d["bytes_recv"], {"network.io.direction": "receive"})
-        self._add(SEGMENTS, base, d["segs_sent"], {"network.io.direction": "transmit"})
-        self._add(SEGMENTS, base, d["segs_recv"], {"network.io.direction": "receive"})
-        self._add(CONNECTIONS, base, d["opened"], {"otelbpf.tcp.event": "opened"})
-        self._add(CONNECTIONS, base, d["closed"], {"otelbpf.tcp.event": "closed"})
-        self._add(CONNECTIONS, base, d["resets"], {"otelbpf.tcp.event": "reset"})
+        self._add(IO, base, flow, d["bytes_sent"], {"network.io.direction": "transmit"})
+        self._add(IO, base, flow, d["bytes_recv"], {"network.io.direction": "receive"})
+        self._add(SEGMENTS, base, flow, d["segs_sent"], {"network.io.direction": "transmit"})
+        self._add(SEGMENTS, base, flow, d["segs_recv"], {"network.io.direction": "receive"})
+        self._add(CONNECTIONS, base, flow, d["opened"], {"otelbpf.tcp.event": "opened"})
+        self._add(CONNECTIONS, base, flow, d["closed"], {"otelbpf.tcp.event": "closed"})
+        self._add(CONNECTIONS, base, flow, d["resets"], {"otelbpf.tcp.event": "reset"})
         if d["failed"]:
-            self._add(CONNECTIONS, base, d["failed"], {"otelbpf.tcp.event": "failed",
+            self._add(CONNECTIONS, base, flow, d["failed"], {"otelbpf.tcp.event": "failed",
                                                        "error.type": errno.errorcode.get(err, str(err))})
-        self._add(RETRANSMITS, base, d["retransmits"], {})
+        self._add(RETRANSMITS, base, flow, d["retransmits"], {})
         if any(rtt):
             k = (RTT.name, flow)
             h = self._series.get(k)
@@ -227,9 +226,9 @@ class NetFlowsProbe(BpfProbe):
             h.buckets = [a + b for a, b in zip(h.buckets, rtt)]
             h.sum += d["rtt_sum_us"]
 
-    def _capped(self, base: dict) -> dict:
-        """The flow's attributes, or the overflow flow's once max_series flows
-        are active."""
+    def _capped(self, base: dict) -> tuple:
+        """(attributes, their sorted tuple) of the flow, or of the overflow
+        flow once max_series flows are active."""
         flow = tuple(sorted(base.items()))
         if flow not in self._flows_seen:
             if len(self._flows_seen) >= self.config["max_series"]:
@@ -237,7 +236,7 @@ class NetFlowsProbe(BpfProbe):
                 base = {"otelbpf.overflow": True, "network.transport": base.get("network.transport", "tcp")}
                 flow = tuple(sorted(base.items()))
         self._flows_seen[flow] = (self._tick, self._flows_seen.get(flow, (0, set()))[1])
-        return base
+        return base, flow
 
     def _retire_idle_flows(self) -> None:
         """Flows without traffic for flow_idle intervals stop being exported
@@ -250,7 +249,7 @@ class NetFlowsProbe(BpfProbe):
                     self._series.pop(k, None)
                 del self._flows_seen[flow]
 
-    def _add(self, inst: Instrument, base: dict, value: int, extra: dict) -> None:
+    def _add(self, inst: Instrument, base: dict, flow: tuple, value: int, extra: dict) -> None:
         if not value:
             return
         attrs = dict(base, **extra)
@@ -258,7 +257,7 @@ class NetFlowsProbe(BpfProbe):
         rec = self._series.get(k)
         if rec is None:
             rec = self._series[k] = Counter(inst, attrs, 0, self._last_tick_ns)
-            self._flows_seen[tuple(sorted(base.items()))][1].add(k)
+            self._flows_seen[flow][1].add(k)
         rec.value += value
 
     def _reap(self) -> None:

@@ -14,7 +14,7 @@ import struct
 
 from collector import libbpf
 from collector.metadata.cgroup import cgroup2_root
-from collector.records import Counter, Instrument
+from collector.records import Instrument
 
 _KEY = struct.Struct("=Q16sHBBH6s4x")  # struct udp_key (40 bytes: 8-aligned)
 _VAL = struct.Struct("=QQ")            # struct udp_val

@@ -8,9 +8,7 @@ explode the series count.
 """
 from __future__ import annotations
 
-import ctypes
 import difflib
-import os
 import platform
 import struct
 import time

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -315,6 +314,7 @@ UDP_CLIENT = textwrap.dedent("""
 
 
 def test_udp_bytes_and_packets_per_endpoint(netns_pair, flows_agent):
+    """net_flows' UDP half (probes/net_udp.py, bpf/net_udp.bpf.c), enabled by udp: true."""
     n, size, reply, port = 50, 1200, 300, 6000
     server = subprocess.Popen(in_ns(NS_S) + [sys.executable, "-c", UDP_SERVER, IP_S, str(port), str(n), str(reply)],
                               stdout=subprocess.PIPE, text=True)
@@ -361,6 +361,7 @@ DNS_CLIENT = textwrap.dedent("""
 
 
 def test_dns_queries_and_answers_by_type_and_rcode(netns_pair, flows_agent):
+    """DNS counting in net_udp.bpf.c's cgroup_skb programs."""
     server = subprocess.Popen(in_ns(NS_S) + [sys.executable, "-c", DNS_SERVER, IP_S, "5"],
                               stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "ready"

@@ -13,8 +13,8 @@ def _probe(**cfg):
 
 
 def _flow(p, peer: str):
-    base = p._capped({"network.transport": "tcp", "network.peer.address": peer})
-    p._add(CONNECTIONS, base, 1, {"otelbpf.tcp.event": "opened"})
+    base, flow = p._capped({"network.transport": "tcp", "network.peer.address": peer})
+    p._add(CONNECTIONS, base, flow, 1, {"otelbpf.tcp.event": "opened"})
     return base
 
 

@@ -8,7 +8,6 @@ import os
 import subprocess
 import time
 
-import pytest
 from conftest import build_c, needs_root
 from otlp_data import exp_buckets, last_point, points, read_jsonl
 

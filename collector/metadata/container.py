@@ -7,7 +7,6 @@ cri-o, podman (libpod), and the kubepods hierarchy's pod UID.
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 _ID = r"([0-9a-f]{64})"
 _CONTAINER_PATTERNS = [
@@ -43,6 +42,3 @@ def container_of(pid: int) -> dict:
     except OSError:
         return {}
 
-
-def short_id(container_id: Optional[str]) -> Optional[str]:
-    return container_id[:12] if container_id else None

@@ -52,22 +52,30 @@ class ProcessEnricher:
         return attrs
 
     def enrich(self, records: list) -> None:
-        """In place: metric records with process.pid, and profile samples."""
+        """In place: metric records with process.pid, and profile samples. A
+        process with many records (one per syscall...) is looked up once."""
+        seen: dict = {}
         for r in records:
             if isinstance(r, Profile):
                 for s in r.samples:
-                    self._add(s)
+                    self._add(s, seen)
             else:
-                self._add(r)
+                self._add(r, seen)
 
-    def _add(self, rec) -> None:
+    def _extra(self, pid: int) -> dict:
+        extra = self.attributes(pid)
+        uid = extra.get("k8s.pod.uid")
+        if uid and self.pods is not None:
+            pod = self.pods.get(uid)  # looked up each call: the watch may have learnt it since
+            if pod:
+                extra = {**extra, **pod}
+        return extra
+
+    def _add(self, rec, seen: dict) -> None:
         pid = rec.attributes.get("process.pid")
         if isinstance(pid, int) and pid > 0:
-            extra = self.attributes(pid)
-            uid = extra.get("k8s.pod.uid")
-            if uid and self.pods is not None:
-                pod = self.pods.get(uid)  # looked up each time: the watch may have learnt it since
-                if pod:
-                    extra = {**extra, **pod}
+            extra = seen.get(pid)
+            if extra is None:
+                extra = seen[pid] = self._extra(pid)
             if extra and not all(k in rec.attributes for k in extra):
                 rec.attributes = {**rec.attributes, **extra}

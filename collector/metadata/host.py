@@ -1,7 +1,6 @@
 """Resource attributes of this host (OpenTelemetry semantic conventions)."""
 from __future__ import annotations
 
-import os
 import platform
 import socket
 

@@ -14,7 +14,6 @@ import os
 import re
 import ssl
 import threading
-import time
 import urllib.parse
 import urllib.request
 from typing import Optional
