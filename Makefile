@@ -10,7 +10,8 @@ BPF_CFLAGS := -g -O2 -Wall -target bpf -D__TARGET_ARCH_$(ARCH) -Ibpf
 BPF_SRCS := $(wildcard bpf/*.bpf.c) $(wildcard bench/bpf/*.bpf.c) $(wildcard tests/bpf/*.bpf.c)
 BPF_OBJS := $(BPF_SRCS:.bpf.c=.bpf.o)
 APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc bpfcc-tools python3-venv \
-	libcap2-bin iproute2 make gcc libc6-dev linux-libc-dev linux-perf tshark openssl
+	libcap2-bin iproute2 make gcc libc6-dev linux-libc-dev linux-perf tshark openssl \
+	nginx wrk curl
 STAMP_APT := build/.apt-done
 STAMP_VENV := build/.venv-done
 

@@ -16,7 +16,8 @@ from .export.worker import ExportWorker
 from .metadata.enrich import ProcessEnricher
 from .metadata.host import host_resource
 from .probe import BpfProbe, ProbeContext, ProbeEntry, default_bpf_dir
-from .records import Batch, Profile
+from .export.spans import SpanConverter
+from .records import Batch, Profile, Span
 from .sdnotify import Notifier
 from .selftelemetry import AgentCounters, DropWarner, dropped
 
@@ -61,6 +62,7 @@ class Agent:
         self.health = None
         self.enricher = ProcessEnricher(pods=self._start_pod_cache())
         self.resource = host_resource(cfg.resource)
+        self.span_converter = SpanConverter()
         self.probes: dict = {}        # name -> _RunningProbe
         self.probe_up: dict = {}      # name -> bool, for self-telemetry
         self.workers: dict = {}       # exporter name -> ExportWorker
@@ -205,7 +207,10 @@ class Agent:
             if isinstance(rp.probe, BpfProbe):
                 records.append(dropped(name, "recursion_miss", rp.probe.recursion_misses(), rp.started_ns))
             scope = f"otelbpf.probe.{name}"
-            batch.metrics[scope] = [r for r in records if not isinstance(r, Profile)]
+            batch.metrics[scope] = [r for r in records if not isinstance(r, (Profile, Span))]
+            spans = [r for r in records if isinstance(r, Span)]
+            if spans:
+                batch.spans.extend(self.span_converter.convert(spans, self.resource))
             profiles = [r for r in records if isinstance(r, Profile)]
             if profiles:
                 batch.profiles[scope] = profiles

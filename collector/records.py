@@ -20,12 +20,19 @@ class Instrument:
 @dataclass
 class Log2Histogram:
     """A cumulative log2 histogram: buckets[i] counts values v in
-    (2^(i-1), 2^i] instrument units (buckets[0]: v <= 1)."""
+    (2^(i-1+e), 2^(i+e)] instrument units, e = exp_offset (buckets[0]: v <= 2^e).
+
+    explicit: optionally the same values counted against explicit bounds
+    (in instrument units; len(counts) == len(bounds) + 1), exported instead
+    of power-of-two bounds where the explicit form is asked for."""
     instrument: Instrument
     attributes: dict
     buckets: list
     sum: float
     start_time_ns: int
+    exp_offset: int = 0
+    explicit_bounds: Optional[tuple] = None
+    explicit_counts: Optional[list] = None
 
     @property
     def count(self) -> int:
@@ -78,12 +85,28 @@ class Profile:
 
 
 @dataclass
+class Span:
+    """One finished operation (an HTTP request...), timed by the kernel.
+    Resource-like attributes (process.*, container.*, k8s.*) are moved to the
+    span's resource on export; the rest stay on the span."""
+    name: str
+    kind: str                 # "server" | "client" | "internal"
+    trace_id: int             # 128 bits
+    span_id: int              # 64 bits
+    parent_span_id: Optional[int]
+    start_time_ns: int
+    end_time_ns: int
+    attributes: dict
+    error: bool = False
+
+
+@dataclass
 class Batch:
     """Everything one collection tick produced, ready for the exporters."""
     time_ns: int
     resource: object = None                       # opentelemetry.sdk.resources.Resource
     metrics: dict = field(default_factory=dict)   # scope name -> list of metric records
-    spans: list = field(default_factory=list)     # SDK ReadableSpans
+    spans: list = field(default_factory=list)     # SDK ReadableSpans (from Span records)
     profiles: dict = field(default_factory=dict)  # scope name -> list of Profile
 
     def is_empty(self) -> bool:

@@ -22,8 +22,8 @@ def _fmt_duration(v: float, unit: str) -> str:
     return f"{s:.2f}s"
 
 
-def quantile_upper_bound(buckets: list, q: float) -> float:
-    """Upper bound (2^i) of the bucket holding the q-quantile."""
+def quantile_upper_bound(buckets: list, q: float, exp_offset: int = 0) -> float:
+    """Upper bound (2^(i+exp_offset)) of the bucket holding the q-quantile."""
     total = sum(buckets)
     if not total:
         return 0.0
@@ -31,8 +31,8 @@ def quantile_upper_bound(buckets: list, q: float) -> float:
     for i, c in enumerate(buckets):
         seen += c
         if seen >= target:
-            return float(2 ** i)
-    return float(2 ** (len(buckets) - 1))
+            return float(2.0 ** (i + exp_offset))
+    return float(2.0 ** (len(buckets) - 1 + exp_offset))
 
 
 _SHORT_NAMES = {"syscall.name": "syscall", "process.executable.name": "exe", "process.pid": "pid"}
@@ -98,8 +98,8 @@ class ConsoleExporter:
                    f"{'p99<=':>7}  series"]
             for d, r in rows[:self.top]:
                 rate = f"{d / dt:9.1f}" if dt else f"{d:9d}"
-                out.append(f"  {rate} {r.count:10d} {_fmt_duration(quantile_upper_bound(r.buckets, .5), inst.unit):>7} "
-                           f"{_fmt_duration(quantile_upper_bound(r.buckets, .99), inst.unit):>7}  {_label(r.attributes)}")
+                out.append(f"  {rate} {r.count:10d} {_fmt_duration(quantile_upper_bound(r.buckets, .5, r.exp_offset), inst.unit):>7} "
+                           f"{_fmt_duration(quantile_upper_bound(r.buckets, .99, r.exp_offset), inst.unit):>7}  {_label(r.attributes)}")
             if len(rows) > self.top:
                 out.append(f"  ... {len(rows) - self.top} more series")
             return out

@@ -28,8 +28,8 @@ def exponential_point(h: Log2Histogram, now_ns: int) -> ExponentialHistogramData
         positive = Buckets(offset=0, bucket_counts=[])
     else:
         last = max(i for i, c in enumerate(counts) if c)
-        # kernel bucket i covers (2^(i-1), 2^i]: OTLP scale-0 index i-1
-        positive = Buckets(offset=first - 1, bucket_counts=counts[first:last + 1])
+        # kernel bucket i covers (2^(i-1+e), 2^(i+e)]: OTLP scale-0 index i-1+e
+        positive = Buckets(offset=first - 1 + h.exp_offset, bucket_counts=counts[first:last + 1])
     return ExponentialHistogramDataPoint(
         attributes=h.attributes, start_time_unix_nano=h.start_time_ns, time_unix_nano=now_ns,
         count=sum(counts), sum=h.sum, scale=0, zero_count=0, positive=positive,
@@ -37,13 +37,18 @@ def exponential_point(h: Log2Histogram, now_ns: int) -> ExponentialHistogramData
 
 
 def explicit_point(h: Log2Histogram, now_ns: int) -> HistogramDataPoint:
-    """Bounds 2^0 .. 2^(n-2) units (the last kernel bucket is the overflow)."""
+    """The record's own explicit bounds when it has them; otherwise bounds
+    2^e .. 2^(n-2+e) units (the last kernel bucket is the overflow)."""
     factor = _UNIT_TO_SECONDS.get(h.instrument.unit, 1.0)
-    n = len(h.buckets)
-    bounds = [float(2 ** i) * factor for i in range(n - 1)]
+    if h.explicit_bounds is not None:
+        bounds = [float(b) * factor for b in h.explicit_bounds]
+        counts = list(h.explicit_counts)
+    else:
+        bounds = [float(2.0 ** (i + h.exp_offset)) * factor for i in range(len(h.buckets) - 1)]
+        counts = list(h.buckets)
     return HistogramDataPoint(
         attributes=h.attributes, start_time_unix_nano=h.start_time_ns, time_unix_nano=now_ns,
-        count=sum(h.buckets), sum=h.sum * factor, bucket_counts=list(h.buckets), explicit_bounds=bounds,
+        count=sum(counts), sum=h.sum * factor, bucket_counts=counts, explicit_bounds=bounds,
         min=None, max=None, exemplars=[])
 
 

@@ -1,0 +1,1185 @@
+// SPDX-License-Identifier: GPL-2.0
+/* HTTP/1.x transactions, paired and timed in the kernel.
+ *
+ * Hooks (all stable): syscall tracepoints for socket reads and writes
+ * (read/write, recvfrom/sendto, readv/writev, recvmsg/sendmsg, sendfile64,
+ * close) and uprobes on OpenSSL's SSL_read/SSL_write(_ex) for TLS plaintext.
+ *
+ * Per TCP socket (keyed by its struct sock address) a small state machine
+ * follows request -> response: the side that sends the request is the client,
+ * the side that receives it the server. A transaction starts at the first
+ * byte of the request (server: the read that returned it; client: the write
+ * that sent it) and ends at the last byte of the response, found from
+ * Content-Length, the chunked terminator, HEAD/204/304 (no body), or failing
+ * those the next request or the close.
+ *
+ * Every transaction is added to a duration histogram keyed by (process,
+ * role, method, status, port, path hash): RED metrics counted in the kernel,
+ * whatever the span sampling. Sampled transactions also go to user space as
+ * one ring-buffer record holding the request line and three headers
+ * (traceparent, user-agent, host). Nothing else of the payload leaves the
+ * kernel: Authorization, Cookie and the rest are never copied out.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_tracing.h>
+#include "otb_stats.h"
+#include "log2_hist.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define SOCK_STREAM 1
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+
+#define SCRATCH 4096		/* most payload bytes parsed per read/write (power of two) */
+#define SCRATCH_MASK (SCRATCH - 1)
+#define PATH_CAP 256		/* path bytes a span record can hold */
+#define UA_CAP 128
+#define HOST_CAP 64
+#define TP_LEN 55		/* "00-" 32 hex "-" 16 hex "-" 2 hex */
+#define SEM_BUCKETS 15		/* semantic-convention bounds 5 ms .. 10 s, plus +Inf */
+#define MAX_IOV 8		/* iovecs looked at to find the end of a vector write */
+
+enum io_dir { DIR_IN = 0, DIR_OUT = 1 };
+enum http_role { ROLE_NONE = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
+enum conn_state { ST_IDLE = 0, ST_REQUEST = 1, ST_RESPONSE = 2 };
+enum body_mode { BODY_UNKNOWN = 0, BODY_NONE, BODY_LENGTH, BODY_CHUNKED };
+enum http_method { M_OTHER = 0, M_GET, M_POST, M_PUT, M_DELETE, M_HEAD, M_PATCH, M_OPTIONS, M_CONNECT, M_TRACE };
+
+enum http_stat {
+	HS_CONN_TABLE_FULL = 0,	/* a connection could not be tracked */
+	HS_AGG_FULL,		/* metrics map full: counted in the overflow series */
+	HS_SAMPLED_OUT,		/* spans not sampled (ratio or parent's flag) */
+	HS_RATE_LIMITED,	/* spans over max_spans_per_second */
+	HS_RINGBUF_FULL,	/* spans lost: user space too slow */
+	HS_NO_RESPONSE,		/* connection closed while a request waited for its response */
+	HS_UNPAIRED_RESPONSE,	/* a response with no request in flight (pipelining, or older than us) */
+	HS_ARGS_FULL,		/* in-flight syscall table full */
+	HS_TLS_NO_SOCKET,	/* TLS plaintext whose socket was never seen */
+	HS_DETAIL_FULL,		/* a sampled request's details could not be kept */
+	HS_MAX,
+};
+
+/* Set by user space before load. */
+const volatile __u32 self_tgid = 0;
+const volatile __u32 head_bytes = 1024;		/* payload bytes parsed at a message start */
+const volatile __u32 path_bytes = 128;		/* path bytes kept for spans and routes */
+const volatile __u32 sample_threshold = 0xFFFFFFFF;	/* span kept if prandom <= this */
+const volatile __u8 spans_enabled = 1;
+const volatile __u8 parent_based = 1;		/* a traceparent's sampled flag decides */
+const volatile __u8 capture_query = 0;
+const volatile __u64 max_spans_per_second = 1000;
+const volatile __u32 overflow_tgid = 0xFFFFFFFF;
+
+/* The span rate limiter's window (shared by all CPUs; races only blur the cap). */
+__u64 rl_window = 0;
+__u64 rl_used = 0;
+
+struct http_key {
+	__u32 tgid;
+	__u16 status;
+	__u16 port;		/* server: local port; client: the server's port */
+	__u8 role;
+	__u8 method;
+	__u8 tls;
+	__u8 family;
+	__u8 addr[16];		/* client: the server's address; server: zero (no per-client series) */
+	__u32 pad;		/* explicit: a hash key must not hold uninitialised padding */
+	__u64 path_hash;	/* FNV-1a of the path without query; the string is in http_paths */
+};
+
+struct http_hist {
+	__u64 count;
+	__u64 sum_ns;
+	__u64 log2[OTB_LOG2_BUCKETS];	/* log2 of the duration in 2^-30 s units: OTLP scale 0 in seconds */
+	__u64 sem[SEM_BUCKETS];
+	char comm[16];
+};
+
+struct http_path {
+	__u32 len;		/* bytes of path that are the path (a captured query follows) */
+	char path[PATH_CAP];
+};
+
+struct conn_tuple {
+	__u8 laddr[16];
+	__u8 raddr[16];
+	__u16 lport;
+	__u16 rport;
+	__u8 family;
+	__u8 pad[3];
+};
+
+struct http_conn {
+	struct conn_tuple t;
+	__u64 req_start_ns;
+	__u64 resp_end_ns;
+	__u64 last_ns;
+	__s64 body_left;
+	__u64 path_hash;
+	__u32 tgid;
+	__u16 status;
+	__u8 role;
+	__u8 state;
+	__u8 method;
+	__u8 body;
+	__u8 tls;
+	__u8 sampled;
+};
+
+/* One finished, sampled transaction (also the per-connection draft while it runs). */
+struct http_event {
+	__u64 start_ns;
+	__u64 end_ns;
+	__u32 tgid;
+	__u32 tid;
+	struct conn_tuple t;
+	__u16 status;
+	__u16 path_len;
+	__u8 role;
+	__u8 method;
+	__u8 tls;
+	__u8 flags;		/* bit 0: path truncated */
+	char comm[16];
+	__u32 route_len;	/* path bytes before any query: with path, a struct http_path */
+	char path[PATH_CAP];
+	char traceparent[TP_LEN + 1];
+	char user_agent[UA_CAP];
+	char host[HOST_CAP];
+};
+
+/* Arguments of a read/write in flight, per thread. */
+struct io_args {
+	__u64 buf;		/* the buffer, or the iovec array when vec */
+	__u64 ts;
+	__u32 fd;
+	__u32 iovcnt;
+	__u8 dir;
+	__u8 vec;
+	__u8 nodata;		/* sendfile: bytes without a user buffer */
+};
+
+/* An SSL_read/SSL_write call in flight, per thread. */
+struct ssl_args {
+	__u64 ssl;
+	__u64 buf;
+	__u64 len_ptr;		/* _ex: where the byte count is written */
+	__u64 ts;
+	__u64 sk;		/* the socket its syscalls used, once seen */
+	__u8 dir;
+};
+
+struct scratch {
+	char buf[SCRATCH + 512];	/* slack so fixed-size copies at a masked offset stay inside */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);	/* struct sock * */
+	__type(value, struct http_conn);
+} http_conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);	/* struct sock * */
+	__type(value, struct http_event);
+} http_drafts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct http_key);
+	__type(value, struct http_hist);
+} http_hist SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
+	__type(value, struct http_path);
+} http_paths SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);	/* pid_tgid */
+	__type(value, struct io_args);
+} http_io SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);	/* pid_tgid */
+	__type(value, struct ssl_args);
+} http_ssl_calls SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);	/* SSL * */
+	__type(value, __u64);	/* struct sock * */
+} http_ssl_socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20);
+} http_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} http_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_event);
+} http_zero_event SEC(".maps");	/* stays zero: the template a parse starts from */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_hist);
+} http_zero_hist SEC(".maps");	/* zero counts (comm set per use): a new series' first value */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_event);
+} http_parse SEC(".maps");	/* the request being parsed; copied to http_drafts if sampled */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, HS_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} http_stats SEC(".maps");
+
+/* ------------------------------------------------------------------ helpers */
+
+static __always_inline __u32 hide(__u32 v)
+{
+	/* keep clang from merging the bound check into something the verifier
+	 * cannot follow */
+	asm volatile("" : "+r"(v));
+	return v;
+}
+
+static __always_inline char lower(char c)
+{
+	return (c >= 'A' && c <= 'Z') ? c + 32 : c;
+}
+
+static __always_inline char sc(const struct scratch *s, __u32 i)
+{
+	return s->buf[i & SCRATCH_MASK];
+}
+
+/* The socket behind fd in the current task, or 0 if fd is not a TCP socket. */
+static __always_inline __u64 tcp_sock_of_fd(__u32 fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds;
+	struct file *f = NULL;
+	struct socket *sock;
+	struct sock *sk;
+	umode_t mode;
+
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
+		return 0;
+	mode = BPF_CORE_READ(f, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return 0;
+	sock = BPF_CORE_READ(f, private_data);
+	if (!sock)
+		return 0;
+	sk = BPF_CORE_READ(sock, sk);
+	if (!sk)
+		return 0;
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP || BPF_CORE_READ(sk, sk_type) != SOCK_STREAM)
+		return 0;
+	return (__u64)sk;
+}
+
+static __always_inline void read_tuple(__u64 skp, struct conn_tuple *t)
+{
+	struct sock *sk = (struct sock *)skp;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	t->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	t->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (family == AF_INET6) {
+		BPF_CORE_READ_INTO(&t->laddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&t->raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		/* v4-mapped peers are IPv4 */
+		t->family = (t->raddr[10] == 0xff && t->raddr[11] == 0xff &&
+			     !(t->raddr[0] | t->raddr[1] | t->raddr[2] | t->raddr[3] |
+			       t->raddr[4] | t->raddr[5] | t->raddr[6] | t->raddr[7] |
+			       t->raddr[8] | t->raddr[9])) ? AF_INET : AF_INET6;
+	} else {
+		__u32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__u32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+
+		t->family = AF_INET;
+		t->laddr[10] = t->laddr[11] = 0xff;
+		t->raddr[10] = t->raddr[11] = 0xff;
+		__builtin_memcpy(&t->laddr[12], &l, 4);
+		__builtin_memcpy(&t->raddr[12], &r, 4);
+	}
+}
+
+/* Where a read/write's bytes are: one buffer or an iovec array. */
+struct io_src {
+	__u64 buf;
+	__u32 iovcnt;
+	__u8 vec;
+};
+
+/* Copy the first bytes of the message (from its first segment) into s;
+ * returns how many. */
+static __always_inline __u32 copy_head(struct scratch *s, const struct io_src *src, __u64 len, __u32 cap)
+{
+	__u64 base = src->buf, seg = len;
+
+	if (src->vec) {
+		struct iovec iov;
+
+		if (!src->iovcnt || bpf_probe_read_user(&iov, sizeof(iov), (void *)src->buf))
+			return 0;
+		base = (__u64)iov.iov_base;
+		seg = iov.iov_len < len ? iov.iov_len : len;
+	}
+	if (seg > cap)
+		seg = cap;
+	__u32 n = hide((__u32)seg);
+	if (n > SCRATCH)
+		n = SCRATCH;
+	if (n == 0 || bpf_probe_read_user(s->buf, n, (void *)base))
+		return 0;
+	/* a NUL after the copy: comparisons running past n never match stale bytes */
+	s->buf[n & SCRATCH_MASK] = 0;
+	return n;
+}
+
+/* Whether the message's last 5 bytes are the chunked terminator "0\r\n\r\n". */
+static __always_inline bool ends_chunked(const struct io_src *src, __u64 len)
+{
+	char tail[5] = {};
+	__u64 end = src->buf + len;
+
+	if (src->vec) {
+		struct iovec iov;
+		__u64 left = len;
+		__u32 i;
+
+		end = 0;
+		for (i = 0; i < MAX_IOV; i++) {
+			if (i >= src->iovcnt)
+				break;
+			if (bpf_probe_read_user(&iov, sizeof(iov), (void *)(src->buf + i * sizeof(iov))))
+				return false;
+			if (iov.iov_len >= left) {
+				if (left < 5)
+					return false;
+				end = (__u64)iov.iov_base + left;
+				break;
+			}
+			left -= iov.iov_len;
+		}
+		if (!end)
+			return false;
+	} else if (len < 5) {
+		return false;
+	}
+	if (bpf_probe_read_user(tail, 5, (void *)(end - 5)))
+		return false;
+	return tail[0] == '0' && tail[1] == '\r' && tail[2] == '\n' && tail[3] == '\r' && tail[4] == '\n';
+}
+
+/* The request method at the start of s, and the length of "METHOD ". */
+static __always_inline __u8 parse_method(const struct scratch *s, __u32 n, __u32 *skip)
+{
+	const char *b = s->buf;
+
+	if (n < 16)
+		return 0xff;
+	switch (b[0]) {
+	case 'G':
+		if (b[1] == 'E' && b[2] == 'T' && b[3] == ' ') { *skip = 4; return M_GET; }
+		break;
+	case 'P':
+		if (b[1] == 'O' && b[2] == 'S' && b[3] == 'T' && b[4] == ' ') { *skip = 5; return M_POST; }
+		if (b[1] == 'U' && b[2] == 'T' && b[3] == ' ') { *skip = 4; return M_PUT; }
+		if (b[1] == 'A' && b[2] == 'T' && b[3] == 'C' && b[4] == 'H' && b[5] == ' ') { *skip = 6; return M_PATCH; }
+		break;
+	case 'D':
+		if (b[1] == 'E' && b[2] == 'L' && b[3] == 'E' && b[4] == 'T' && b[5] == 'E' && b[6] == ' ') { *skip = 7; return M_DELETE; }
+		break;
+	case 'H':
+		if (b[1] == 'E' && b[2] == 'A' && b[3] == 'D' && b[4] == ' ') { *skip = 5; return M_HEAD; }
+		break;
+	case 'O':
+		if (b[1] == 'P' && b[2] == 'T' && b[3] == 'I' && b[4] == 'O' && b[5] == 'N' && b[6] == 'S' && b[7] == ' ') { *skip = 8; return M_OPTIONS; }
+		break;
+	case 'C':
+		if (b[1] == 'O' && b[2] == 'N' && b[3] == 'N' && b[4] == 'E' && b[5] == 'C' && b[6] == 'T' && b[7] == ' ') { *skip = 8; return M_CONNECT; }
+		break;
+	case 'T':
+		if (b[1] == 'R' && b[2] == 'A' && b[3] == 'C' && b[4] == 'E' && b[5] == ' ') { *skip = 6; return M_TRACE; }
+		break;
+	}
+	return 0xff;
+}
+
+/* "HTTP/1.0 " or "HTTP/1.1 " at s[i] */
+static __always_inline bool is_version(const struct scratch *s, __u32 i, char after)
+{
+	return sc(s, i) == 'H' && sc(s, i + 1) == 'T' && sc(s, i + 2) == 'T' && sc(s, i + 3) == 'P' &&
+	       sc(s, i + 4) == '/' && sc(s, i + 5) == '1' && sc(s, i + 6) == '.' &&
+	       (sc(s, i + 7) == '0' || sc(s, i + 7) == '1') && sc(s, i + 8) == after;
+}
+
+/* ---------------------------------------------------------- request line */
+
+struct path_ctx {
+	struct scratch *s;
+	struct http_event *ev;
+	__u32 start, n, end;
+	__u64 hash;
+	__u8 in_query;
+};
+
+/* One byte of the request target: hashed up to the query, copied up to
+ * path_bytes (the query only when capture_query), stopped at the space. */
+static long path_step(__u32 i, void *data)
+{
+	struct path_ctx *p = data;
+	__u32 pos = p->start + i;
+	char c;
+
+	if (pos >= p->n)
+		return 1;
+	c = sc(p->s, pos);
+	if (c == ' ' || c == '\r' || c == '\n') {
+		p->end = pos;
+		return 1;
+	}
+	if (!p->in_query && (c == '?' || c == '#')) {
+		p->in_query = 1;
+		p->ev->route_len = i < path_bytes ? i : path_bytes;
+	}
+	if (!p->in_query)
+		p->hash = (p->hash ^ (__u8)c) * 0x100000001b3ULL;
+	if (i < path_bytes && (!p->in_query || capture_query)) {
+		__u32 k = hide(i);
+
+		if (k < PATH_CAP) {
+			p->ev->path[k] = c;
+			p->ev->path_len = k + 1;
+		}
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------- headers */
+
+enum hdr_want { H_TRACEPARENT = 1, H_USER_AGENT = 2, H_HOST = 4, H_LENGTH = 8, H_CHUNKED = 16 };
+enum hdr_field { F_NONE = 0, F_TRACEPARENT, F_USER_AGENT, F_HOST };
+
+struct hdr_ctx {
+	struct scratch *s;
+	struct http_event *ev;	/* request headers: values copied here */
+	__u32 n;
+	__u32 end;		/* offset just past the blank line, 0 if not seen */
+	__s64 content_length;	/* -1: none */
+	__u32 vstart;		/* the value being copied starts here */
+	__u32 vlen;
+	__u8 field;		/* enum hdr_field being copied, up to its CR */
+	__u8 want;
+	__u8 chunked;
+};
+
+/* Case-insensitive: does the header line at s[i] start with name (lowercase)? */
+#define HDR_IS(s, i, name) hdr_is(s, i, name, sizeof(name) - 1)
+static __always_inline bool hdr_is(const struct scratch *s, __u32 i, const char *name, __u32 len)
+{
+#pragma unroll
+	for (__u32 k = 0; k < 20; k++) {
+		if (k >= len)
+			break;
+		if (lower(sc(s, i + k)) != name[k])
+			return false;
+	}
+	return true;
+}
+
+static __always_inline __u32 skip_spaces(const struct scratch *s, __u32 i)
+{
+	if (sc(s, i) == ' ')
+		i++;
+	if (sc(s, i) == ' ')
+		i++;
+	return i;
+}
+
+/* Copy one byte of a wanted header's value; stop at its CR, so nothing of
+ * the following lines (Cookie, Authorization...) is ever copied. */
+static __always_inline void copy_value_byte(struct hdr_ctx *h, char c)
+{
+	__u32 k = hide(h->vlen);
+
+	if (c == '\r' || c == '\n' || !h->ev) {
+		h->field = F_NONE;
+		return;
+	}
+	switch (h->field) {
+	case F_TRACEPARENT:
+		if (k < TP_LEN)
+			h->ev->traceparent[k] = c;
+		break;
+	case F_USER_AGENT:
+		if (k < UA_CAP - 1)
+			h->ev->user_agent[k] = c;
+		break;
+	case F_HOST:
+		if (k < HOST_CAP - 1)
+			h->ev->host[k] = c;
+		break;
+	}
+	h->vlen++;
+}
+
+static __always_inline void start_value(struct hdr_ctx *h, __u8 field, __u32 at)
+{
+	h->field = field;
+	h->vstart = skip_spaces(h->s, at);
+	h->vlen = 0;
+}
+
+static long header_step(__u32 i, void *data)
+{
+	struct hdr_ctx *h = data;
+	struct scratch *s = h->s;
+	__u32 v;
+
+	if (i + 1 >= h->n)
+		return 1;
+	if (h->field != F_NONE) {
+		if (i >= h->vstart)
+			copy_value_byte(h, sc(s, i));
+		return 0;
+	}
+	if (i == 0 || sc(s, i - 1) != '\n')
+		return 0;
+	/* a line starts at i */
+	if (sc(s, i) == '\r' && sc(s, i + 1) == '\n') {
+		h->end = i + 2;
+		return 1;
+	}
+	switch (lower(sc(s, i))) {
+	case 't':
+		if ((h->want & H_TRACEPARENT) && HDR_IS(s, i, "traceparent:")) {
+			start_value(h, F_TRACEPARENT, i + 12);
+		} else if ((h->want & H_CHUNKED) && HDR_IS(s, i, "transfer-encoding:")) {
+			v = skip_spaces(s, i + 18);
+			/* "chunked" is the last coding whenever it is present */
+			if (lower(sc(s, v)) == 'c' && lower(sc(s, v + 1)) == 'h' && lower(sc(s, v + 6)) == 'd')
+				h->chunked = 1;
+		}
+		break;
+	case 'u':
+		if ((h->want & H_USER_AGENT) && HDR_IS(s, i, "user-agent:"))
+			start_value(h, F_USER_AGENT, i + 11);
+		break;
+	case 'h':
+		if ((h->want & H_HOST) && HDR_IS(s, i, "host:"))
+			start_value(h, F_HOST, i + 5);
+		break;
+	case 'c':
+		if ((h->want & H_LENGTH) && HDR_IS(s, i, "content-length:")) {
+			__s64 cl = 0;
+			__u32 k;
+
+			v = skip_spaces(s, i + 15);
+#pragma unroll
+			for (k = 0; k < 15; k++) {
+				char c = sc(s, v + k);
+
+				if (c < '0' || c > '9')
+					break;
+				cl = cl * 10 + (c - '0');
+			}
+			if (k > 0)
+				h->content_length = cl;
+		}
+		break;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------ finishing */
+
+/* (bound - d) >> 63 is 1 when d > bound (both below 2^63): no branches, so
+ * the verifier does not split its states 14 times */
+#define GT(d, bound) (((__u64)(bound) - (d)) >> 63)
+
+static __always_inline __u32 sem_bucket(__u64 d)
+{
+	/* bounds (s): .005 .01 .025 .05 .075 .1 .25 .5 .75 1 2.5 5 7.5 10 */
+	return GT(d, 5000000ULL) + GT(d, 10000000ULL) + GT(d, 25000000ULL) + GT(d, 50000000ULL) +
+	       GT(d, 75000000ULL) + GT(d, 100000000ULL) + GT(d, 250000000ULL) + GT(d, 500000000ULL) +
+	       GT(d, 750000000ULL) + GT(d, 1000000000ULL) + GT(d, 2500000000ULL) + GT(d, 5000000000ULL) +
+	       GT(d, 7500000000ULL) + GT(d, 10000000000ULL);
+}
+
+static __always_inline void count_request(struct http_conn *c, __u64 dur)
+{
+	struct http_key k = {};
+	struct http_hist *h;
+
+	k.tgid = c->tgid;
+	k.status = c->status;
+	k.role = c->role;
+	k.method = c->method;
+	k.tls = c->tls;
+	k.family = c->t.family;
+	k.path_hash = c->path_hash;
+	if (c->role == ROLE_SERVER) {
+		k.port = c->t.lport;
+	} else {
+		k.port = c->t.rport;
+		__builtin_memcpy(k.addr, c->t.raddr, 16);
+	}
+	h = bpf_map_lookup_elem(&http_hist, &k);
+	if (!h) {
+		__u32 z = 0;
+		struct http_hist *zero = bpf_map_lookup_elem(&http_zero_hist, &z);
+
+		if (!zero)
+			return;
+		bpf_get_current_comm(zero->comm, sizeof(zero->comm));
+		if (bpf_map_update_elem(&http_hist, &k, zero, BPF_NOEXIST) == -7 /* E2BIG */) {
+			otb_count(&http_stats, HS_AGG_FULL);
+			__builtin_memset(&k, 0, sizeof(k));
+			k.tgid = overflow_tgid;
+			k.role = c->role;
+		}
+		h = bpf_map_lookup_elem(&http_hist, &k);
+		if (!h)
+			return;
+	}
+	/* duration in 2^-30 s units (x 1.073741824): log2 buckets are then
+	 * OTLP's exponential buckets in seconds, scale 0 */
+	if (dur > (1ULL << 43))
+		dur = 1ULL << 43;	/* ~2.4 hours: past the last bucket anyway */
+	__u64 d30 = (dur * 1099511ULL) >> 10;
+	__u32 lb = hide(otb_log2_bucket(d30));
+	__u32 sb = hide(sem_bucket(dur));
+
+	__sync_fetch_and_add(&h->count, 1);
+	__sync_fetch_and_add(&h->sum_ns, dur);
+	if (lb < OTB_LOG2_BUCKETS)
+		__sync_fetch_and_add(&h->log2[lb], 1);
+	if (sb < SEM_BUCKETS)
+		__sync_fetch_and_add(&h->sem[sb], 1);
+}
+
+static __always_inline bool span_allowed(__u64 now)
+{
+	__u64 window = now / 1000000000ULL;
+
+	if (rl_window != window) {
+		rl_window = window;
+		rl_used = 0;
+	}
+	if (__sync_fetch_and_add(&rl_used, 1) >= max_spans_per_second) {
+		otb_count(&http_stats, HS_RATE_LIMITED);
+		return false;
+	}
+	return true;
+}
+
+/* The transaction on c ended at end_ns: count it, and send its span if
+ * sampled. A global function: the verifier checks it once, not per caller. */
+__noinline int finish(__u64 sk, struct http_conn *c, __u64 end_ns)
+{
+	__u64 start;
+
+	if (!c)
+		return 0;
+	start = c->req_start_ns;
+	c->state = ST_IDLE;
+	if (!start || end_ns < start)
+		return 0;
+	count_request(c, end_ns - start);
+	if (!c->sampled)
+		return 0;
+	struct http_event *ev = bpf_map_lookup_elem(&http_drafts, &sk);
+
+	if (!ev || ev->start_ns != start)
+		return 0;
+	if (!span_allowed(end_ns))
+		return 0;
+	ev->end_ns = end_ns;
+	ev->status = c->status;
+	if (bpf_ringbuf_output(&http_events, ev, sizeof(*ev), 0))
+		otb_count(&http_stats, HS_RINGBUF_FULL);
+	return 0;
+}
+
+/* ------------------------------------------------------------ messages */
+
+/* Whether a valid traceparent's sampled flag is set; -1 without one. */
+static __always_inline int parent_sampled(const struct http_event *ev)
+{
+	char f = ev->traceparent[54];
+
+	if (ev->traceparent[0] != '0' || ev->traceparent[1] != '0' || ev->traceparent[2] != '-' ||
+	    ev->traceparent[35] != '-' || ev->traceparent[52] != '-')
+		return -1;
+	/* flags are hex: bit 0 is "sampled" */
+	return f == '1' || f == '3' || f == '5' || f == '7' || f == '9' || f == 'b' || f == 'd' || f == 'f';
+}
+
+/* A request starts: parse its line (and, for spans, three headers). */
+struct req_start {
+	__u64 sk;
+	__u64 start;		/* first byte of the request */
+	__u32 n;		/* bytes in scratch */
+	__u32 skip;		/* length of "METHOD " */
+	__u8 method;
+	__u8 role;
+};
+
+__noinline int on_request(struct req_start *r, struct http_conn *c)
+{
+	__u32 z = 0;
+	struct scratch *s = bpf_map_lookup_elem(&http_scratch, &z);
+	__u64 sk, start;
+	__u32 n, skip;
+	__u8 method, role;
+
+	if (!r || !c || !s)
+		return 0;
+	sk = r->sk;
+	start = r->start;
+	n = r->n;
+	skip = r->skip;
+	method = r->method;
+	role = r->role;
+
+	struct path_ctx p = { .s = s, .start = skip, .n = n, .hash = 0xcbf29ce484222325ULL };
+	struct http_event *ev, *zero;
+	bool by_ratio;
+	int parent;
+
+	ev = bpf_map_lookup_elem(&http_parse, &z);
+	zero = bpf_map_lookup_elem(&http_zero_event, &z);
+	if (!ev || !zero)
+		return 0;
+	bpf_probe_read_kernel(ev, sizeof(*ev), zero);
+	ev->route_len = path_bytes;
+	p.ev = ev;
+	bpf_loop(SCRATCH, path_step, &p, 0);
+	if (!p.end || !is_version(s, p.end + 1, '\r'))
+		return 0;	/* not HTTP/1.x after all (or a request line longer than we parse) */
+	if (!p.in_query)
+		ev->route_len = ev->path_len;
+
+	c->role = role;
+	c->state = ST_REQUEST;
+	c->method = method;
+	c->status = 0;
+	c->path_hash = p.hash;
+	c->req_start_ns = start;
+	c->body = BODY_UNKNOWN;
+	c->sampled = 0;
+
+	/* the route table learns this path */
+	if (!bpf_map_lookup_elem(&http_paths, &p.hash))
+		bpf_map_update_elem(&http_paths, &p.hash, (struct http_path *)&ev->route_len, BPF_NOEXIST);
+
+	if (!spans_enabled)
+		return 0;
+	by_ratio = bpf_get_prandom_u32() <= sample_threshold;
+	if (!by_ratio && !parent_based) {
+		otb_count(&http_stats, HS_SAMPLED_OUT);
+		return 0;
+	}
+	struct hdr_ctx h = { .s = s, .ev = ev, .n = n, .content_length = -1,
+			     .want = H_TRACEPARENT | H_USER_AGENT | H_HOST };
+	bpf_loop(SCRATCH, header_step, &h, 0);
+	parent = parent_based ? parent_sampled(ev) : -1;
+	if (parent == 0 || (parent < 0 && !by_ratio)) {
+		otb_count(&http_stats, HS_SAMPLED_OUT);
+		return 0;
+	}
+	__u64 id = bpf_get_current_pid_tgid();
+
+	ev->start_ns = start;
+	ev->tgid = id >> 32;
+	ev->tid = (__u32)id;
+	ev->t = c->t;
+	ev->role = role;
+	ev->method = method;
+	ev->tls = c->tls;
+	ev->flags = p.end - skip > path_bytes;
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	if (bpf_map_update_elem(&http_drafts, &sk, ev, BPF_ANY)) {
+		otb_count(&http_stats, HS_DETAIL_FULL);
+		return 0;
+	}
+	c->sampled = 1;
+	return 0;
+}
+
+/* Response headers: status and how the body ends. Returns true when the
+ * message is complete within these len bytes. */
+static __always_inline bool on_response_head(struct http_conn *c, struct scratch *s, __u32 n,
+					     const struct io_src *src, __u64 len)
+{
+	__u16 status = (sc(s, 9) - '0') * 100 + (sc(s, 10) - '0') * 10 + (sc(s, 11) - '0');
+
+	c->status = status;
+	if (status < 200 || c->method == M_HEAD || status == 204 || status == 304) {
+		c->body = BODY_NONE;
+		return status >= 200;
+	}
+	struct hdr_ctx h = { .s = s, .n = n, .content_length = -1, .want = H_LENGTH | H_CHUNKED };
+	bpf_loop(SCRATCH, header_step, &h, 0);
+	if (h.chunked) {
+		c->body = BODY_CHUNKED;
+		return ends_chunked(src, len);
+	}
+	if (h.content_length >= 0 && h.end) {
+		c->body = BODY_LENGTH;
+		c->body_left = (__s64)h.end + h.content_length - (__s64)len;
+		return c->body_left <= 0;
+	}
+	c->body = BODY_UNKNOWN;	/* ends at the next request or the close */
+	return false;
+}
+
+static __always_inline bool is_response_start(const struct scratch *s, __u32 n)
+{
+	return n >= 12 && is_version(s, 0, ' ') && sc(s, 9) >= '1' && sc(s, 9) <= '5' &&
+	       sc(s, 10) >= '0' && sc(s, 10) <= '9' && sc(s, 11) >= '0' && sc(s, 11) <= '9';
+}
+
+/* Bytes moved on a socket. */
+struct data_ev {
+	__u64 sk;
+	struct io_src src;
+	__u64 len;
+	__u64 t0;		/* when the call started */
+	__u64 t1;		/* when it returned */
+	__u8 dir;
+	__u8 tls;
+	__u8 nodata;		/* sendfile: no user buffer to look at */
+};
+
+static __noinline void on_data(struct data_ev *e)
+{
+	__u64 sk = e->sk, len = e->len, t0 = e->t0, t1 = e->t1;
+	const struct io_src *src = &e->src;
+	__u8 dir = e->dir, tls = e->tls, nodata = e->nodata;
+	struct http_conn *c = bpf_map_lookup_elem(&http_conns, &sk);
+	struct scratch *s;
+	__u32 z = 0, n = 0, skip = 0;
+	__u8 req_dir, method;
+
+	if (c) {
+		c->last_ns = t1;
+		req_dir = c->role == ROLE_SERVER ? DIR_IN : DIR_OUT;
+		if (c->state != ST_IDLE && dir != req_dir) {
+			/* response bytes */
+			if (c->state == ST_RESPONSE) {
+				c->resp_end_ns = t1;
+				if (c->body == BODY_LENGTH) {
+					c->body_left -= len;
+					if (c->body_left <= 0)
+						finish(sk, c, t1);
+				} else if (c->body == BODY_CHUNKED && !nodata && ends_chunked(src, len)) {
+					finish(sk, c, t1);
+				}
+				return;
+			}
+			/* ST_REQUEST: the response head */
+			if (nodata || !(s = bpf_map_lookup_elem(&http_scratch, &z)))
+				return;
+			n = copy_head(s, src, len, head_bytes);
+			if (!is_response_start(s, n))
+				return;
+			if (on_response_head(c, s, n, src, len)) {
+				finish(sk, c, t1);
+			} else if (c->status >= 200) {
+				c->state = ST_RESPONSE;
+				c->resp_end_ns = t1;
+			}
+			return;
+		}
+		if (c->state == ST_REQUEST && dir == req_dir)
+			return;	/* more of the request: headers or body */
+	}
+	if (nodata || !(s = bpf_map_lookup_elem(&http_scratch, &z)))
+		return;
+	n = copy_head(s, src, len, head_bytes);
+	method = parse_method(s, n, &skip);
+	if (method == 0xff) {
+		if (is_response_start(s, n))
+			otb_count(&http_stats, HS_UNPAIRED_RESPONSE);
+		return;
+	}
+	if (c && c->state == ST_RESPONSE)
+		finish(sk, c, c->resp_end_ns);	/* body length was unknown: it ended before this request */
+	if (!c) {
+		struct http_conn fresh = {};
+
+		read_tuple(sk, &fresh.t);
+		fresh.tgid = bpf_get_current_pid_tgid() >> 32;
+		fresh.tls = tls;
+		fresh.last_ns = t1;
+		if (bpf_map_update_elem(&http_conns, &sk, &fresh, BPF_ANY)) {
+			otb_count(&http_stats, HS_CONN_TABLE_FULL);
+			return;
+		}
+		c = bpf_map_lookup_elem(&http_conns, &sk);
+		if (!c)
+			return;
+	}
+	c->tgid = bpf_get_current_pid_tgid() >> 32;
+	c->tls = tls;
+	struct req_start r = { .sk = sk, .start = dir == DIR_IN ? t1 : t0, .n = n, .skip = skip,
+			       .method = method, .role = dir == DIR_IN ? ROLE_SERVER : ROLE_CLIENT };
+	on_request(&r, c);
+}
+
+/* ------------------------------------------------------------ syscalls */
+
+static __always_inline bool skip_self(void)
+{
+	return (bpf_get_current_pid_tgid() >> 32) == self_tgid;
+}
+
+static __always_inline int enter_io(__u64 fd, __u64 buf, __u32 iovcnt, __u8 dir, __u8 vec, __u8 nodata)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct io_args a = { .buf = buf, .fd = fd, .iovcnt = iovcnt, .dir = dir, .vec = vec,
+			     .nodata = nodata };
+
+	if ((id >> 32) == self_tgid)
+		return 0;
+	a.ts = bpf_ktime_get_ns();
+	if (bpf_map_update_elem(&http_io, &id, &a, BPF_ANY))
+		otb_count(&http_stats, HS_ARGS_FULL);
+	return 0;
+}
+
+static __always_inline int exit_io(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct io_args *a = bpf_map_lookup_elem(&http_io, &id);
+	struct ssl_args *ssl;
+	struct io_src src;
+	__u64 sk, t0;
+	__u8 dir, nodata;
+
+	if (!a)
+		return 0;
+	if (ret <= 0) {
+		bpf_map_delete_elem(&http_io, &id);
+		return 0;
+	}
+	src.buf = a->buf;
+	src.iovcnt = a->iovcnt;
+	src.vec = a->vec;
+	t0 = a->ts;
+	dir = a->dir;
+	nodata = a->nodata;
+	sk = tcp_sock_of_fd(a->fd);
+	bpf_map_delete_elem(&http_io, &id);
+	if (!sk)
+		return 0;
+	ssl = bpf_map_lookup_elem(&http_ssl_calls, &id);
+	if (ssl) {
+		/* ciphertext under an SSL_read/SSL_write: only learn the socket */
+		if (ssl->sk != sk) {
+			ssl->sk = sk;
+			bpf_map_update_elem(&http_ssl_socks, &ssl->ssl, &sk, BPF_ANY);
+		}
+		return 0;
+	}
+	struct data_ev e = { .sk = sk, .src = src, .len = ret, .t0 = t0, .t1 = bpf_ktime_get_ns(),
+			     .dir = dir, .nodata = nodata };
+	on_data(&e);
+	return 0;
+}
+
+#define ARG(ctx, i) (((struct trace_event_raw_sys_enter *)(ctx))->args[i])
+#define RET(ctx) (((struct trace_event_raw_sys_exit *)(ctx))->ret)
+
+SEC("tracepoint/syscalls/sys_enter_read")
+int http_enter_read(void *ctx) { return enter_io(ARG(ctx, 0), ARG(ctx, 1), 0, DIR_IN, 0, 0); }
+SEC("tracepoint/syscalls/sys_exit_read")
+int http_exit_read(void *ctx) { return exit_io(RET(ctx)); }
+SEC("tracepoint/syscalls/sys_enter_write")
+int http_enter_write(void *ctx) { return enter_io(ARG(ctx, 0), ARG(ctx, 1), 0, DIR_OUT, 0, 0); }
+SEC("tracepoint/syscalls/sys_exit_write")
+int http_exit_write(void *ctx) { return exit_io(RET(ctx)); }
+SEC("tracepoint/syscalls/sys_enter_recvfrom")
+int http_enter_recvfrom(void *ctx) { return enter_io(ARG(ctx, 0), ARG(ctx, 1), 0, DIR_IN, 0, 0); }
+SEC("tracepoint/syscalls/sys_exit_recvfrom")
+int http_exit_recvfrom(void *ctx) { return exit_io(RET(ctx)); }
+SEC("tracepoint/syscalls/sys_enter_sendto")
+int http_enter_sendto(void *ctx) { return enter_io(ARG(ctx, 0), ARG(ctx, 1), 0, DIR_OUT, 0, 0); }
+SEC("tracepoint/syscalls/sys_exit_sendto")
+int http_exit_sendto(void *ctx) { return exit_io(RET(ctx)); }
+SEC("tracepoint/syscalls/sys_enter_readv")
+int http_enter_readv(void *ctx) { return enter_io(ARG(ctx, 0), ARG(ctx, 1), ARG(ctx, 2), DIR_IN, 1, 0); }
+SEC("tracepoint/syscalls/sys_exit_readv")
+int http_exit_readv(void *ctx) { return exit_io(RET(ctx)); }
+SEC("tracepoint/syscalls/sys_enter_writev")
+int http_enter_writev(void *ctx) { return enter_io(ARG(ctx, 0), ARG(ctx, 1), ARG(ctx, 2), DIR_OUT, 1, 0); }
+SEC("tracepoint/syscalls/sys_exit_writev")
+int http_exit_writev(void *ctx) { return exit_io(RET(ctx)); }
+SEC("tracepoint/syscalls/sys_enter_sendfile64")
+int http_enter_sendfile(void *ctx) { return enter_io(ARG(ctx, 0), 0, 0, DIR_OUT, 0, 1); }
+SEC("tracepoint/syscalls/sys_exit_sendfile64")
+int http_exit_sendfile(void *ctx) { return exit_io(RET(ctx)); }
+
+/* recvmsg/sendmsg: the iovec array is in the user's msghdr */
+static __always_inline int enter_msg(__u64 fd, __u64 msgp, __u8 dir)
+{
+	struct user_msghdr msg;
+
+	if (skip_self() || bpf_probe_read_user(&msg, sizeof(msg), (void *)msgp))
+		return 0;
+	return enter_io(fd, (__u64)msg.msg_iov, msg.msg_iovlen, dir, 1, 0);
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvmsg")
+int http_enter_recvmsg(void *ctx) { return enter_msg(ARG(ctx, 0), ARG(ctx, 1), DIR_IN); }
+SEC("tracepoint/syscalls/sys_exit_recvmsg")
+int http_exit_recvmsg(void *ctx) { return exit_io(RET(ctx)); }
+SEC("tracepoint/syscalls/sys_enter_sendmsg")
+int http_enter_sendmsg(void *ctx) { return enter_msg(ARG(ctx, 0), ARG(ctx, 1), DIR_OUT); }
+SEC("tracepoint/syscalls/sys_exit_sendmsg")
+int http_exit_sendmsg(void *ctx) { return exit_io(RET(ctx)); }
+
+/* close(): a response without a length ends here; the connection's state goes */
+SEC("tracepoint/syscalls/sys_enter_close")
+int http_enter_close(void *ctx)
+{
+	__u64 sk;
+	struct http_conn *c;
+
+	if (skip_self())
+		return 0;
+	sk = tcp_sock_of_fd(ARG(ctx, 0));
+	if (!sk)
+		return 0;
+	c = bpf_map_lookup_elem(&http_conns, &sk);
+	if (!c)
+		return 0;
+	if (c->state == ST_RESPONSE)
+		finish(sk, c, c->resp_end_ns);
+	else if (c->state == ST_REQUEST)
+		otb_count(&http_stats, HS_NO_RESPONSE);
+	bpf_map_delete_elem(&http_conns, &sk);
+	bpf_map_delete_elem(&http_drafts, &sk);
+	return 0;
+}
+
+/* ---------------------------------------------------------------- TLS */
+
+static __always_inline int ssl_enter(__u64 ssl, __u64 buf, __u64 len_ptr, __u8 dir)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_args a = { .ssl = ssl, .buf = buf, .len_ptr = len_ptr, .dir = dir };
+	__u64 *sk;
+
+	if ((id >> 32) == self_tgid)
+		return 0;
+	a.ts = bpf_ktime_get_ns();
+	sk = bpf_map_lookup_elem(&http_ssl_socks, &ssl);
+	if (sk)
+		a.sk = *sk;
+	bpf_map_update_elem(&http_ssl_calls, &id, &a, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int ssl_exit(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_args *a = bpf_map_lookup_elem(&http_ssl_calls, &id);
+	struct io_src src = {};
+	__u64 len = ret, sk, t0;
+	__u8 dir;
+
+	if (!a)
+		return 0;
+	if (a->len_ptr) {	/* _ex: 1 on success, the count in *len_ptr */
+		size_t done = 0;
+
+		if (ret != 1 || bpf_probe_read_user(&done, sizeof(done), (void *)a->len_ptr))
+			done = 0;
+		len = done;
+	} else if (ret <= 0) {
+		len = 0;
+	}
+	src.buf = a->buf;
+	sk = a->sk;
+	t0 = a->ts;
+	dir = a->dir;
+	bpf_map_delete_elem(&http_ssl_calls, &id);
+	if (!len)
+		return 0;
+	if (!sk) {
+		otb_count(&http_stats, HS_TLS_NO_SOCKET);
+		return 0;
+	}
+	struct data_ev e = { .sk = sk, .src = src, .len = len, .t0 = t0, .t1 = bpf_ktime_get_ns(),
+			     .dir = dir, .tls = 1 };
+	on_data(&e);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(http_ssl_read, void *ssl, void *buf, int num) { return ssl_enter((__u64)ssl, (__u64)buf, 0, DIR_IN); }
+SEC("uretprobe")
+int BPF_KRETPROBE(http_ssl_read_ret, int ret) { return ssl_exit(ret); }
+SEC("uprobe")
+int BPF_KPROBE(http_ssl_read_ex, void *ssl, void *buf, size_t num, size_t *readbytes)
+{
+	return ssl_enter((__u64)ssl, (__u64)buf, (__u64)readbytes, DIR_IN);
+}
+SEC("uretprobe")
+int BPF_KRETPROBE(http_ssl_read_ex_ret, int ret) { return ssl_exit(ret); }
+SEC("uprobe")
+int BPF_KPROBE(http_ssl_write, void *ssl, const void *buf, int num) { return ssl_enter((__u64)ssl, (__u64)buf, 0, DIR_OUT); }
+SEC("uretprobe")
+int BPF_KRETPROBE(http_ssl_write_ret, int ret) { return ssl_exit(ret); }
+SEC("uprobe")
+int BPF_KPROBE(http_ssl_write_ex, void *ssl, const void *buf, size_t num, size_t *written)
+{
+	return ssl_enter((__u64)ssl, (__u64)buf, (__u64)written, DIR_OUT);
+}
+SEC("uretprobe")
+int BPF_KRETPROBE(http_ssl_write_ex_ret, int ret) { return ssl_exit(ret); }
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,426 @@
+"""HTTP/1.x RED metrics and spans, server and client side, TLS included.
+
+Kernel side: bpf/http.bpf.c pairs requests with responses and times them
+(syscall tracepoints; uprobes on OpenSSL for TLS plaintext). It counts every
+transaction in a histogram per (process, role, method, status, port, path
+hash), and sends sampled ones as span records through a ring buffer.
+
+Here: paths become bounded routes (probes/http_routes.py), kernel series
+become http.server.request.duration / http.client.request.duration
+(semantic-convention explicit buckets in seconds, or the exact exponential
+form), ring-buffer records become SERVER/CLIENT spans that join the caller's
+trace when the request carried a W3C traceparent.
+"""
+from __future__ import annotations
+
+import collections
+import ipaddress
+import os
+import random
+import struct
+import subprocess
+import threading
+import time
+
+from collector import libbpf
+from collector.config import ConfigError, Field
+from collector.metadata.process import ProcessCache, alive
+from collector.probe import BpfProbe
+from collector.records import Counter, Instrument, Log2Histogram, Span
+from collector.selftelemetry import dropped, overflow
+
+from .http_routes import OVERFLOW_ROUTE, RouteTable, check_patterns
+
+NBUCKETS = 40                      # OTB_LOG2_BUCKETS
+EXP_OFFSET = -30                   # kernel log2 buckets count 2^-30 s units
+SEM_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+HEAD_MAX, PATH_MAX = 4096, 256     # SCRATCH and PATH_CAP in the .bpf.c
+OVERFLOW_TGID = 0xFFFFFFFF
+_KEY = struct.Struct("=IHHBBBB16sIQ")                        # struct http_key
+_HIST = struct.Struct(f"=QQ{NBUCKETS}Q{len(SEM_BOUNDS) + 1}Q16s")  # struct http_hist
+_PATH = struct.Struct("=I256s")                              # struct http_path
+# struct http_event (the kernel pads it to a multiple of 8)
+_EVENT = struct.Struct("=QQII16s16sHHB3sHHBBBB16sI256s56s128s64s")
+_CONN_LAST_NS = struct.Struct("=56xQ")                       # struct http_conn: last_ns
+STATS = ("conn_table_full", "agg_full", "sampled_out", "rate_limited", "ringbuf_full", "no_response",
+         "unpaired_response", "args_full", "tls_no_socket", "detail_full")    # enum http_stat
+METHODS = {0: "_OTHER", 1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "HEAD", 6: "PATCH", 7: "OPTIONS",
+           8: "CONNECT", 9: "TRACE"}
+ROLE_SERVER, ROLE_CLIENT = 1, 2
+AF_INET = 2
+SSL_FUNCS = (("SSL_read", "http_ssl_read"), ("SSL_read_ex", "http_ssl_read_ex"),
+             ("SSL_write", "http_ssl_write"), ("SSL_write_ex", "http_ssl_write_ex"))
+
+SERVER_DURATION = Instrument("http.server.request.duration", "s",
+                             "Duration of HTTP server requests, first request byte read to last response "
+                             "byte written, timed in the kernel")
+UNSAMPLED = Instrument("otelbpf.http.spans.unsampled", "{span}",
+                       "Requests counted in the metrics but not exported as spans (sample_ratio, or the "
+                       "caller's traceparent said not sampled)")
+CLIENT_DURATION = Instrument("http.client.request.duration", "s",
+                             "Duration of HTTP client requests, first request byte written to last response "
+                             "byte read, timed in the kernel")
+
+
+def _check_pow2_bytes(v: int, key: str) -> int:
+    if v & (v - 1) or v < 4096:
+        raise ConfigError(key, f"{v} is not a power of two of at least 4096", "use e.g. 4194304 (4 MiB)")
+    return v
+
+
+def find_libssl() -> list:
+    """libssl shared objects this host's dynamic linker knows (ldconfig -p)."""
+    found = []
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        if "libssl.so." in line and "=>" in line:
+            path = line.split("=>", 1)[1].strip()
+            real = os.path.realpath(path)
+            if real not in {os.path.realpath(f) for f in found}:
+                found.append(path)
+    return found
+
+
+def _addr(raw: bytes, family: int) -> str:
+    ip = ipaddress.IPv6Address(raw)
+    return str(ip.ipv4_mapped) if family == AF_INET and ip.ipv4_mapped else str(ip)
+
+
+def _cstr(b: bytes, limit: int = None) -> str:
+    b = b.split(b"\0", 1)[0]
+    if limit is not None:
+        b = b[:limit]
+    return b.decode("utf-8", errors="replace")
+
+
+def parse_traceparent(text: str):
+    """(trace_id, parent span id) of a valid W3C traceparent, else None."""
+    parts = text.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or len(parts[1]) != 32 or len(parts[2]) != 16 or parts[0] == "ff":
+        return None
+    try:
+        trace_id, span_id = int(parts[1], 16), int(parts[2], 16)
+        int(parts[0], 16), int(parts[3][:2], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id
+
+
+class _Series:
+    __slots__ = ("log2", "sem", "sum_ns", "start_ns")
+
+    def __init__(self, start_ns: int):
+        self.log2 = [0] * NBUCKETS
+        self.sem = [0] * (len(SEM_BOUNDS) + 1)
+        self.sum_ns = 0
+        self.start_ns = start_ns
+
+
+class HttpProbe(BpfProbe):
+    name = "http"
+    description = "HTTP/1.x RED metrics and server/client spans from socket syscalls and OpenSSL (TLS)"
+    bpf_object = "http.bpf.o"
+    requires = ("btf", "cap_bpf", "cap_perfmon", "tracepoint", "tracefs", "ringbuf")
+    config_schema = {
+        "spans": Field("bool", True, "export a span per sampled request (metrics count every request anyway)"),
+        "sample_ratio": Field("float", 1.0, "share of requests without a traceparent that become spans",
+                              minimum=0.0, maximum=1.0),
+        "parent_based": Field("bool", True, "a request's W3C traceparent decides its sampling (its sampled flag)"),
+        "max_spans_per_second": Field("int", 1000, "spans sent to user space per second at most; the rest are "
+                                      "counted in otelbpf.dropped{reason=rate_limited}", minimum=0),
+        "capture_query": Field("bool", False, "keep query strings in spans (url.query); off: they never leave "
+                               "the kernel"),
+        "head_bytes": Field("int", 1024, "payload bytes parsed at the start of each request and response "
+                            "(request line and headers)", minimum=64, maximum=HEAD_MAX),
+        "path_bytes": Field("int", 128, "path bytes kept for spans and route learning", minimum=8,
+                            maximum=PATH_MAX),
+        "routes": Field("str_list", [], "http.route patterns, first match wins: /users/{id}, /static/**",
+                        check=check_patterns),
+        "learn_routes": Field("bool", True, "paths no pattern matches get a learned template (ids become *); "
+                              "off: they all report http.route=/**"),
+        "max_routes": Field("int", 500, "distinct learned routes at most; then /**, counted", minimum=1),
+        "per_pid": Field("bool", False, "add process.pid to metric series (forking servers multiply them)"),
+        "max_series": Field("int", 2000, "metric series at most; the rest go to an overflow series, counted",
+                            minimum=1),
+        "max_keys": Field("int", 16384, "kernel histogram entries; beyond it an overflow series, counted",
+                          minimum=64),
+        "max_connections": Field("int", 65536, "connections tracked at once in the kernel (LRU)", minimum=256),
+        "connection_idle": Field("duration", 300.0, "a connection without traffic this long loses its state"),
+        "tls": Field("bool", True, "uprobes on OpenSSL's SSL_read/SSL_write for TLS plaintext"),
+        "tls_libraries": Field("str_list", [], "libssl paths to probe; empty: every libssl.so the dynamic "
+                               "linker knows (ldconfig -p)"),
+        "ring_buffer_bytes": Field("int", 4 << 20, "span ring buffer size (a power of two)",
+                                   check=_check_pow2_bytes),
+        "span_queue": Field("int", 20000, "spans held between collections; beyond it dropped, counted",
+                            minimum=100),
+    }
+
+    def start(self) -> None:
+        cfg = self.config
+        obj = self.open_object()
+        obj.set_global("self_tgid", struct.pack("=I", self.ctx.agent_pid))
+        obj.set_global("head_bytes", struct.pack("=I", cfg["head_bytes"]))
+        obj.set_global("path_bytes", struct.pack("=I", cfg["path_bytes"]))
+        threshold = min(int(cfg["sample_ratio"] * 0x100000000), 0xFFFFFFFF)
+        spans_on = cfg["spans"] and (cfg["sample_ratio"] > 0 or cfg["parent_based"])
+        obj.set_global("sample_threshold", struct.pack("=I", threshold if cfg["sample_ratio"] > 0 else 0))
+        obj.set_global("spans_enabled", struct.pack("=B", spans_on))
+        obj.set_global("parent_based", struct.pack("=B", cfg["parent_based"]))
+        obj.set_global("capture_query", struct.pack("=B", cfg["capture_query"]))
+        obj.set_global("max_spans_per_second", struct.pack("=Q", cfg["max_spans_per_second"]))
+        obj.set_global("overflow_tgid", struct.pack("=I", OVERFLOW_TGID))
+        obj.map("http_hist").set_max_entries(cfg["max_keys"])
+        obj.map("http_conns").set_max_entries(cfg["max_connections"])
+        obj.map("http_events").set_max_entries(cfg["ring_buffer_bytes"])
+        obj.load()
+        self._hist = obj.map("http_hist")
+        self._paths = obj.map("http_paths")
+        self._conns = obj.map("http_conns")
+        self._stats = obj.map("http_stats")
+        for prog in obj.programs():
+            if prog.section.startswith("tracepoint/"):
+                prog.attach()
+        self.tls_libraries = self._attach_tls(obj) if cfg["tls"] else []
+        self.start_ns = self._last_tick_ns = time.time_ns()
+        self._mono_to_wall = time.time_ns() - time.monotonic_ns()
+        self._prev: dict = {}
+        self._series: dict = {}
+        self._path_names: dict = {}     # path hash -> path (bounded by the kernel map's size)
+        self._routes = RouteTable(cfg["routes"], cfg["max_routes"], cfg["learn_routes"])
+        self._procs = ProcessCache()
+        self._series_overflow = 0
+        self._tick = 0
+        self._pending = collections.deque()
+        self._queue_full = 0
+        self._bad_events = 0
+        self._stop = threading.Event()
+        self._poller = None
+        if spans_on:
+            self._ring = obj.ring_buffer("http_events", self._on_event)
+            self._poller = threading.Thread(target=self._poll, name="http-spans", daemon=True)
+            self._poller.start()
+
+    def _attach_tls(self, obj) -> list:
+        libs = self.config["tls_libraries"] or find_libssl()
+        attached = []
+        for lib in libs:
+            if not os.path.exists(lib):
+                self.log.warning("TLS: %s not found; its plaintext is not seen", lib)
+                continue
+            n = 0
+            for func, prog in SSL_FUNCS:
+                try:
+                    obj.program(prog).attach_uprobe(lib, func)
+                    obj.program(prog + "_ret").attach_uprobe(lib, func, retprobe=True)
+                    n += 1
+                except libbpf.BpfError as e:  # e.g. a libssl 1.1 without the _ex calls
+                    self.log.debug("TLS: %s:%s not probed: %s", lib, func, str(e).splitlines()[0])
+            if n:
+                attached.append(lib)
+            else:
+                self.log.warning("TLS: no SSL_read/SSL_write in %s; its plaintext is not seen", lib)
+        if not attached:
+            self.log.warning("TLS: no OpenSSL library probed; HTTPS is not seen (plain HTTP is)")
+        return attached
+
+    # ------------------------------------------------------------- spans
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._ring.poll(200)
+            except libbpf.BpfError as e:
+                self.log.error("span ring buffer: %s", e)
+                return
+
+    def _on_event(self, raw: bytes) -> None:
+        if len(self._pending) >= self.config["span_queue"]:
+            self._queue_full += 1
+            return
+        self._pending.append(raw)
+
+    def _span(self, raw: bytes):
+        (start, end, tgid, tid, laddr, raddr, lport, rport, family, _pad, status, path_len, role, method, tls,
+         flags, comm, route_len, path, tparent, ua, host) = _EVENT.unpack_from(raw)
+        path_s = _cstr(path, path_len)
+        route_path = path_s[:route_len] if route_len < len(path_s) else path_s
+        query = path_s[route_len + 1:] if route_len < len(path_s) else None
+        method_s = METHODS.get(method, "_OTHER")
+        scheme = "https" if tls else "http"
+        thread = _cstr(comm)
+        attrs = {"http.request.method": method_s, "http.response.status_code": status, "url.scheme": scheme,
+                 "network.protocol.name": "http", "network.transport": "tcp",
+                 "network.peer.address": _addr(raddr, family), "network.peer.port": rport,
+                 "process.pid": tgid, "process.executable.name":
+                     self._procs.executable_name(tgid, fallback=thread) or thread}
+        agent = _cstr(ua)
+        if agent:
+            attrs["user_agent.original"] = agent
+        host_s = _cstr(host)
+        if role == ROLE_SERVER:
+            route = self._routes.route(route_path)
+            attrs.update({"url.path": route_path, "http.route": route, "server.port": lport,
+                          "client.address": attrs["network.peer.address"]})
+            if host_s:
+                attrs["server.address"] = host_s.rsplit(":", 1)[0] if not host_s.endswith("]") else host_s
+            if query is not None:
+                attrs["url.query"] = query
+            name, kind, error = f"{method_s} {route}", "server", status >= 500
+        else:
+            server = host_s or attrs["network.peer.address"]
+            attrs.update({"server.address": server.rsplit(":", 1)[0] if ":" in server and not
+                          server.endswith("]") else server, "server.port": rport,
+                          "url.full": f"{scheme}://{host_s or attrs['network.peer.address']}{path_s}"})
+            name, kind, error = method_s, "client", status >= 400
+        if flags & 1:
+            attrs["otelbpf.url.truncated"] = True
+        if error:
+            attrs["error.type"] = str(status)
+        parent = parse_traceparent(_cstr(tparent))
+        trace_id, parent_id = parent if parent else (random.getrandbits(128) or 1, None)
+        return Span(name, kind, trace_id, random.getrandbits(64) or 1, parent_id,
+                    start + self._mono_to_wall, end + self._mono_to_wall, attrs, error)
+
+    def _drain_spans(self) -> list:
+        out = []
+        while self._pending:
+            raw = self._pending.popleft()
+            try:
+                out.append(self._span(raw))
+            except (struct.error, ValueError):
+                self._bad_events += 1
+        return out
+
+    # ------------------------------------------------------------- metrics
+    def collect(self) -> list:
+        now = time.time_ns()
+        self._tick += 1
+        self._mono_to_wall = time.time_ns() - time.monotonic_ns()
+        for kb, vb in self._hist.items():
+            old = self._prev.get(kb)
+            if old == vb:
+                continue
+            self._prev[kb] = vb
+            self._add_delta(kb, vb, old)
+        self._reap_exited()
+        if self._tick % 6 == 0:
+            self._reap_idle_connections()
+        self._last_tick_ns = now
+        records = self._records()
+        records.extend(self._drain_spans())
+        return records
+
+    def _path(self, path_hash: int):
+        name = self._path_names.get(path_hash)
+        if name is None:
+            raw = self._paths.lookup(struct.pack("=Q", path_hash))
+            if raw is None:
+                return None
+            length, path = _PATH.unpack(raw)
+            name = _cstr(path, length)
+            if len(self._path_names) >= 4 * self._paths.max_entries:
+                self._path_names.clear()
+            self._path_names[path_hash] = name
+        return name
+
+    def _attributes(self, key: tuple, comm: str) -> dict:
+        tgid, status, port, role, method, tls, family, addr, _pad, path_hash = key
+        if tgid == OVERFLOW_TGID:
+            return {"otelbpf.overflow": True, "http.request.method": "_OTHER"}
+        method_s = METHODS.get(method, "_OTHER")
+        attrs = {"http.request.method": method_s, "http.response.status_code": status,
+                 "url.scheme": "https" if tls else "http", "server.port": port,
+                 "process.executable.name": self._procs.executable_name(tgid, fallback=comm) or comm}
+        if role == ROLE_SERVER:
+            attrs["http.route"] = self._routes.route(self._path(path_hash)) if path_hash else OVERFLOW_ROUTE
+            if status >= 500:
+                attrs["error.type"] = str(status)
+        else:
+            attrs["server.address"] = _addr(addr, family)
+            if status >= 400:
+                attrs["error.type"] = str(status)
+        if self.config["per_pid"]:
+            attrs["process.pid"] = tgid
+        return attrs
+
+    def _add_delta(self, kb: bytes, vb: bytes, old) -> None:
+        key = _KEY.unpack(kb)
+        vals = _HIST.unpack(vb)
+        ov = _HIST.unpack(old) if old is not None else None
+        count = vals[0] - (ov[0] if ov else 0)
+        if count <= 0:
+            return
+        role = key[3]
+        attrs = self._attributes(key, _cstr(vals[-1]))
+        inst = SERVER_DURATION if role == ROLE_SERVER else CLIENT_DURATION
+        skey = (inst.name, tuple(sorted(attrs.items())))
+        acc = self._series.get(skey)
+        if acc is None:
+            if len(self._series) >= self.config["max_series"]:
+                self._series_overflow += count
+                attrs = {"otelbpf.overflow": True, "http.request.method": "_OTHER"}
+                skey = (inst.name, tuple(sorted(attrs.items())))
+                acc = self._series.get(skey)
+            if acc is None:
+                acc = self._series[skey] = _Series(self._last_tick_ns)
+        acc.sum_ns += vals[1] - (ov[1] if ov else 0)
+        lo, so = 2, 2 + NBUCKETS
+        for i in range(NBUCKETS):
+            acc.log2[i] += vals[lo + i] - (ov[lo + i] if ov else 0)
+        for i in range(len(SEM_BOUNDS) + 1):
+            acc.sem[i] += vals[so + i] - (ov[so + i] if ov else 0)
+
+    def _reap_exited(self) -> None:
+        """Kernel series of exited processes go once their last counts are read."""
+        dead = {}
+        for kb in self._prev:
+            tgid = _KEY.unpack_from(kb)[0]
+            if tgid != OVERFLOW_TGID and tgid not in dead:
+                dead[tgid] = not alive(tgid)
+        gone = [kb for kb in self._prev if dead.get(_KEY.unpack_from(kb)[0])]
+        if gone:
+            self._hist.delete_many(gone)
+            for kb in gone:
+                del self._prev[kb]
+            for tgid, is_dead in dead.items():
+                if is_dead:
+                    self._procs.forget(tgid)
+
+    def _reap_idle_connections(self) -> None:
+        """Connections quiet for connection_idle lose their state (the LRU
+        bounds them anyway; this frees what closed without close())."""
+        limit = time.monotonic_ns() - int(self.config["connection_idle"] * 1e9)
+        stale = [k for k, v in self._conns.items() if _CONN_LAST_NS.unpack_from(v)[0] < limit]
+        if stale:
+            self._conns.delete_many(stale)
+
+    def _records(self) -> list:
+        out = []
+        for (name, akey), acc in self._series.items():
+            inst = SERVER_DURATION if name == SERVER_DURATION.name else CLIENT_DURATION
+            out.append(Log2Histogram(inst, dict(akey), list(acc.log2), acc.sum_ns / 1e9, acc.start_ns,
+                                     exp_offset=EXP_OFFSET, explicit_bounds=SEM_BOUNDS,
+                                     explicit_counts=list(acc.sem)))
+        stats = dict(zip(STATS, self._stats.counters(len(STATS))))
+        s = self.start_ns
+        out += [dropped(self.name, r, stats[r], s) for r in ("conn_table_full", "args_full", "ringbuf_full",
+                                                             "rate_limited", "tls_no_socket", "detail_full")]
+        out += [Counter(UNSAMPLED, {}, stats["sampled_out"], s),
+                dropped(self.name, "span_queue_full", self._queue_full, s),
+                dropped(self.name, "no_response", stats["no_response"], s),
+                dropped(self.name, "unpaired_response", stats["unpaired_response"], s),
+                overflow(self.name, "kernel_map_full", stats["agg_full"], s),
+                overflow(self.name, "max_series", self._series_overflow, s),
+                overflow(self.name, "max_routes", self._routes.overflowed, s)]
+        return out
+
+    def stop(self) -> None:
+        if getattr(self, "_poller", None) is not None:
+            self._stop.set()
+            self._poller.join(timeout=2)
+            self._poller = None
+        super().stop()
