@@ -44,7 +44,7 @@
 #define SEM_BUCKETS 15		/* semantic-convention bounds 5 ms .. 10 s, plus +Inf */
 #define MAX_IOV 8		/* iovecs looked at to find the end of a vector write */
 
-enum io_dir { DIR_IN = 0, DIR_OUT = 1 };
+enum io_dir { DIR_IN = 0, DIR_OUT = 1, DIR_NONE = 2 };
 enum http_role { ROLE_NONE = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
 enum conn_state { ST_IDLE = 0, ST_REQUEST = 1, ST_RESPONSE = 2 };
 enum body_mode { BODY_UNKNOWN = 0, BODY_NONE, BODY_LENGTH, BODY_CHUNKED };
@@ -961,6 +961,8 @@ static __noinline void on_data(struct data_ev *e)
 		c = bpf_map_lookup_elem(&http_conns, &sk);
 		if (!c)
 			return;
+	} else {
+		read_tuple(sk, &c->t);	/* cheap insurance against a state that outlived its socket */
 	}
 	c->tgid = bpf_get_current_pid_tgid() >> 32;
 	c->tls = tls;
@@ -1081,27 +1083,44 @@ int http_enter_sendmsg(void *ctx) { return enter_msg(ARG(ctx, 0), ARG(ctx, 1), D
 SEC("tracepoint/syscalls/sys_exit_sendmsg")
 int http_exit_sendmsg(void *ctx) { return exit_io(RET(ctx)); }
 
-/* close(): a response without a length ends here; the connection's state goes */
-SEC("tracepoint/syscalls/sys_enter_close")
-int http_enter_close(void *ctx)
+/* The connection ends: a response without a length ends with it; its state
+ * goes, so a struct sock reused for a new connection starts clean. */
+static __always_inline void conn_gone(__u64 sk)
 {
-	__u64 sk;
-	struct http_conn *c;
+	struct http_conn *c = bpf_map_lookup_elem(&http_conns, &sk);
 
-	if (skip_self())
-		return 0;
-	sk = tcp_sock_of_fd(ARG(ctx, 0));
-	if (!sk)
-		return 0;
-	c = bpf_map_lookup_elem(&http_conns, &sk);
 	if (!c)
-		return 0;
+		return;
 	if (c->state == ST_RESPONSE)
 		finish(sk, c, c->resp_end_ns);
 	else if (c->state == ST_REQUEST)
 		otb_count(&http_stats, HS_NO_RESPONSE);
 	bpf_map_delete_elem(&http_conns, &sk);
 	bpf_map_delete_elem(&http_drafts, &sk);
+}
+
+/* close() by the process: the usual end */
+SEC("tracepoint/syscalls/sys_enter_close")
+int http_enter_close(void *ctx)
+{
+	__u64 sk;
+
+	if (skip_self())
+		return 0;
+	sk = tcp_sock_of_fd(ARG(ctx, 0));
+	if (sk)
+		conn_gone(sk);
+	return 0;
+}
+
+/* TCP_CLOSE without close(): the process exited, or the socket was reset
+ * while shared. Exit does not call close(), and the freed sock's address is
+ * soon reused by another connection. */
+SEC("raw_tp/inet_sock_set_state")
+int BPF_PROG(http_sock_state, struct sock *sk, int oldstate, int newstate)
+{
+	if (newstate == 7 /* TCP_CLOSE */)
+		conn_gone((__u64)sk);
 	return 0;
 }
 
@@ -1147,7 +1166,7 @@ static __always_inline int ssl_exit(long ret)
 	t0 = a->ts;
 	dir = a->dir;
 	bpf_map_delete_elem(&http_ssl_calls, &id);
-	if (!len)
+	if (!len || dir == DIR_NONE)
 		return 0;
 	if (!sk) {
 		otb_count(&http_stats, HS_TLS_NO_SOCKET);
@@ -1181,5 +1200,13 @@ int BPF_KPROBE(http_ssl_write_ex, void *ssl, const void *buf, size_t num, size_t
 }
 SEC("uretprobe")
 int BPF_KRETPROBE(http_ssl_write_ex_ret, int ret) { return ssl_exit(ret); }
+
+/* The handshake's own reads and writes tie the SSL object to its socket
+ * before any SSL_read: with TLS 1.3 the first request often arrives with the
+ * client's Finished message, and SSL_read then returns it without a syscall. */
+SEC("uprobe")
+int BPF_KPROBE(http_ssl_handshake, void *ssl) { return ssl_enter((__u64)ssl, 0, 0, DIR_NONE); }
+SEC("uretprobe")
+int BPF_KRETPROBE(http_ssl_handshake_ret, int ret) { return ssl_exit(ret); }
 
 char LICENSE[] SEC("license") = "GPL";

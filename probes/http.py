@@ -49,7 +49,8 @@ METHODS = {0: "_OTHER", 1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "HEAD", 6
 ROLE_SERVER, ROLE_CLIENT = 1, 2
 AF_INET = 2
 SSL_FUNCS = (("SSL_read", "http_ssl_read"), ("SSL_read_ex", "http_ssl_read_ex"),
-             ("SSL_write", "http_ssl_write"), ("SSL_write_ex", "http_ssl_write_ex"))
+             ("SSL_write", "http_ssl_write"), ("SSL_write_ex", "http_ssl_write_ex"),
+             ("SSL_do_handshake", "http_ssl_handshake"))
 
 SERVER_DURATION = Instrument("http.server.request.duration", "s",
                              "Duration of HTTP server requests, first request byte read to last response "
@@ -125,7 +126,7 @@ class HttpProbe(BpfProbe):
     name = "http"
     description = "HTTP/1.x RED metrics and server/client spans from socket syscalls and OpenSSL (TLS)"
     bpf_object = "http.bpf.o"
-    requires = ("btf", "cap_bpf", "cap_perfmon", "tracepoint", "tracefs", "ringbuf")
+    requires = ("btf", "cap_bpf", "cap_perfmon", "tracepoint", "raw_tracepoint", "tracefs", "ringbuf")
     config_schema = {
         "spans": Field("bool", True, "export a span per sampled request (metrics count every request anyway)"),
         "sample_ratio": Field("float", 1.0, "share of requests without a traceparent that become spans",
@@ -183,7 +184,7 @@ class HttpProbe(BpfProbe):
         self._conns = obj.map("http_conns")
         self._stats = obj.map("http_stats")
         for prog in obj.programs():
-            if prog.section.startswith("tracepoint/"):
+            if prog.section.startswith(("tracepoint/", "raw_tp/")):
                 prog.attach()
         self.tls_libraries = self._attach_tls(obj) if cfg["tls"] else []
         self.start_ns = self._last_tick_ns = time.time_ns()
