@@ -1209,4 +1209,31 @@ int BPF_KPROBE(http_ssl_handshake, void *ssl) { return ssl_enter((__u64)ssl, 0, 
 SEC("uretprobe")
 int BPF_KRETPROBE(http_ssl_handshake_ret, int ret) { return ssl_exit(ret); }
 
+/* SSL_set_fd ties an SSL object to its socket up front (nginx, curl, wrk);
+ * SSL_free unties it, so a new connection's SSL object at a reused address
+ * never inherits the old socket. */
+SEC("uprobe")
+int BPF_KPROBE(http_ssl_set_fd, void *ssl, int fd)
+{
+	__u64 key = (__u64)ssl, sk;
+
+	if (skip_self() || fd < 0)
+		return 0;
+	sk = tcp_sock_of_fd(fd);
+	if (sk)
+		bpf_map_update_elem(&http_ssl_socks, &key, &sk, BPF_ANY);
+	else
+		bpf_map_delete_elem(&http_ssl_socks, &key);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(http_ssl_free, void *ssl)
+{
+	__u64 key = (__u64)ssl;
+
+	bpf_map_delete_elem(&http_ssl_socks, &key);
+	return 0;
+}
+
 char LICENSE[] SEC("license") = "GPL";

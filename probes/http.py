@@ -51,6 +51,7 @@ AF_INET = 2
 SSL_FUNCS = (("SSL_read", "http_ssl_read"), ("SSL_read_ex", "http_ssl_read_ex"),
              ("SSL_write", "http_ssl_write"), ("SSL_write_ex", "http_ssl_write_ex"),
              ("SSL_do_handshake", "http_ssl_handshake"))
+SSL_LIFECYCLE = (("SSL_set_fd", "http_ssl_set_fd"), ("SSL_free", "http_ssl_free"))   # entry only
 
 SERVER_DURATION = Instrument("http.server.request.duration", "s",
                              "Duration of HTTP server requests, first request byte read to last response "
@@ -220,6 +221,11 @@ class HttpProbe(BpfProbe):
                     obj.program(prog + "_ret").attach_uprobe(lib, func, retprobe=True)
                     n += 1
                 except libbpf.BpfError as e:  # e.g. a libssl 1.1 without the _ex calls
+                    self.log.debug("TLS: %s:%s not probed: %s", lib, func, str(e).splitlines()[0])
+            for func, prog in SSL_LIFECYCLE:
+                try:
+                    obj.program(prog).attach_uprobe(lib, func)
+                except libbpf.BpfError as e:
                     self.log.debug("TLS: %s:%s not probed: %s", lib, func, str(e).splitlines()[0])
             if n:
                 attached.append(lib)

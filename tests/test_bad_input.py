@@ -30,7 +30,7 @@ def _one_clear_line(proc, *needles):
     ("interval: 10 parsecs\n", ["interval", "not a duration", "10s"]),
     ("interval: -5s\n", ["interval"]),
     ("intervall: 10s\n", ["intervall: unknown key", "did you mean 'interval'"]),
-    ("probes: {nope: {}}\n", ["probes.nope: unknown probe", "installed probes: cpu_profile, net_flows, syscall_latency"]),
+    ("probes: {nope: {}}\n", ["probes.nope: unknown probe", "installed probes: cpu_profile, http, net_flows, syscall_latency"]),
     ("probes: {syscall_latency: {enabled: yes please}}\n", ["probes.syscall_latency.enabled", "true or false"]),
     ("probes: {syscall_latency: {syscalls: [getppid, opnat]}}\n",
      ["probes.syscall_latency.syscalls[1]", "unknown syscall 'opnat'", "did you mean"]),

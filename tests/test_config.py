@@ -9,11 +9,12 @@ import yaml
 from collector import config
 from collector.config import ConfigError, parse_duration
 from probes.cpu_profile import CpuProfileProbe
+from probes.http import HttpProbe
 from probes.net_flows import NetFlowsProbe
 from probes.syscall_latency import SyscallLatencyProbe
 
 SCHEMAS = {"syscall_latency": SyscallLatencyProbe.config_schema, "cpu_profile": CpuProfileProbe.config_schema,
-           "net_flows": NetFlowsProbe.config_schema}
+           "net_flows": NetFlowsProbe.config_schema, "http": HttpProbe.config_schema}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,7 +95,7 @@ def test_shipped_config_documents_every_key():
     for schema in config.EXPORTER_SCHEMAS.values():
         keys |= set(schema)
     keys |= set(SyscallLatencyProbe.config_schema) | set(CpuProfileProbe.config_schema) | {"enabled"}
-    keys |= set(NetFlowsProbe.config_schema)
+    keys |= set(NetFlowsProbe.config_schema) | set(HttpProbe.config_schema)
     missing = [k for k in sorted(keys) if f"{k}:" not in text]
     assert not missing, f"undocumented keys in config/otelbpf.yaml: {missing}"
     cfg = config.build(yaml.safe_load(text), SCHEMAS)

@@ -9,11 +9,12 @@ from hypothesis import strategies as st
 from collector import config
 from collector.config import ConfigError
 from probes.cpu_profile import CpuProfileProbe
+from probes.http import HttpProbe
 from probes.net_flows import NetFlowsProbe
 from probes.syscall_latency import SyscallLatencyProbe
 
 SCHEMAS = {"syscall_latency": SyscallLatencyProbe.config_schema, "cpu_profile": CpuProfileProbe.config_schema,
-           "net_flows": NetFlowsProbe.config_schema}
+           "net_flows": NetFlowsProbe.config_schema, "http": HttpProbe.config_schema}
 KNOWN_KEYS = sorted(set(config.TOP_SCHEMA) | {"exporters", "probes", "otlp", "file", "console", "kernel"}
                     | set(config.OTLP_SCHEMA) | set(SCHEMAS) | {"enabled"}
                     | {k for s in SCHEMAS.values() for k in s})
