@@ -1,7 +1,8 @@
 """HTTP/1.x RED metrics and spans, server and client side, TLS included.
 
 Kernel side: bpf/http.bpf.c pairs requests with responses and times them
-(syscall tracepoints; uprobes on OpenSSL for TLS plaintext). It counts every
+(the sys_enter/sys_exit raw tracepoints; uprobes on OpenSSL for TLS
+plaintext). It counts every
 transaction in a histogram per (process, role, method, status, port, path
 hash), and sends sampled ones as span records through a ring buffer.
 
@@ -30,6 +31,7 @@ from collector.records import Counter, Instrument, Log2Histogram, Span
 from collector.selftelemetry import dropped, overflow
 
 from .http_routes import OVERFLOW_ROUTE, RouteTable, check_patterns
+from .syscall_latency import syscall_table
 
 NBUCKETS = 40                      # OTB_LOG2_BUCKETS
 EXP_OFFSET = -30                   # kernel log2 buckets count 2^-30 s units
@@ -43,7 +45,7 @@ _PATH = struct.Struct("=I256s")                              # struct http_path
 _EVENT = struct.Struct("=QQII16s16sHHB3sHHBBBB16sI256s56s128s64s")
 _CONN_LAST_NS = struct.Struct("=56xQ")                       # struct http_conn: last_ns
 STATS = ("conn_table_full", "agg_full", "sampled_out", "rate_limited", "ringbuf_full", "no_response",
-         "unpaired_response", "args_full", "tls_no_socket", "detail_full")    # enum http_stat
+         "unpaired_response", "slot_collision", "tls_no_socket", "detail_full")    # enum http_stat
 METHODS = {0: "_OTHER", 1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "HEAD", 6: "PATCH", 7: "OPTIONS",
            8: "CONNECT", 9: "TRACE"}
 ROLE_SERVER, ROLE_CLIENT = 1, 2
@@ -51,6 +53,10 @@ AF_INET = 2
 SSL_FUNCS = (("SSL_read", "http_ssl_read"), ("SSL_read_ex", "http_ssl_read_ex"),
              ("SSL_write", "http_ssl_write"), ("SSL_write_ex", "http_ssl_write_ex"),
              ("SSL_do_handshake", "http_ssl_handshake"))
+# bpf globals -> syscall names (the first this architecture has)
+SYSCALLS = {"nr_read": ("read",), "nr_write": ("write",), "nr_recvfrom": ("recvfrom",), "nr_sendto": ("sendto",),
+            "nr_readv": ("readv",), "nr_writev": ("writev",), "nr_recvmsg": ("recvmsg",),
+            "nr_sendmsg": ("sendmsg",), "nr_sendfile": ("sendfile", "sendfile64"), "nr_close": ("close",)}
 SSL_LIFECYCLE = (("SSL_set_fd", "http_ssl_set_fd"), ("SSL_free", "http_ssl_free"))   # entry only
 
 SERVER_DURATION = Instrument("http.server.request.duration", "s",
@@ -62,6 +68,12 @@ UNSAMPLED = Instrument("otelbpf.http.spans.unsampled", "{span}",
 CLIENT_DURATION = Instrument("http.client.request.duration", "s",
                              "Duration of HTTP client requests, first request byte written to last response "
                              "byte read, timed in the kernel")
+
+
+def _check_pow2(v: int, key: str) -> int:
+    if v & (v - 1):
+        raise ConfigError(key, f"{v} is not a power of two", f"use {1 << v.bit_length()}")
+    return v
 
 
 def _check_pow2_bytes(v: int, key: str) -> int:
@@ -127,7 +139,7 @@ class HttpProbe(BpfProbe):
     name = "http"
     description = "HTTP/1.x RED metrics and server/client spans from socket syscalls and OpenSSL (TLS)"
     bpf_object = "http.bpf.o"
-    requires = ("btf", "cap_bpf", "cap_perfmon", "tracepoint", "raw_tracepoint", "tracefs", "ringbuf")
+    requires = ("btf", "cap_bpf", "cap_perfmon", "raw_tracepoint", "ringbuf")
     config_schema = {
         "spans": Field("bool", True, "export a span per sampled request (metrics count every request anyway)"),
         "sample_ratio": Field("float", 1.0, "share of requests without a traceparent that become spans",
@@ -152,6 +164,9 @@ class HttpProbe(BpfProbe):
         "max_keys": Field("int", 16384, "kernel histogram entries; beyond it an overflow series, counted",
                           minimum=64),
         "max_connections": Field("int", 65536, "connections tracked at once in the kernel (LRU)", minimum=256),
+        "inflight_slots": Field("int", 65536, "per-thread slots for reads and writes in flight (a power of "
+                                "two, 40 bytes each); threads whose ids collide lose a call, counted",
+                                minimum=1024, check=_check_pow2),
         "connection_idle": Field("duration", 300.0, "a connection without traffic this long loses its state"),
         "tls": Field("bool", True, "uprobes on OpenSSL's SSL_read/SSL_write for TLS plaintext"),
         "tls_libraries": Field("str_list", [], "libssl paths to probe; empty: every libssl.so the dynamic "
@@ -176,8 +191,14 @@ class HttpProbe(BpfProbe):
         obj.set_global("capture_query", struct.pack("=B", cfg["capture_query"]))
         obj.set_global("max_spans_per_second", struct.pack("=Q", cfg["max_spans_per_second"]))
         obj.set_global("overflow_tgid", struct.pack("=I", OVERFLOW_TGID))
+        by_name = {v: k for k, v in syscall_table().items()}
+        for var, names in SYSCALLS.items():
+            nr = next((by_name[n] for n in names if n in by_name), -1)
+            obj.set_global(var, struct.pack("=q", nr))
         obj.map("http_hist").set_max_entries(cfg["max_keys"])
         obj.map("http_conns").set_max_entries(cfg["max_connections"])
+        obj.map("http_io").set_max_entries(cfg["inflight_slots"])
+        obj.set_global("io_slot_mask", struct.pack("=I", cfg["inflight_slots"] - 1))
         obj.map("http_events").set_max_entries(cfg["ring_buffer_bytes"])
         obj.load()
         self._hist = obj.map("http_hist")
@@ -185,7 +206,7 @@ class HttpProbe(BpfProbe):
         self._conns = obj.map("http_conns")
         self._stats = obj.map("http_stats")
         for prog in obj.programs():
-            if prog.section.startswith(("tracepoint/", "raw_tp/")):
+            if prog.section.startswith(("tp_btf/", "raw_tp/")):
                 prog.attach()
         self.tls_libraries = self._attach_tls(obj) if cfg["tls"] else []
         self.start_ns = self._last_tick_ns = time.time_ns()
@@ -414,7 +435,7 @@ class HttpProbe(BpfProbe):
                                      explicit_counts=list(acc.sem)))
         stats = dict(zip(STATS, self._stats.counters(len(STATS))))
         s = self.start_ns
-        out += [dropped(self.name, r, stats[r], s) for r in ("conn_table_full", "args_full", "ringbuf_full",
+        out += [dropped(self.name, r, stats[r], s) for r in ("conn_table_full", "slot_collision", "ringbuf_full",
                                                              "rate_limited", "tls_no_socket", "detail_full")]
         out += [Counter(UNSAMPLED, {}, stats["sampled_out"], s),
                 dropped(self.name, "span_queue_full", self._queue_full, s),
