@@ -1042,7 +1042,9 @@ static __always_inline int enter_io(__u64 fd, __u64 buf, __u32 iovcnt, __u8 dir,
 	if (a->tid && a->tid != tid)
 		otb_count(&http_stats, HS_SLOT_COLLISION);
 	a->buf = buf;
-	a->ts = bpf_ktime_get_ns();
+	/* a write's start time is a client request's first byte; a read's
+	 * data is seen at its exit, so it needs no clock read here */
+	a->ts = dir == DIR_OUT ? bpf_ktime_get_ns() : 0;
 	a->tid = tid;
 	a->fd = fd;
 	a->iovcnt = iovcnt;
