@@ -28,6 +28,8 @@ bench: setup
 	$(PY) bench/agent_cpu.py
 	$(PY) bench/profiler_overhead.py
 	$(PY) bench/net_overhead.py
+	$(PY) bench/http_overhead.py --agent
+	$(PY) bench/uprobe_cost.py
 
 setup: $(STAMP_APT) $(STAMP_VENV) bpf
 
