@@ -57,6 +57,7 @@ SSL_FUNCS = (("SSL_read", "http_ssl_read"), ("SSL_read_ex", "http_ssl_read_ex"),
 SYSCALLS = {"nr_read": ("read",), "nr_write": ("write",), "nr_recvfrom": ("recvfrom",), "nr_sendto": ("sendto",),
             "nr_readv": ("readv",), "nr_writev": ("writev",), "nr_recvmsg": ("recvmsg",),
             "nr_sendmsg": ("sendmsg",), "nr_sendfile": ("sendfile", "sendfile64"), "nr_close": ("close",)}
+UPROBE_WARN_NS = 3000   # above this per uprobe hit, TLS tracing costs TLS servers dearly: say so
 SSL_LIFECYCLE = (("SSL_set_fd", "http_ssl_set_fd"), ("SSL_free", "http_ssl_free"))   # entry only
 
 SERVER_DURATION = Instrument("http.server.request.duration", "s",
@@ -228,7 +229,37 @@ class HttpProbe(BpfProbe):
             self._poller = threading.Thread(target=self._poll, name="http-spans", daemon=True)
             self._poller.start()
 
+    def _uprobe_cost_ns(self, obj) -> float:
+        """ns one uprobe hit adds here: an empty program on libc's getppid,
+        for this process only, timed over a few hundred calls."""
+        libc = next((p for p in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6",
+                                 "/lib64/libc.so.6") if os.path.exists(p)), None)
+        if libc is None:
+            return 0.0
+
+        def per_call(n=300):
+            t = time.perf_counter_ns()
+            for _ in range(n):
+                os.getppid()
+            return (time.perf_counter_ns() - t) / n
+        bare = min(per_call() for _ in range(3))
+        try:
+            link = obj.program("http_uprobe_calibrate").attach_uprobe(libc, "getppid", pid=os.getpid())
+        except libbpf.BpfError:
+            return 0.0
+        try:
+            hit = min(per_call() for _ in range(3))
+        finally:
+            link.close()
+        return max(hit - bare, 0.0)
+
     def _attach_tls(self, obj) -> list:
+        cost = self._uprobe_cost_ns(obj)
+        self.uprobe_cost_ns = cost
+        if cost > UPROBE_WARN_NS:
+            self.log.warning("TLS: a uprobe hit costs %.1f us on this machine, and every SSL_read/SSL_write "
+                             "pays it (bench/uprobe_cost.py measures it); set probes.http.tls: false if TLS "
+                             "servers' speed matters more than their spans and metrics", cost / 1000)
         libs = self.config["tls_libraries"] or find_libssl()
         attached = []
         for lib in libs:
