@@ -38,7 +38,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-PORTS = {name: free_port() for name in ("count", "spans", "traceparent", "tls", "malformed", "client")}
+PORTS = {name: free_port() for name in ("count", "spans", "traceparent", "tls", "malformed")}
 
 NGINX_CONF = """
 user root;
@@ -75,8 +75,7 @@ class Nginx:
                        check=True, capture_output=True)
         (d / "static").mkdir()
         (d / "static" / "big.bin").write_bytes(os.urandom(512 * 1024))
-        listen = " ".join(f"listen 127.0.0.1:{p}{' ssl' if name == 'tls' else ''};" for name, p in PORTS.items()
-                          if name != "client")
+        listen = " ".join(f"listen 127.0.0.1:{p}{' ssl' if name == 'tls' else ''};" for name, p in PORTS.items())
         (d / "nginx.conf").write_text(NGINX_CONF.format(d=d, listen=listen))
         subprocess.run(["nginx", "-c", str(d / "nginx.conf")], check=True)
         deadline = time.monotonic() + 10
@@ -407,8 +406,13 @@ def test_non_http_streams_produce_no_http_data(agent, rx):
 def _conn_entries(port: int) -> int:
     """http_conns entries of connections on port (bpftool's view of the kernel map)."""
     out = subprocess.run(["bpftool", "map", "dump", "name", "http_conns", "-j"], capture_output=True, text=True)
-    n = 0
+    entries = []
     for e in json.loads(out.stdout or "[]"):
+        # bpftool prints {key, value} per entry, or per map {id, name, elements}
+        # when the name matches several maps (another agent's, say)
+        entries += e.get("elements", [e]) if "elements" in e else [e]
+    n = 0
+    for e in entries:
         v = bytes(int(x, 16) for x in e.get("value", []))
         if len(v) >= 36 and port in (int.from_bytes(v[32:34], "little"), int.from_bytes(v[34:36], "little")):
             n += 1
@@ -482,3 +486,43 @@ def test_tls_counts_and_attributes_like_plain_http(agent, rx, nginx):
     assert client and client[0][1]["url.scheme"] == "https"
     wrk(f"{base}/", seconds=2, conns=4)
     assert_counts_match_log(rx, nginx, port)
+
+
+def test_span_flood_is_bounded_and_counted_while_metrics_stay_exact(rx, nginx, tmp_path):
+    """A tiny ring buffer and span queue, no rate cap: spans are lost and
+    counted, every request is still in the metrics, the agent stays up."""
+    from otlp_receiver import GrpcReceiver
+    flood_rx = GrpcReceiver()
+    a = None
+    try:
+        a = AgentProcess(tmp_path, {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
+                                    "exporters": {"otlp": {"endpoint": flood_rx.endpoint, "protocol": "grpc",
+                                                           "histogram": "explicit"}},
+                                    "probes": {"http": {"ring_buffer_bytes": 4096, "span_queue": 100,
+                                                        "max_spans_per_second": 10_000_000, "tls": False}}})
+        a.wait_for_log("collecting every", timeout=60)
+        port = PORTS["count"]
+        before = log_counts(nginx.log_lines(port))
+        wrk(f"http://127.0.0.1:{port}/users/5", seconds=2, conns=8)
+        expected = log_counts(nginx.log_lines(port)) - before
+
+        def dropped():
+            out = {}
+            for _r, _s, m in metrics(list(flood_rx.rx.metrics), "otelbpf.dropped"):
+                for dp in m.sum.data_points:
+                    at = attrs_of(dp.attributes)
+                    if at.get("otelbpf.probe") == "http":
+                        out[at["reason"]] = max(out.get(at["reason"], 0), dp.as_int)
+            return out
+        assert wait_until(lambda: server_counts(flood_rx.rx, port) == expected), \
+            f"{dict(server_counts(flood_rx.rx, port))} vs {dict(expected)}"
+        lost = wait_until(lambda: (d := dropped()).get("ringbuf_full", 0) + d.get("span_queue_full", 0))
+        assert lost > 0, dropped()
+        assert dropped().get("rate_limited", 0) == 0
+        assert a.proc.poll() is None
+        assert a.stop() == 0 and "Traceback" not in a.stderr()
+        assert "dropped (ringbuf_full)" in a.stderr() or "dropped (span_queue_full)" in a.stderr()
+    finally:
+        if a is not None:
+            a.kill()
+        flood_rx.stop()
