@@ -133,6 +133,7 @@ struct http_conn {
 	__u8 body;
 	__u8 tls;
 	__u8 sampled;
+	__u8 closed;		/* TCP closed while a request was open: the process may still answer */
 };
 
 /* One finished, sampled transaction (also the per-connection draft while it runs). */
@@ -931,6 +932,15 @@ static __always_inline bool is_response_start(const struct scratch *s, __u32 n)
 	       sc(s, 10) >= '0' && sc(s, 10) <= '9' && sc(s, 11) >= '0' && sc(s, 11) <= '9';
 }
 
+/* The last answer on a connection TCP already closed: its state goes now. */
+static __always_inline void drop_if_answered_after_close(__u64 sk, struct http_conn *c)
+{
+	if (c->closed && c->state == ST_IDLE) {
+		bpf_map_delete_elem(&http_conns, &sk);
+		bpf_map_delete_elem(&http_drafts, &sk);
+	}
+}
+
 /* Bytes moved on a socket. */
 struct data_ev {
 	__u64 sk;
@@ -953,6 +963,13 @@ static __noinline void on_data(struct data_ev *e)
 	__u32 z = 0, n = 0, skip = 0;
 	__u8 req_dir, method;
 
+	if (c && c->closed && !(c->role == ROLE_SERVER && dir == DIR_OUT)) {
+		/* anything but the server's late answer: a new connection on the
+		 * sock address of one that closed with a request open */
+		otb_count(&http_stats, HS_NO_RESPONSE);
+		bpf_map_delete_elem(&http_conns, &sk);
+		c = NULL;
+	}
 	if (c) {
 		c->last_ns = t1;
 		req_dir = c->role == ROLE_SERVER ? DIR_IN : DIR_OUT;
@@ -967,6 +984,7 @@ static __noinline void on_data(struct data_ev *e)
 				} else if (c->body == BODY_CHUNKED && !nodata && ends_chunked(src, len)) {
 					finish(sk, c, t1);
 				}
+				drop_if_answered_after_close(sk, c);
 				return;
 			}
 			/* ST_REQUEST: the response head */
@@ -981,6 +999,7 @@ static __noinline void on_data(struct data_ev *e)
 				c->state = ST_RESPONSE;
 				c->resp_end_ns = t1;
 			}
+			drop_if_answered_after_close(sk, c);
 			return;
 		}
 		if (c->state == ST_REQUEST && dir == req_dir)
@@ -1184,8 +1203,22 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 SEC("raw_tp/inet_sock_set_state")
 int BPF_PROG(http_sock_state, struct sock *sk, int oldstate, int newstate)
 {
-	if (newstate == 7 /* TCP_CLOSE */)
-		conn_gone((__u64)sk);
+	__u64 key = (__u64)sk;
+	struct http_conn *c;
+
+	if (newstate != 7 /* TCP_CLOSE */)
+		return 0;
+	c = bpf_map_lookup_elem(&http_conns, &key);
+	if (!c)
+		return 0;
+	/* A peer that resets while the server holds a request: the server's
+	 * write may still succeed, and that answer counts. Keep the state,
+	 * marked; the close(), the answer or a reused sock clears it. */
+	if (c->state == ST_REQUEST && c->role == ROLE_SERVER) {
+		c->closed = 1;
+		return 0;
+	}
+	conn_gone(key);
 	return 0;
 }
 

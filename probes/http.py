@@ -410,9 +410,14 @@ class HttpProbe(BpfProbe):
         key = _KEY.unpack(kb)
         vals = _HIST.unpack(vb)
         ov = _HIST.unpack(old) if old is not None else None
-        count = vals[0] - (ov[0] if ov else 0)
-        if count <= 0:
+        # The kernel bumps count, sum and buckets one after the other, so a
+        # read can land between them: the buckets are the truth (count is
+        # their sum on export), and a bucket that moves alone still counts.
+        lo, end = 2, 2 + NBUCKETS + len(SEM_BOUNDS) + 1
+        moved = vals[lo:end] if ov is None else tuple(a - b for a, b in zip(vals[lo:end], ov[lo:end]))
+        if not any(moved):
             return
+        count = sum(moved[:NBUCKETS])
         role = key[3]
         attrs = self._attributes(key, _cstr(vals[-1]))
         inst = SERVER_DURATION if role == ROLE_SERVER else CLIENT_DURATION
@@ -427,11 +432,10 @@ class HttpProbe(BpfProbe):
             if acc is None:
                 acc = self._series[skey] = _Series(self._last_tick_ns)
         acc.sum_ns += vals[1] - (ov[1] if ov else 0)
-        lo, so = 2, 2 + NBUCKETS
         for i in range(NBUCKETS):
-            acc.log2[i] += vals[lo + i] - (ov[lo + i] if ov else 0)
+            acc.log2[i] += moved[i]
         for i in range(len(SEM_BOUNDS) + 1):
-            acc.sem[i] += vals[so + i] - (ov[so + i] if ov else 0)
+            acc.sem[i] += moved[NBUCKETS + i]
 
     def _reap_exited(self) -> None:
         """Kernel series of exited processes go once their last counts are read."""

@@ -107,7 +107,7 @@ def test_kubernetes_config_map_is_a_valid_agent_config():
     cm = _k8s_docs()["ConfigMap"]
     schemas = {n: e.cls.config_schema for n, e in discover().items() if e.cls}
     cfg = config.build(yaml.safe_load(cm["data"]["otelbpf.yaml"]), schemas, env={})
-    assert set(cfg.probes) == {"syscall_latency", "cpu_profile", "net_flows"}
+    assert set(cfg.probes) == {"syscall_latency", "cpu_profile", "net_flows", "http"}
     assert cfg.health == "127.0.0.1:9464"
 
 

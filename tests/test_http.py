@@ -186,6 +186,19 @@ def wait_until(pred, timeout: float = 15.0):
         time.sleep(0.25)
 
 
+def http_drops(rx) -> dict:
+    """The http probe's otelbpf.dropped counters, latest values, non-zero."""
+    out = {}
+    with rx.lock:
+        reqs = list(rx.metrics)
+    for _r, _s, m in metrics(reqs, "otelbpf.dropped"):
+        for dp in m.sum.data_points:
+            a = attrs_of(dp.attributes)
+            if a.get("otelbpf.probe") == "http" and dp.as_int:
+                out[a["reason"]] = max(out.get(a["reason"], 0), dp.as_int)
+    return out
+
+
 def log_counts(lines) -> collections.Counter:
     return collections.Counter((m, s) for m, _u, s, _t, _tp in lines)
 
@@ -203,7 +216,7 @@ def assert_counts_match_log(rx, nginx, port):
     expected = log_counts(nginx.log_lines(port))
     assert sum(expected.values()) > 0
     got = wait_until(lambda: (c := server_counts(rx, port)) == expected and c) or server_counts(rx, port)
-    assert got == expected, f"exported {dict(got)} vs access log {dict(expected)}; traces {len(rx.traces)} metrics {len(rx.metrics)}"
+    assert got == expected, f"exported {dict(got)} vs access log {dict(expected)}; probe drops {http_drops(rx)}"
 
 
 # ------------------------------------------------------------------ tests
