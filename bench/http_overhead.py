@@ -147,6 +147,7 @@ def main() -> int:
             print(f"{tool} is not installed (make setup installs it)", file=sys.stderr)
             return 2
     tracefs = ensure_tracefs()
+    logging.getLogger("bench").setLevel(logging.ERROR)   # the TLS cost warning, once per round, is noise here
     d = tempfile.mkdtemp(prefix="otelbpf-bench-")
     port, tls_port = free_port(), free_port()
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/key.pem", "-out",
