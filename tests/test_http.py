@@ -322,6 +322,12 @@ PY_SERVER = textwrap.dedent("""
                 self.end_headers()
                 self.body(data)
         do_HEAD = do_GET
+        def do_POST(self):                     # http.server answers Expect: 100-continue itself
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(201)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.body(body)
 
     srv = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
     print("ready", flush=True)
@@ -368,6 +374,39 @@ def test_python_server_keepalive_chunked_and_slow_bodies(agent, rx, tmp_path):
     assert len(dur["/chunked"]) == 6 and min(dur["/chunked"]) >= 0.12, dur["/chunked"]
     assert len(dur["/slow"]) == 3 and min(dur["/slow"]) >= 0.06, dur["/slow"]
     assert max(dur["/a"]) < 0.05 and max(dur["/empty"]) < 0.05
+
+
+def test_split_requests_and_100_continue(agent, rx, tmp_path):
+    """A request whose headers arrive in pieces is one request, timed from
+    its first byte; a POST that waits for 100 Continue is one request with
+    its final status. (A request line itself split across reads is not
+    recognised: the first read must hold it.)"""
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-c", PY_SERVER, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            for piece in (b"GET /a HTTP/1.1\r\nHo", b"st: localhost\r\nUser-Agent: split\r\n", b"\r\n"):
+                c.sendall(piece)
+                time.sleep(0.05)
+            assert c.recv(65536).startswith(b"HTTP/1.1 200")
+        body = tmp_path / "body"
+        body.write_bytes(b"y" * 5000)
+        out = curl("-H", "Expect: 100-continue", "--data-binary", f"@{body}", f"http://127.0.0.1:{port}/upload")
+        assert out.strip() == "201"
+        time.sleep(0.3)
+    finally:
+        srv.send_signal(signal.SIGINT)
+        logged, _ = srv.communicate(timeout=10)
+    expected = collections.Counter((m, int(s)) for m, _p, s in (line.split() for line in logged.splitlines()))
+    assert expected == {("GET", 200): 1, ("POST", 201): 1}
+    assert wait_until(lambda: server_counts(rx, port) == expected), dict(server_counts(rx, port))
+    split = wait_until(lambda: [x for x in spans(rx, server__port=port, url__path="/a")
+                                if x[0].kind == x[0].SPAN_KIND_SERVER])
+    assert split
+    # timed from its first byte: 100 ms before the last
+    s = split[0][0]
+    assert (s.end_time_unix_nano - s.start_time_unix_nano) / 1e9 >= 0.095
 
 
 def _stream(port: int, payloads: list, reply: bool) -> None:
