@@ -7,8 +7,10 @@ agent sends is decoded exactly as a collector would decode it.
 """
 from __future__ import annotations
 
+import collections
 import gzip
 import threading
+import time
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -89,17 +91,34 @@ class HttpReceiver:
                                            ps.ExportProfilesServiceResponse)}
 
     def __init__(self):
+        """script: (status, headers, delay s) answers given to the next
+        requests, in order, before the normal 200s (faults on demand)."""
         self.rx = Received()
-        rx, routes = self.rx, self._ROUTES
+        self.script: "collections.deque" = collections.deque()
+        self.faults_served: list = []
+        rx, routes, receiver = self.rx, self._ROUTES, self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    status, headers, delay = receiver.script.popleft()
+                except IndexError:
+                    status = None
+                if status is not None:
+                    receiver.faults_served.append((self.path, status))
+                    time.sleep(delay)
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 route = routes.get(self.path)
                 if route is None or self.headers.get("Content-Type") != "application/x-protobuf":
                     self.send_response(404)
                     self.end_headers()
                     return
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 kind, req_cls, resp_cls = route

@@ -2,6 +2,7 @@
 after --duration, SIGTERM or SIGINT, and SIGHUP reloads the config."""
 from __future__ import annotations
 
+import collections
 import signal
 import subprocess
 import sys
@@ -210,3 +211,44 @@ def test_backend_that_comes_back_gets_the_data_without_resets(agent_factory, tmp
                             process__pid=pid)
     assert dp.count >= 300 and dp.start_time_unix_nano < started + 4_000_000_000
     assert "Traceback" not in agent.stderr()
+
+
+def test_backend_errors_and_stalls_lose_no_cumulative_data(agent_factory, tmp_path):
+    """The backend answers 503, 429 with Retry-After, 400, then stalls past
+    the export timeout, then recovers: the agent keeps collecting, retries,
+    and what arrives afterwards carries every call from the start, with the
+    start time it had before the faults."""
+    from otlp_data import last_point
+    from otlp_receiver import HttpReceiver
+    receiver = HttpReceiver()
+    receiver.script.extend([(503, {}, 0), (429, {"Retry-After": "1"}, 0), (400, {}, 0), (200, {}, 3.0)])
+    try:
+        started = time.time_ns()
+        agent = agent_factory({"interval": "1s", "exporters": {"otlp": {
+            "endpoint": receiver.endpoint, "protocol": "http/protobuf", "timeout": "2s"}},
+            "probes": {"syscall_latency": {"syscalls": ["getppid"]}}})
+        agent.wait_for_log("collecting every")
+        calls = subprocess.run(["python3", "-c", "import os\nfor _ in range(500): os.getppid()\nprint(os.getpid())"],
+                               capture_output=True, text=True, check=True)
+        pid = int(calls.stdout)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pts = [p for p in _getppid_points(receiver.rx.metrics, pid)]
+            if receiver.script == collections.deque() and pts and max(dp.count for dp in pts) >= 500:
+                break
+            time.sleep(0.5)
+        assert agent.proc.poll() is None, agent.stderr()
+        assert [s for _p, s in receiver.faults_served] == [503, 429, 400, 200]
+        _m, dp, _a = last_point(receiver.rx.metrics, "otelbpf.syscall.duration", syscall__name="getppid")
+        assert max(d.count for d in _getppid_points(receiver.rx.metrics, pid)) >= 500
+        assert dp.start_time_unix_nano < started + 10_000_000_000
+        assert agent.stop() == 0
+        assert "Traceback" not in agent.stderr()
+    finally:
+        receiver.stop()
+
+
+def _getppid_points(requests, pid):
+    from otlp_data import points
+    return [dp for _m, dp, a in points(requests, "otelbpf.syscall.duration", syscall__name="getppid")
+            if a.get("process.pid") in (pid, None)]
