@@ -57,6 +57,7 @@ SSL_FUNCS = (("SSL_read", "http_ssl_read"), ("SSL_read_ex", "http_ssl_read_ex"),
 SYSCALLS = {"nr_read": ("read",), "nr_write": ("write",), "nr_recvfrom": ("recvfrom",), "nr_sendto": ("sendto",),
             "nr_readv": ("readv",), "nr_writev": ("writev",), "nr_recvmsg": ("recvmsg",),
             "nr_sendmsg": ("sendmsg",), "nr_sendfile": ("sendfile", "sendfile64"), "nr_close": ("close",)}
+MAX_TLS_LIBRARIES = 64   # distinct libssl files probed at most
 UPROBE_WARN_NS = 3000   # above this per uprobe hit, TLS tracing costs TLS servers dearly: say so
 SSL_LIFECYCLE = (("SSL_set_fd", "http_ssl_set_fd"), ("SSL_free", "http_ssl_free"))   # entry only
 
@@ -170,6 +171,8 @@ class HttpProbe(BpfProbe):
                                 minimum=1024, check=_check_pow2),
         "connection_idle": Field("duration", 300.0, "a connection without traffic this long loses its state"),
         "tls": Field("bool", True, "uprobes on OpenSSL's SSL_read/SSL_write for TLS plaintext"),
+        "tls_discovery": Field("duration", 30.0, "how often running processes are searched for libssl copies "
+                               "not probed yet (containers' own, vendored)"),
         "tls_libraries": Field("str_list", [], "libssl paths to probe; empty: every libssl.so the dynamic "
                                "linker knows (ldconfig -p)"),
         "ring_buffer_bytes": Field("int", 4 << 20, "span ring buffer size (a power of two)",
@@ -210,6 +213,7 @@ class HttpProbe(BpfProbe):
             if prog.section.startswith(("tp_btf/", "raw_tp/")):
                 prog.attach()
         self.tls_libraries = self._attach_tls(obj) if cfg["tls"] else []
+        self._tls_scanned = 0.0   # the first collection looks for other libssl copies
         self.start_ns = self._last_tick_ns = time.time_ns()
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
         self._prev: dict = {}
@@ -260,32 +264,66 @@ class HttpProbe(BpfProbe):
             self.log.warning("TLS: a uprobe hit costs %.1f us on this machine, and every SSL_read/SSL_write "
                              "pays it (bench/uprobe_cost.py measures it); set probes.http.tls: false if TLS "
                              "servers' speed matters more than their spans and metrics", cost / 1000)
-        libs = self.config["tls_libraries"] or find_libssl()
+        self._tls_seen: set = set()     # (major, minor, inode) of every libssl probed or refused
         attached = []
-        for lib in libs:
+        for lib in self.config["tls_libraries"] or find_libssl():
             if not os.path.exists(lib):
                 self.log.warning("TLS: %s not found; its plaintext is not seen", lib)
                 continue
-            n = 0
-            for func, prog in SSL_FUNCS:
-                try:
-                    obj.program(prog).attach_uprobe(lib, func)
-                    obj.program(prog + "_ret").attach_uprobe(lib, func, retprobe=True)
-                    n += 1
-                except libbpf.BpfError as e:  # e.g. a libssl 1.1 without the _ex calls
-                    self.log.debug("TLS: %s:%s not probed: %s", lib, func, str(e).splitlines()[0])
-            for func, prog in SSL_LIFECYCLE:
-                try:
-                    obj.program(prog).attach_uprobe(lib, func)
-                except libbpf.BpfError as e:
-                    self.log.debug("TLS: %s:%s not probed: %s", lib, func, str(e).splitlines()[0])
-            if n:
+            st = os.stat(lib)
+            if self._probe_libssl(obj, lib, (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)):
                 attached.append(lib)
-            else:
-                self.log.warning("TLS: no SSL_read/SSL_write in %s; its plaintext is not seen", lib)
         if not attached:
-            self.log.warning("TLS: no OpenSSL library probed; HTTPS is not seen (plain HTTP is)")
+            self.log.warning("TLS: no OpenSSL library found by ldconfig; HTTPS is seen once a process maps one "
+                             "(searched every %gs)", self.config["tls_discovery"])
         return attached
+
+    def _probe_libssl(self, obj, path: str, ident: tuple) -> bool:
+        """Uprobes on one libssl file (they fire in every process mapping it)."""
+        if ident in self._tls_seen:
+            return False
+        self._tls_seen.add(ident)
+        n = 0
+        for func, prog in SSL_FUNCS:
+            try:
+                obj.program(prog).attach_uprobe(path, func)
+                obj.program(prog + "_ret").attach_uprobe(path, func, retprobe=True)
+                n += 1
+            except libbpf.BpfError as e:  # e.g. a libssl 1.1 without the _ex calls
+                self.log.debug("TLS: %s:%s not probed: %s", path, func, str(e).splitlines()[0])
+        for func, prog in SSL_LIFECYCLE:
+            try:
+                obj.program(prog).attach_uprobe(path, func)
+            except libbpf.BpfError as e:
+                self.log.debug("TLS: %s:%s not probed: %s", path, func, str(e).splitlines()[0])
+        if not n:
+            self.log.warning("TLS: no SSL_read/SSL_write in %s; its plaintext is not seen", path)
+        return n > 0
+
+    def _discover_libssl(self) -> None:
+        """libssl files mapped by running processes that are not probed yet:
+        a container's own copy, a vendored one. Reached through
+        /proc/PID/root, so the file is the one the process really maps."""
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            if len(self._tls_seen) >= MAX_TLS_LIBRARIES:
+                return
+            try:
+                with open(f"/proc/{pid}/maps") as f:
+                    lines = [line for line in f if "libssl.so" in line]
+            except OSError:
+                continue
+            for line in lines:
+                parts = line.split(None, 5)
+                if len(parts) < 6 or "(deleted)" in parts[5]:
+                    continue
+                major, minor = (int(x, 16) for x in parts[3].split(":"))
+                ident = (major, minor, int(parts[4]))
+                if ident in self._tls_seen:
+                    continue
+                path = f"/proc/{pid}/root{parts[5].strip()}"
+                if self._probe_libssl(self.obj, path, ident):
+                    self.tls_libraries.append(path)
+                    self.log.info("TLS: probing %s (mapped by pid %s)", parts[5].strip(), pid)
 
     # ------------------------------------------------------------- spans
     def _poll(self) -> None:
@@ -368,6 +406,10 @@ class HttpProbe(BpfProbe):
         self._reap_exited()
         if self._tick % 6 == 0:
             self._reap_idle_connections()
+        every = self.config["tls_discovery"]
+        if self.config["tls"] and time.monotonic() - self._tls_scanned >= every:
+            self._tls_scanned = time.monotonic()
+            self._discover_libssl()
         self._last_tick_ns = now
         records = self._records()
         records.extend(self._drain_spans())

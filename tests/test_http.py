@@ -578,3 +578,38 @@ def test_span_flood_is_bounded_and_counted_while_metrics_stay_exact(rx, nginx, t
         if a is not None:
             a.kill()
         flood_rx.stop()
+
+
+def test_libssl_copies_in_use_are_found_and_probed(nginx, tmp_path):
+    """A libssl the dynamic linker does not list (a container's own copy, a
+    vendored one): found in a running process's maps, probed through
+    /proc/PID/root, and a client using it gets its CLIENT spans."""
+    from otlp_receiver import GrpcReceiver
+    libdir = tmp_path / "vendored"
+    libdir.mkdir()
+    shutil.copy("/lib/x86_64-linux-gnu/libssl.so.3", libdir / "libssl.so.3")
+    holder = subprocess.Popen([sys.executable, "-c", f"import ctypes, time\nctypes.CDLL('{libdir}/libssl.so.3')\n"
+                               "print('mapped', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    recv = GrpcReceiver()
+    a = None
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        a = AgentProcess(tmp_path, {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
+                                    "exporters": {"otlp": {"endpoint": recv.endpoint, "protocol": "grpc"}},
+                                    "probes": {"http": {"tls_discovery": "1s"}}})
+        a.wait_for_log("collecting every", timeout=60)
+        a.wait_for_log(f"TLS: probing {libdir}/libssl.so.3", timeout=20)
+        url = f"https://127.0.0.1:{PORTS['tls']}/users/77"
+        env = dict(os.environ, LD_LIBRARY_PATH=str(libdir))
+        assert subprocess.run(["curl", "-sk", "-o", "/dev/null", url], env=env, check=True).returncode == 0
+        maps = subprocess.run(["sh", "-c", f"LD_LIBRARY_PATH={libdir} ldd $(command -v curl)"], capture_output=True,
+                              text=True).stdout
+        assert str(libdir) in maps          # curl really runs on the copy
+        got = wait_until(lambda: [x for x in spans(recv.rx, url__full=url) if x[0].kind == x[0].SPAN_KIND_CLIENT])
+        assert got and got[0][1]["url.scheme"] == "https" and got[0][2]["process.executable.name"] == "curl"
+        assert a.stop() == 0 and "Traceback" not in a.stderr()
+    finally:
+        if a is not None:
+            a.kill()
+        holder.kill()
+        recv.stop()
