@@ -382,6 +382,10 @@ class HttpProbe(BpfProbe):
         return Span(name, kind, trace_id, random.getrandbits(64) or 1, parent_id,
                     start + self._mono_to_wall, end + self._mono_to_wall, attrs, error)
 
+    def _ring_callback_errors(self) -> int:
+        ring = getattr(self, "_ring", None)
+        return ring.callback_errors if ring is not None else 0
+
     def _drain_spans(self) -> list:
         out = []
         while self._pending:
@@ -516,6 +520,7 @@ class HttpProbe(BpfProbe):
                                                              "rate_limited", "tls_no_socket", "detail_full")]
         out += [Counter(UNSAMPLED, {}, stats["sampled_out"], s),
                 dropped(self.name, "span_queue_full", self._queue_full, s),
+                dropped(self.name, "span_undecodable", self._bad_events + self._ring_callback_errors(), s),
                 dropped(self.name, "no_response", stats["no_response"], s),
                 dropped(self.name, "unpaired_response", stats["unpaired_response"], s),
                 overflow(self.name, "kernel_map_full", stats["agg_full"], s),
