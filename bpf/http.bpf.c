@@ -78,6 +78,9 @@ const volatile __u8 capture_query = 0;
 const volatile __u64 max_spans_per_second = 1000;
 const volatile __u32 overflow_tgid = 0xFFFFFFFF;
 const volatile __u32 io_slot_mask = 65535;	/* http_io's size - 1 (a power of two) */
+#define MAX_EXCLUDED 4
+const volatile __u64 excluded_comm[MAX_EXCLUDED][2] = {};	/* thread names not traced (zero-padded) */
+const volatile __u8 n_excluded = 0;
 
 /* The span rate limiter's window (shared by all CPUs; races only blur the cap). */
 __u64 rl_window = 0;
@@ -1047,13 +1050,30 @@ static __always_inline bool skip_self(void)
 	return (bpf_get_current_pid_tgid() >> 32) == self_tgid;
 }
 
+/* A process the user asked us to leave alone (a load generator, a health
+ * checker), by thread name. */
+static __always_inline bool excluded(void)
+{
+	__u64 comm[2] = {};
+
+	if (!n_excluded)
+		return false;
+	bpf_get_current_comm(comm, sizeof(comm));
+#pragma unroll
+	for (int i = 0; i < MAX_EXCLUDED; i++) {
+		if (i < n_excluded && comm[0] == excluded_comm[i][0] && comm[1] == excluded_comm[i][1])
+			return true;
+	}
+	return false;
+}
+
 static __always_inline int enter_io(__u64 fd, __u64 buf, __u32 iovcnt, __u8 dir, __u8 vec, __u8 nodata)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tid = (__u32)id, slot = tid & io_slot_mask;
 	struct io_args *a;
 
-	if ((id >> 32) == self_tgid || !tid)
+	if ((id >> 32) == self_tgid || !tid || excluded())
 		return 0;
 	a = bpf_map_lookup_elem(&http_io, &slot);
 	if (!a)
@@ -1230,7 +1250,7 @@ static __always_inline int ssl_enter(__u64 ssl, __u64 buf, __u64 len_ptr, __u8 d
 	struct ssl_args a = { .ssl = ssl, .buf = buf, .len_ptr = len_ptr, .dir = dir };
 	__u64 *sk;
 
-	if ((id >> 32) == self_tgid)
+	if ((id >> 32) == self_tgid || excluded())
 		return 0;
 	a.ts = bpf_ktime_get_ns();
 	sk = bpf_map_lookup_elem(&http_ssl_socks, &ssl);

@@ -57,6 +57,7 @@ SSL_FUNCS = (("SSL_read", "http_ssl_read"), ("SSL_read_ex", "http_ssl_read_ex"),
 SYSCALLS = {"nr_read": ("read",), "nr_write": ("write",), "nr_recvfrom": ("recvfrom",), "nr_sendto": ("sendto",),
             "nr_readv": ("readv",), "nr_writev": ("writev",), "nr_recvmsg": ("recvmsg",),
             "nr_sendmsg": ("sendmsg",), "nr_sendfile": ("sendfile", "sendfile64"), "nr_close": ("close",)}
+MAX_EXCLUDED = 4          # MAX_EXCLUDED in the .bpf.c
 MAX_TLS_LIBRARIES = 64   # distinct libssl files probed at most
 UPROBE_WARN_NS = 3000   # above this per uprobe hit, TLS tracing costs TLS servers dearly: say so
 SSL_LIFECYCLE = (("SSL_set_fd", "http_ssl_set_fd"), ("SSL_free", "http_ssl_free"))   # entry only
@@ -76,6 +77,17 @@ def _check_pow2(v: int, key: str) -> int:
     if v & (v - 1):
         raise ConfigError(key, f"{v} is not a power of two", f"use {1 << v.bit_length()}")
     return v
+
+
+def _check_excluded(names: list, key: str) -> list:
+    if len(names) > MAX_EXCLUDED:
+        raise ConfigError(key, f"{len(names)} names; the kernel side takes {MAX_EXCLUDED}",
+                          f"keep the {MAX_EXCLUDED} that matter most")
+    for i, n in enumerate(names):
+        if not n or len(n.encode()) > 15:
+            raise ConfigError(f"{key}[{i}]", f"{n!r} is not a thread name (1 to 15 bytes)",
+                              "use the name ps -o comm shows")
+    return names
 
 
 def _check_pow2_bytes(v: int, key: str) -> int:
@@ -177,6 +189,8 @@ class HttpProbe(BpfProbe):
                                "linker knows (ldconfig -p)"),
         "ring_buffer_bytes": Field("int", 4 << 20, "span ring buffer size (a power of two)",
                                    check=_check_pow2_bytes),
+        "exclude": Field("str_list", [], "thread names (comm, up to 15 characters) whose HTTP is not traced: "
+                         "load generators, health checkers (at most 4)", check=_check_excluded),
         "span_queue": Field("int", 20000, "spans held between collections; beyond it dropped, counted",
                             minimum=100),
     }
@@ -195,6 +209,10 @@ class HttpProbe(BpfProbe):
         obj.set_global("capture_query", struct.pack("=B", cfg["capture_query"]))
         obj.set_global("max_spans_per_second", struct.pack("=Q", cfg["max_spans_per_second"]))
         obj.set_global("overflow_tgid", struct.pack("=I", OVERFLOW_TGID))
+        if cfg["exclude"]:
+            names = b"".join(n.encode().ljust(16, b"\0") for n in cfg["exclude"])
+            obj.set_global("excluded_comm", names.ljust(16 * MAX_EXCLUDED, b"\0"))
+            obj.set_global("n_excluded", struct.pack("=B", len(cfg["exclude"])))
         by_name = {v: k for k, v in syscall_table().items()}
         for var, names in SYSCALLS.items():
             nr = next((by_name[n] for n in names if n in by_name), -1)
