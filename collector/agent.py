@@ -60,7 +60,7 @@ class Agent:
         self.drop_warner = DropWarner(log)
         self.notifier = Notifier()
         self.health = None
-        self.enricher = ProcessEnricher(pods=self._start_pod_cache())
+        self.enricher = ProcessEnricher(pods=self._start_pod_cache(), command_line=cfg.process["command_line"])
         self.resource = host_resource(cfg.resource)
         self.span_converter = SpanConverter()
         self.probes: dict = {}        # name -> _RunningProbe
@@ -242,6 +242,7 @@ class Agent:
         old = self.cfg
         self.cfg = new
         self.resource = host_resource(new.resource)
+        self.enricher.command_line = new.process["command_line"]
         for name in list(self.probes):
             if new.probes.get(name) != self.probes[name].cfg:
                 log.info("probe %s: stopping (configuration changed)", name)

@@ -248,6 +248,10 @@ TOP_SCHEMA = {
                     "agent's own telemetry); empty to disable"),
     "lock_file": Field("str", "/run/otelbpf/otelbpf.lock", "one agent per host: a second `otelbpf run` with "
                        "the same lock file exits with a clear message"),
+    "process": {
+        "command_line": Field("bool", False, "add process.command_line to records that name a process "
+                              "(off: arguments can hold secrets)"),
+    },
     "kubernetes": {
         "enabled": Field("str", "auto", "pod names from the Kubernetes API: auto (in a cluster), on, off",
                          choices=("auto", "on", "off")),
@@ -276,6 +280,7 @@ class AgentConfig:
     kubernetes: dict
     exporters: dict  # name -> settings; only the enabled exporters appear
     probes: dict     # name -> settings (enabled included)
+    process: dict = field(default_factory=lambda: {"command_line": False})
     source: str = "(embedded default)"
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -326,8 +331,8 @@ def build(raw: Any, probe_schemas: Mapping[str, Schema], source: str = "(embedde
     return AgentConfig(interval=top["interval"], resource=top["resource"], log_level=top["log_level"],
                        export_queue=top["export_queue"], lock_file=top["lock_file"], health=top["health"],
                        kernel=top["kernel"], kubernetes=top["kubernetes"],
-                       exporters=exporters,
-                       probes=probes, source=source, raw=dict(raw))
+                       exporters=exporters, probes=probes, process=top["process"], source=source,
+                       raw=dict(raw))
 
 
 _MISSING = object()

@@ -92,6 +92,7 @@ def test_shipped_config_documents_every_key():
     """config/otelbpf.yaml shows every key of every schema (commented or not)."""
     text = (ROOT / "config" / "otelbpf.yaml").read_text()
     keys = set(config.TOP_SCHEMA) | set(config.TOP_SCHEMA["kernel"]) | set(config.TOP_SCHEMA["kubernetes"])
+    keys |= set(config.TOP_SCHEMA["process"])
     for schema in config.EXPORTER_SCHEMAS.values():
         keys |= set(schema)
     keys |= set(SyscallLatencyProbe.config_schema) | set(CpuProfileProbe.config_schema) | {"enabled"}

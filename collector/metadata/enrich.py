@@ -12,10 +12,27 @@ from .container import container_of
 from .process import ProcessCache
 
 
+MAX_COMMAND_LINE = 1024
+
+
+def command_line(pid: int):
+    """The process's arguments joined by spaces (NULs in /proc), bounded."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(MAX_COMMAND_LINE + 1)
+    except OSError:
+        return None
+    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", errors="replace")
+    return text[:MAX_COMMAND_LINE] or None
+
+
 class ProcessEnricher:
-    def __init__(self, max_entries: int = 16384, pods=None):
-        """pods: a kubernetes.PodCache (or None): pod UID -> pod attributes."""
+    def __init__(self, max_entries: int = 16384, pods=None, command_line: bool = False):
+        """pods: a kubernetes.PodCache (or None): pod UID -> pod attributes.
+        command_line: add process.command_line (off by default: arguments
+        can hold secrets)."""
         self.pods = pods
+        self.command_line = command_line
         self._cache: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
         self._max = max_entries
         self._owners: dict = {}
@@ -46,6 +63,10 @@ class ProcessEnricher:
             attrs["process.owner"] = self._owner(os.stat(f"/proc/{pid}").st_uid)
         except OSError:
             pass
+        if self.command_line:
+            cmd = command_line(pid)
+            if cmd:
+                attrs["process.command_line"] = cmd
         self._cache[key] = attrs
         if len(self._cache) > self._max:
             self._cache.popitem(last=False)
