@@ -73,14 +73,14 @@ def test_exited_process_gets_nothing_and_pidless_records_are_untouched():
 def test_command_line_only_when_asked():
     """process.command_line is off by default (arguments can hold secrets);
     on, it is the real arguments of the process, joined by spaces."""
-    proc = subprocess.Popen(["python3", "-c", "import sys, time; print(1, flush=True); time.sleep(30)",
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", "import sys, time; print(1, flush=True); time.sleep(30)",
                              "token=abc"], stdout=subprocess.PIPE)
     try:
         proc.stdout.readline()
         assert "process.command_line" not in ProcessEnricher().attributes(proc.pid)
         attrs = ProcessEnricher(command_line=True).attributes(proc.pid)
         assert attrs.get("process.command_line") == \
-            "python3 -c import sys, time; print(1, flush=True); time.sleep(30) token=abc"
+            "/usr/bin/python3 -c import sys, time; print(1, flush=True); time.sleep(30) token=abc"
     finally:
         proc.kill()
         proc.wait()
