@@ -536,6 +536,13 @@ def test_tls_counts_and_attributes_like_plain_http(agent, rx, nginx):
     assert s.trace_id.hex() == TRACEPARENT.split("-")[1]
     client = wait_until(lambda: spans(rx, url__full=f"{base}/missing"))
     assert client and client[0][1]["url.scheme"] == "https"
+    # Python's ssl module goes through SSL_read_ex/SSL_write_ex
+    py = f"{base}/users/4"
+    subprocess.run([sys.executable, "-c", "import ssl, sys, urllib.request\n"
+                    "urllib.request.urlopen(sys.argv[1], context=ssl._create_unverified_context()).read()", py],
+                   check=True, timeout=30)
+    got = wait_until(lambda: [x for x in spans(rx, url__full=py) if x[0].kind == x[0].SPAN_KIND_CLIENT])
+    assert got and got[0][1]["http.response.status_code"] == 200 and got[0][1]["url.scheme"] == "https"
     wrk(f"{base}/", seconds=2, conns=4)
     assert_counts_match_log(rx, nginx, port)
 
