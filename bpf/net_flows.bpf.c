@@ -194,14 +194,15 @@ static __always_inline void report(struct conn_info *c, struct flow_val *v, __u6
 	c->rep_retrans = retrans;
 	if (sent > c->rep_sent)
 		__sync_fetch_and_add(&v->bytes_sent, sent - c->rep_sent);
-	if (recv > c->rep_recv)
+	if (recv > c->rep_recv) {
 		__sync_fetch_and_add(&v->bytes_recv, recv - c->rep_recv);
+		c->rep_recv = recv;	/* only forward: live reports hold a byte back */
+	}
 	if (segs_out > c->rep_segs_out)
 		__sync_fetch_and_add(&v->segs_sent, segs_out - c->rep_segs_out);
 	if (segs_in > c->rep_segs_in)
 		__sync_fetch_and_add(&v->segs_recv, segs_in - c->rep_segs_in);
 	c->rep_sent = sent;
-	c->rep_recv = recv;
 	c->rep_segs_out = segs_out;
 	c->rep_segs_in = segs_in;
 }
@@ -216,6 +217,18 @@ static __always_inline __u64 payload_received(struct tcp_sock *tp)
 	__u8 shutdown = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_shutdown);
 
 	return (shutdown & RCV_SHUTDOWN) && recv ? recv - 1 : recv;
+}
+
+/* The same while the connection lives, one byte behind: softirq bumps
+ * bytes_received for a FIN before tcp_fin() sets RCV_SHUTDOWN, and a reader
+ * on another CPU (the iterator, a recv on another socket) can land in
+ * between. The close reports the exact count. */
+static __always_inline __u64 payload_received_live(struct tcp_sock *tp)
+{
+	__u64 recv = payload_received(tp);
+	__u64 raw = BPF_CORE_READ(tp, bytes_received);
+
+	return recv < raw ? recv : (recv ? recv - 1 : 0);
 }
 
 static __always_inline __u64 payload_sent(struct tcp_sock *tp)
@@ -389,7 +402,7 @@ static __always_inline int report_live(struct sock *sk_ptr)
 	v = flow_get(&c->key);
 	if (!v)
 		return 0;
-	report(c, v, payload_sent(tp), payload_received(tp), BPF_CORE_READ(tp, segs_out),
+	report(c, v, payload_sent(tp), payload_received_live(tp), BPF_CORE_READ(tp, segs_out),
 	       BPF_CORE_READ(tp, segs_in), BPF_CORE_READ(tp, total_retrans));
 	add_rtt(v, BPF_CORE_READ(tp, srtt_us) >> 3);
 	return 0;
@@ -450,7 +463,7 @@ int flow_iter(struct bpf_iter__tcp *ctx)
 	v = flow_get(&c->key);
 	if (!v)
 		return 0;
-	report(c, v, payload_sent(tp), payload_received(tp), tp->segs_out, tp->segs_in, tp->total_retrans);
+	report(c, v, payload_sent(tp), payload_received_live(tp), tp->segs_out, tp->segs_in, tp->total_retrans);
 	add_rtt(v, tp->srtt_us >> 3);
 	c->last_report_ns = bpf_ktime_get_ns();
 	return 0;
