@@ -11,8 +11,6 @@ Usage: python bench/uprobe_cost.py [--calls 200000] [--rounds 3]
 from __future__ import annotations
 
 import argparse
-import ctypes.util
-import os
 import subprocess
 import sys
 import time
@@ -20,19 +18,13 @@ import time
 from common import ROOT, build  # noqa: E402  (puts the checkout on sys.path)
 
 from collector import libbpf  # noqa: E402
+from probes.http import libc_path  # noqa: E402
 
 
 def run(binary: str, calls: int) -> float:
     t = time.perf_counter()
     subprocess.run([binary, str(calls)], check=True)
     return (time.perf_counter() - t) / calls * 1e9
-
-
-def libc_path() -> str:
-    for path in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6", "/lib64/libc.so.6"):
-        if os.path.exists(path):
-            return path
-    return ctypes.util.find_library("c")
 
 
 def main() -> int:
@@ -45,13 +37,17 @@ def main() -> int:
     if not obj_path.exists():
         print(f"{obj_path} missing: run `make bpf`", file=sys.stderr)
         return 2
+    libc = libc_path()
+    if libc is None:
+        print("no libc.so.6 found to put the uprobe on", file=sys.stderr)
+        return 2
     best = {}
     with libbpf.BpfObject(str(obj_path)) as obj:
         obj.load()
         best["bare"] = min(run(binary, args.calls) for _ in range(args.rounds))
-        obj.program("empty_uprobe").attach_uprobe(libc_path(), "getppid")
+        obj.program("empty_uprobe").attach_uprobe(libc, "getppid")
         best["uprobe"] = min(run(binary, args.calls) for _ in range(args.rounds))
-        obj.program("empty_uretprobe").attach_uprobe(libc_path(), "getppid", retprobe=True)
+        obj.program("empty_uretprobe").attach_uprobe(libc, "getppid", retprobe=True)
         best["both"] = min(run(binary, args.calls) for _ in range(args.rounds))
     print(f"libc getppid(), {args.calls} calls, best of {args.rounds} (ns per call, process start included)")
     print(f"  bare                      {best['bare']:8.0f}")

@@ -1033,8 +1033,6 @@ static __noinline void on_data(struct data_ev *e)
 		c = bpf_map_lookup_elem(&http_conns, &sk);
 		if (!c)
 			return;
-	} else {
-		read_tuple(sk, &c->t);	/* cheap insurance against a state that outlived its socket */
 	}
 	c->tgid = bpf_get_current_pid_tgid() >> 32;
 	c->tls = tls;

@@ -58,6 +58,13 @@ def _type_name(v: Any) -> str:
             int: "an integer", float: "a number", type(None): "empty"}.get(type(v), type(v).__name__)
 
 
+def check_power_of_two(v: int, key: str) -> int:
+    """Field check for sizes the kernel wants as powers of two."""
+    if v & (v - 1):
+        raise ConfigError(key, f"{v} is not a power of two", f"use {1 << v.bit_length()}")
+    return v
+
+
 @dataclass
 class Field:
     """One configuration key: its kind, default and documentation.

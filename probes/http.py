@@ -24,7 +24,7 @@ import threading
 import time
 
 from collector import libbpf
-from collector.config import ConfigError, Field
+from collector.config import ConfigError, Field, check_power_of_two
 from collector.metadata.process import ProcessCache, alive
 from collector.probe import BpfProbe
 from collector.records import Counter, Instrument, Log2Histogram, Span
@@ -73,12 +73,6 @@ CLIENT_DURATION = Instrument("http.client.request.duration", "s",
                              "byte read, timed in the kernel")
 
 
-def _check_pow2(v: int, key: str) -> int:
-    if v & (v - 1):
-        raise ConfigError(key, f"{v} is not a power of two", f"use {1 << v.bit_length()}")
-    return v
-
-
 def _check_excluded(names: list, key: str) -> list:
     if len(names) > MAX_EXCLUDED:
         raise ConfigError(key, f"{len(names)} names; the kernel side takes {MAX_EXCLUDED}",
@@ -90,10 +84,10 @@ def _check_excluded(names: list, key: str) -> list:
     return names
 
 
-def _check_pow2_bytes(v: int, key: str) -> int:
-    if v & (v - 1) or v < 4096:
-        raise ConfigError(key, f"{v} is not a power of two of at least 4096", "use e.g. 4194304 (4 MiB)")
-    return v
+def libc_path():
+    """The C library's file (a uprobe target every process has), or None."""
+    return next((p for p in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6",
+                             "/lib64/libc.so.6") if os.path.exists(p)), None)
 
 
 def find_libssl() -> list:
@@ -180,7 +174,7 @@ class HttpProbe(BpfProbe):
         "max_connections": Field("int", 65536, "connections tracked at once in the kernel (LRU)", minimum=256),
         "inflight_slots": Field("int", 65536, "per-thread slots for reads and writes in flight (a power of "
                                 "two, 40 bytes each); threads whose ids collide lose a call, counted",
-                                minimum=1024, check=_check_pow2),
+                                minimum=1024, check=check_power_of_two),
         "connection_idle": Field("duration", 300.0, "a connection without traffic this long loses its state"),
         "tls": Field("bool", True, "uprobes on OpenSSL's SSL_read/SSL_write for TLS plaintext"),
         "tls_discovery": Field("duration", 30.0, "how often running processes are searched for libssl copies "
@@ -188,7 +182,7 @@ class HttpProbe(BpfProbe):
         "tls_libraries": Field("str_list", [], "libssl paths to probe; empty: every libssl.so the dynamic "
                                "linker knows (ldconfig -p)"),
         "ring_buffer_bytes": Field("int", 4 << 20, "span ring buffer size (a power of two)",
-                                   check=_check_pow2_bytes),
+                                   minimum=4096, check=check_power_of_two),
         "exclude": Field("str_list", [], "thread names (comm, up to 15 characters) whose HTTP is not traced: "
                          "load generators, health checkers (at most 4)", check=_check_excluded),
         "span_queue": Field("int", 20000, "spans held between collections; beyond it dropped, counted",
@@ -254,8 +248,7 @@ class HttpProbe(BpfProbe):
     def _uprobe_cost_ns(self, obj) -> float:
         """ns one uprobe hit adds here: an empty program on libc's getppid,
         for this process only, timed over a few hundred calls."""
-        libc = next((p for p in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6",
-                                 "/lib64/libc.so.6") if os.path.exists(p)), None)
+        libc = libc_path()
         if libc is None:
             return 0.0
 

@@ -13,7 +13,7 @@ import platform
 import struct
 import time
 
-from collector.config import ConfigError, Field
+from collector.config import ConfigError, Field, check_power_of_two
 from collector.metadata.cgroup import CgroupPaths
 from collector.metadata.process import ProcessCache, alive
 from collector.probe import BpfProbe, ProbeError
@@ -56,12 +56,6 @@ def _check_syscalls(names: list, key: str) -> list:
     return names
 
 
-def _check_pow2(v: int, key: str) -> int:
-    if v & (v - 1):
-        raise ConfigError(key, f"{v} is not a power of two", f"use {1 << (v.bit_length())}")
-    return v
-
-
 class _Acc:
     """A cumulative series: buckets, sum (ns) and errors since start_ns."""
     __slots__ = ("buckets", "sum", "errors", "start_ns")
@@ -98,7 +92,7 @@ class SyscallLatencyProbe(BpfProbe):
                           "per-syscall overflow histogram and are counted", minimum=64),
         "inflight_slots": Field("int", 262144, "per-thread slots for in-flight syscalls (power of two); "
                                 "threads whose tids collide lose a measurement, counted",
-                                minimum=1024, check=_check_pow2),
+                                minimum=1024, check=check_power_of_two),
         "exclude_agent": Field("bool", True, "do not measure the agent's own syscalls"),
     }
 

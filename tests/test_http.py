@@ -568,13 +568,7 @@ def test_span_flood_is_bounded_and_counted_while_metrics_stay_exact(rx, nginx, t
         expected = log_counts(nginx.log_lines(port)) - before
 
         def dropped():
-            out = {}
-            for _r, _s, m in metrics(list(flood_rx.rx.metrics), "otelbpf.dropped"):
-                for dp in m.sum.data_points:
-                    at = attrs_of(dp.attributes)
-                    if at.get("otelbpf.probe") == "http":
-                        out[at["reason"]] = max(out.get(at["reason"], 0), dp.as_int)
-            return out
+            return http_drops(flood_rx.rx)
         assert wait_until(lambda: server_counts(flood_rx.rx, port) == expected), \
             f"{dict(server_counts(flood_rx.rx, port))} vs {dict(expected)}"
         assert not server_counts(flood_rx.rx, port, "http.client.request.duration")   # wrk is excluded
