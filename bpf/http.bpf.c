@@ -230,12 +230,28 @@ struct {
 	__type(value, struct ssl_args);
 } http_ssl_calls SEC(".maps");
 
+/* An SSL object's address is only unique within its process: forked
+ * workers (nginx) allocate theirs at the same addresses, and one worker's
+ * SSL_free must not untie another's socket. */
+struct ssl_key {
+	__u32 tgid;
+	__u32 pad;
+	__u64 ssl;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
-	__type(key, __u64);	/* SSL * */
+	__type(key, struct ssl_key);
 	__type(value, __u64);	/* struct sock * */
 } http_ssl_socks SEC(".maps");
+
+static __always_inline struct ssl_key ssl_key_of(__u64 ssl)
+{
+	struct ssl_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .ssl = ssl };
+
+	return k;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -1119,8 +1135,10 @@ static __always_inline int exit_io(long ret)
 	if (ssl) {
 		/* ciphertext under an SSL_read/SSL_write: only learn the socket */
 		if (ssl->sk != sk) {
+			struct ssl_key k = ssl_key_of(ssl->ssl);
+
 			ssl->sk = sk;
-			bpf_map_update_elem(&http_ssl_socks, &ssl->ssl, &sk, BPF_ANY);
+			bpf_map_update_elem(&http_ssl_socks, &k, &sk, BPF_ANY);
 		}
 		return 0;
 	}
@@ -1250,8 +1268,10 @@ static __always_inline int ssl_enter(__u64 ssl, __u64 buf, __u64 len_ptr, __u8 d
 
 	if ((id >> 32) == self_tgid || excluded())
 		return 0;
+	struct ssl_key k = ssl_key_of(ssl);
+
 	a.ts = bpf_ktime_get_ns();
-	sk = bpf_map_lookup_elem(&http_ssl_socks, &ssl);
+	sk = bpf_map_lookup_elem(&http_ssl_socks, &k);
 	if (sk)
 		a.sk = *sk;
 	bpf_map_update_elem(&http_ssl_calls, &id, &a, BPF_ANY);
@@ -1331,7 +1351,8 @@ int BPF_KRETPROBE(http_ssl_handshake_ret, int ret) { return ssl_exit(ret); }
 SEC("uprobe")
 int BPF_KPROBE(http_ssl_set_fd, void *ssl, int fd)
 {
-	__u64 key = (__u64)ssl, sk;
+	struct ssl_key key = ssl_key_of((__u64)ssl);
+	__u64 sk;
 
 	if (skip_self() || fd < 0)
 		return 0;
@@ -1346,7 +1367,7 @@ int BPF_KPROBE(http_ssl_set_fd, void *ssl, int fd)
 SEC("uprobe")
 int BPF_KPROBE(http_ssl_free, void *ssl)
 {
-	__u64 key = (__u64)ssl;
+	struct ssl_key key = ssl_key_of((__u64)ssl);
 
 	bpf_map_delete_elem(&http_ssl_socks, &key);
 	return 0;
