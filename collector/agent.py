@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from . import features, libbpf
 from .config import AgentConfig, ConfigError
-from .export.worker import ExportWorker
+from .export.worker import ExportWorker, QueueLimits
 from .metadata.enrich import ProcessEnricher
 from .metadata.host import host_resource
 from .probe import BpfProbe, ProbeContext, ProbeEntry, default_bpf_dir
@@ -136,11 +136,12 @@ class Agent:
         return True
 
     def _start_exporters(self, names=None) -> None:
+        limits = QueueLimits(batches=self.cfg.export_queue, memory=self.cfg.export_queue_memory)
         for name, ecfg in self.cfg.exporters.items():
             if names is not None and name not in names:
                 continue
             try:
-                self.workers[name] = ExportWorker(make_exporter(name, ecfg), self.cfg.export_queue, self.counters)
+                self.workers[name] = ExportWorker(make_exporter(name, ecfg), limits, self.counters)
             except Exception as e:
                 log.error("exporter %s: cannot start: %s", name, e)
 

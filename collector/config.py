@@ -53,6 +53,22 @@ def parse_duration(value: Any, key: str) -> float:
     return secs
 
 
+_BYTES_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_BYTES_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def parse_bytes(value: Any, key: str) -> int:
+    """'64MiB', '512KiB', or a number of bytes -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str) and _BYTES_RE.match(value):
+        num, unit = _BYTES_RE.match(value).groups()
+        n = int(num) * _BYTES_UNITS[unit or "B"]
+    else:
+        raise ConfigError(key, f"{value!r} is not a size", "write it like 64MiB, 512KiB or a number of bytes")
+    return n
+
+
 def _type_name(v: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
             int: "an integer", float: "a number", type(None): "empty"}.get(type(v), type(v).__name__)
@@ -69,7 +85,7 @@ def check_power_of_two(v: int, key: str) -> int:
 class Field:
     """One configuration key: its kind, default and documentation.
 
-    kind: "bool" | "int" | "float" | "str" | "duration" | "str_map" | "str_list" | "int_list"
+    kind: "bool" | "int" | "float" | "str" | "duration" | "bytes" | "str_map" | "str_list" | "int_list"
     """
     kind: str
     default: Any
@@ -114,6 +130,8 @@ class Field:
             raise ConfigError(key, f"expected a string, got {_type_name(value)} {value!r}", "quote the value")
         if k == "duration":
             return parse_duration(value, key)
+        if k == "bytes":
+            return parse_bytes(value, key)
         if k == "str_map":
             if value is None:
                 return {}
@@ -249,8 +267,10 @@ TOP_SCHEMA = {
     "interval": Field("duration", 10.0, "collection and export period (at least 100ms)", minimum=0.1),
     "resource": Field("str_map", {}, "extra resource attributes (OTEL_RESOURCE_ATTRIBUTES also applies)"),
     "log_level": Field("str", "info", "agent log level", choices=("debug", "info", "warning", "error")),
-    "export_queue": Field("int", 64, "batches buffered per exporter while a backend is slow or down; "
-                          "the oldest are dropped and counted beyond it", minimum=1),
+    "export_queue": Field("int", 64, "batches buffered per exporter and signal while a backend is slow or "
+                          "down; the oldest are dropped and counted beyond it", minimum=1),
+    "export_queue_memory": Field("bytes", 64 << 20, "memory (estimated) buffered per exporter and signal; "
+                                 "the oldest batches are dropped and counted beyond it", minimum=64 << 10),
     "health": Field("str", "127.0.0.1:9464", "host:port for /healthz and /metrics (Prometheus text of the "
                     "agent's own telemetry); empty to disable"),
     "lock_file": Field("str", "/run/otelbpf/otelbpf.lock", "one agent per host: a second `otelbpf run` with "
@@ -281,6 +301,7 @@ class AgentConfig:
     resource: dict
     log_level: str
     export_queue: int
+    export_queue_memory: int
     lock_file: str
     health: str
     kernel: dict
@@ -336,7 +357,8 @@ def build(raw: Any, probe_schemas: Mapping[str, Schema], source: str = "(embedde
     exporters = _build_exporters(raw.get("exporters", _MISSING), env)
     probes = _build_probes(raw.get("probes", _MISSING), probe_schemas)
     return AgentConfig(interval=top["interval"], resource=top["resource"], log_level=top["log_level"],
-                       export_queue=top["export_queue"], lock_file=top["lock_file"], health=top["health"],
+                       export_queue=top["export_queue"], export_queue_memory=top["export_queue_memory"],
+                       lock_file=top["lock_file"], health=top["health"],
                        kernel=top["kernel"], kubernetes=top["kubernetes"],
                        exporters=exporters, probes=probes, process=top["process"], source=source,
                        raw=dict(raw))

@@ -29,6 +29,8 @@ def _one_clear_line(proc, *needles):
     ("interval: [10s\n", ["line 2", "invalid YAML", "fix the YAML syntax"]),
     ("interval: 10 parsecs\n", ["interval", "not a duration", "10s"]),
     ("interval: -5s\n", ["interval"]),
+    ("export_queue_memory: 64MB\n", ["export_queue_memory", "not a size", "64MiB"]),
+    ("export_queue_memory: 1KiB\n", ["export_queue_memory", "below the minimum"]),
     ("intervall: 10s\n", ["intervall: unknown key", "did you mean 'interval'"]),
     ("probes: {nope: {}}\n", ["probes.nope: unknown probe", "installed probes: cpu_profile, http, net_flows, syscall_latency"]),
     ("probes: {syscall_latency: {enabled: yes please}}\n", ["probes.syscall_latency.enabled", "true or false"]),

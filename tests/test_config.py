@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from collector import config
-from collector.config import ConfigError, parse_duration
+from collector.config import ConfigError, parse_bytes, parse_duration
 from probes.cpu_profile import CpuProfileProbe
 from probes.http import HttpProbe
 from probes.net_flows import NetFlowsProbe
@@ -22,6 +22,19 @@ ROOT = Path(__file__).resolve().parent.parent
                                        ("1.5s", 1.5), ("250us", 250e-6), (" 7 ", 7)])
 def test_durations(text, secs):
     assert parse_duration(text, "k") == pytest.approx(secs)
+
+
+@pytest.mark.parametrize("text,n", [("64MiB", 64 << 20), ("512KiB", 512 << 10), ("1GiB", 1 << 30), (4096, 4096),
+                                    ("100", 100), ("100B", 100)])
+def test_sizes(text, n):
+    assert parse_bytes(text, "k") == n
+
+
+@pytest.mark.parametrize("bad", ["", "64MB", "-1", "1.5MiB", True, [1], None])
+def test_bad_sizes_name_the_key(bad):
+    with pytest.raises(ConfigError) as e:
+        parse_bytes(bad, "export_queue_memory")
+    assert e.value.key == "export_queue_memory" and "64MiB" in str(e.value)
 
 
 @pytest.mark.parametrize("bad", ["", "ten", "10 parsecs", "-1s", 0, True, [1], None])

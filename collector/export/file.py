@@ -16,6 +16,7 @@ from .profiles_otlp import build_request
 
 class FileExporter:
     name = "file"
+    signal_lanes = True  # one line per signal; writes are serialised by _lock
 
     def __init__(self, cfg: dict):
         self.path = cfg["path"]

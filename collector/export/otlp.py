@@ -171,6 +171,7 @@ class ProfilesExporter:
 
 class OtlpExporter:
     name = "otlp"
+    signal_lanes = True  # each signal goes out on its own; see export.worker
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
