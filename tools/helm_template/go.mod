@@ -1,0 +1,3 @@
+module otelbpf/tools/helm_template
+
+go 1.22
