@@ -136,7 +136,8 @@ class Agent:
         return True
 
     def _start_exporters(self, names=None) -> None:
-        limits = QueueLimits(batches=self.cfg.export_queue, memory=self.cfg.export_queue_memory)
+        limits = QueueLimits(batches=self.cfg.export_queue, memory=self.cfg.export_queue_memory,
+                             retry_max_s=self.cfg.export_retry_max)
         for name, ecfg in self.cfg.exporters.items():
             if names is not None and name not in names:
                 continue

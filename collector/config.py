@@ -271,6 +271,8 @@ TOP_SCHEMA = {
                           "down; the oldest are dropped and counted beyond it", minimum=1),
     "export_queue_memory": Field("bytes", 64 << 20, "memory (estimated) buffered per exporter and signal; "
                                  "the oldest batches are dropped and counted beyond it", minimum=64 << 10),
+    "export_retry_max": Field("duration", 300.0, "how long one batch is retried before it is dropped and "
+                              "counted (a backend that rejects it for good must not stall the rest)"),
     "health": Field("str", "127.0.0.1:9464", "host:port for /healthz and /metrics (Prometheus text of the "
                     "agent's own telemetry); empty to disable"),
     "lock_file": Field("str", "/run/otelbpf/otelbpf.lock", "one agent per host: a second `otelbpf run` with "
@@ -302,6 +304,7 @@ class AgentConfig:
     log_level: str
     export_queue: int
     export_queue_memory: int
+    export_retry_max: float
     lock_file: str
     health: str
     kernel: dict
@@ -358,6 +361,7 @@ def build(raw: Any, probe_schemas: Mapping[str, Schema], source: str = "(embedde
     probes = _build_probes(raw.get("probes", _MISSING), probe_schemas)
     return AgentConfig(interval=top["interval"], resource=top["resource"], log_level=top["log_level"],
                        export_queue=top["export_queue"], export_queue_memory=top["export_queue_memory"],
+                       export_retry_max=top["export_retry_max"],
                        lock_file=top["lock_file"], health=top["health"],
                        kernel=top["kernel"], kubernetes=top["kubernetes"],
                        exporters=exporters, probes=probes, process=top["process"], source=source,

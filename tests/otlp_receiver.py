@@ -92,9 +92,12 @@ class HttpReceiver:
 
     def __init__(self):
         """script: (status, headers, delay s) answers given to the next
-        requests, in order, before the normal 200s (faults on demand)."""
+        requests, in order, before the normal 200s (faults on demand).
+        reject: (kind, request) -> an error status for a request this backend
+        refuses for good (a poison batch), or None to take it."""
         self.rx = Received()
         self.script: "collections.deque" = collections.deque()
+        self.reject = None
         self.faults_served: list = []
         rx, routes, receiver = self.rx, self._ROUTES, self
 
@@ -124,6 +127,13 @@ class HttpReceiver:
                 kind, req_cls, resp_cls = route
                 req = req_cls()
                 req.ParseFromString(body)
+                refused = receiver.reject(kind, req) if receiver.reject else None
+                if refused:
+                    receiver.faults_served.append((self.path, refused))
+                    self.send_response(refused)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 rx.add(kind, req, {k.lower(): v for k, v in self.headers.items()})
                 out = resp_cls().SerializeToString()
                 self.send_response(200)

@@ -196,3 +196,25 @@ def test_the_size_estimate_tracks_real_memory_within_a_factor_of_two():
     for signal, (make, put) in cases.items():
         used, estimated = _measured_and_estimated(make, put)
         assert 0.5 < estimated / used < 2.0, f"{signal}: estimated {estimated} B, tracemalloc {used} B"
+
+
+def test_a_batch_refused_for_good_expires_and_frees_its_lane(monkeypatch):
+    monkeypatch.setattr(worker_mod, "BACKOFF_FIRST_S", 0.05)
+
+    class Poisoned(PickyExporter):
+        def export(self, batch) -> bool:
+            if any(s.name == "bad" for s in batch.spans):
+                return False
+            return super().export(batch)
+
+    exp = Poisoned(reject_spans=0)
+    counters = AgentCounters()
+    w = ExportWorker(exp, QueueLimits(batches=10, memory=1 << 30, retry_max_s=0.3), counters)
+    w.submit(_batch(1, spans=["bad", "innocent"]))
+    time.sleep(0.01)
+    w.submit(_batch(2, spans=["later"]))
+    assert w.flush(timeout=10)
+    w.close(1)
+    assert exp.span_names == ["later"]
+    assert counters.get("exporter.picky", "retry_expired.spans") == 2  # the whole refused batch, counted
+    assert counters.get("exporter.picky", "export_failed") >= 3  # retried first: it might have been transient

@@ -252,3 +252,76 @@ def _getppid_points(requests, pid):
     from otlp_data import points
     return [dp for _m, dp, a in points(requests, "otelbpf.syscall.duration", syscall__name="getppid")
             if a.get("process.pid") in (pid, None)]
+
+
+def _span_paths(req) -> set:
+    return {a.value.string_value for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans
+            for a in s.attributes if a.key == "url.path"}
+
+
+@needs_root
+def test_a_batch_refused_for_good_is_dropped_and_counted_and_the_rest_flows(agent_factory, tmp_path):
+    """A backend answers 400 to any trace request holding the span of
+    /poison. That batch is retried for export_retry_max, then dropped and
+    counted; the spans after it arrive, and metrics never wait for spans."""
+    import socket
+
+    from otlp_receiver import HttpReceiver
+    receiver = HttpReceiver()
+    refused_ids = set()  # every span in a refused request (retries resend the same ones)
+
+    def reject(kind, req):
+        if kind == "traces" and "/poison" in _span_paths(req):
+            refused_ids.update(s.span_id for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans)
+            return 400
+        return None
+    receiver.reject = reject
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def get(path):  # curl's side is excluded: one SERVER span per request
+        return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}{path}"],
+                              capture_output=True, text=True, timeout=10).stdout
+
+    def delivered():
+        return set().union(set(), *map(_span_paths, list(receiver.rx.traces)))
+
+    def wait_for(cond, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        return cond()
+
+    try:
+        agent = agent_factory({"interval": "1s", "export_retry_max": "2s",
+                               "exporters": {"otlp": {"endpoint": receiver.endpoint, "protocol": "http/protobuf",
+                                                      "timeout": "2s"}},
+                               "probes": {"http": {"tls": False, "exclude": ["curl"]}}})
+        agent.wait_for_log("collecting every")
+        assert wait_for(lambda: get("/") == "200", timeout=10)
+        assert wait_for(lambda: "/" in delivered())  # the path to the backend works
+        get("/poison")
+        assert wait_for(lambda: receiver.faults_served), "the poison span never reached the backend"
+        get("/after")  # its span queues behind the refused batch
+
+        def dropped():
+            return [dp.as_int for _m, dp, _a in points(list(receiver.rx.metrics), "otelbpf.dropped",
+                                                       otelbpf__probe="exporter.otlp", reason="retry_expired.spans")]
+        assert wait_for(lambda: "/after" in delivered() and dropped())
+        assert "/poison" not in delivered()
+        # what the backend refused is what the agent says it lost (the batch may hold the
+        # receiver's own request spans: this test's process serves HTTP too)
+        assert max(dropped()) == len(refused_ids) >= 1
+        # the refused span's request was still counted: metrics do not wait behind spans
+        assert any(a.get("http.response.status_code") == 404
+                   for _m, _dp, a in points(list(receiver.rx.metrics), "http.server.request.duration"))
+        assert {status for _p, status in receiver.faults_served} == {400} and len(receiver.faults_served) >= 2
+        assert agent.stop() == 0
+        assert "Traceback" not in agent.stderr()
+    finally:
+        server.kill()
+        server.wait()
+        receiver.stop()

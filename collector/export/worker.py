@@ -10,7 +10,9 @@ batch is waiting the failed batch's series that the newer one carries are
 superseded (its totals include them); series only the failed batch has, and
 spans and profiles, are retried. Beyond a lane's bound (batches, and an
 estimate of their memory) the oldest batch is dropped, and what that loses
-is counted per signal.
+is counted per signal. A batch that keeps failing for `retry_max_s` (a
+backend rejecting it for good: HTTP 400, INVALID_ARGUMENT) is dropped and
+counted, so it cannot hold its lane back until the bound pushes it out.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ SIGNALS = ("metrics", "spans", "profiles")
 @dataclasses.dataclass(frozen=True)
 class QueueLimits:
     batches: int
-    memory: int  # bytes, estimated with export.sizes
+    memory: int               # bytes, estimated with export.sizes
+    retry_max_s: float = 300  # a batch still failing after this long is dropped
 
 
 def _lost_items(batch) -> dict:
@@ -73,6 +76,7 @@ class _Lane:
         self._closing = False
         self._busy = False
         self._failures = 0
+        self._failing_since = None  # monotonic time of the head batch's first failure
         self.delivered = 0
         self._thread = threading.Thread(target=self._run, name=f"export-{name}", daemon=True)
         self._thread.start()
@@ -131,11 +135,19 @@ class _Lane:
                 self._busy = False
                 if ok:
                     self._failures = 0
+                    self._failing_since = None
                     self.delivered += 1
                 else:
                     self._counters.drop(f"exporter.{self.exporter.name}", "export_failed")  # attempts, not data
                     self._failures += 1
-                    self._requeue(batch)
+                    now = time.monotonic()
+                    if self._failing_since is None:
+                        self._failing_since = now
+                    if now - self._failing_since >= self._limits.retry_max_s:
+                        self._drop(batch, "retry_expired")
+                        self._failing_since = None  # the next batch gets its own budget
+                    else:
+                        self._requeue(batch)
                     if not self._closing:
                         backoff = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self._failures - 1))
                         self._cv.wait(backoff * random.uniform(0.8, 1.2))
