@@ -94,7 +94,8 @@ class Agent:
             self.tracefs = features.ensure_tracefs(self.cfg.kernel["tracefs"])
         except features.TracefsError as e:
             self.tracefs = None
-            log.warning("%s; probes that need tracepoints or uprobes will be skipped", e)
+            log.warning("%s; probes that require tracefs are skipped (the built-in ones attach through raw "
+                        "tracepoints, perf events and the uprobe PMU, and run without it)", e)
 
     def features(self) -> dict:
         if self._features is None:

@@ -127,7 +127,8 @@ def _perf_event_feature() -> Feature:
     except OSError as e:
         paranoid = _read("/proc/sys/kernel/perf_event_paranoid")
         return Feature("perf_event", False, f"perf_event_open failed: {os.strerror(e.errno)} "
-                       f"(perf_event_paranoid={paranoid}; needs CAP_PERFMON)")
+                       f"(perf_event_paranoid={paranoid}; needs CAP_PERFMON, and a seccomp profile that "
+                       "allows perf_event_open: container runtimes' default ones deny it)")
     os.close(fd)
     return Feature("perf_event", True, "software cpu-clock sampling opens")
 

@@ -224,6 +224,7 @@ class HttpProbe(BpfProbe):
         for prog in obj.programs():
             if prog.section.startswith(("tp_btf/", "raw_tp/")):
                 prog.attach()
+        self._tls_usable = cfg["tls"]
         self.tls_libraries = self._attach_tls(obj) if cfg["tls"] else []
         self._tls_scanned = 0.0   # the first collection looks for other libssl copies
         self.start_ns = self._last_tick_ns = time.time_ns()
@@ -258,10 +259,7 @@ class HttpProbe(BpfProbe):
                 os.getppid()
             return (time.perf_counter_ns() - t) / n
         bare = min(per_call() for _ in range(3))
-        try:
-            link = obj.program("http_uprobe_calibrate").attach_uprobe(libc, "getppid", pid=os.getpid())
-        except libbpf.BpfError:
-            return 0.0
+        link = obj.program("http_uprobe_calibrate").attach_uprobe(libc, "getppid", pid=os.getpid())
         try:
             hit = min(per_call() for _ in range(3))
         finally:
@@ -269,13 +267,21 @@ class HttpProbe(BpfProbe):
         return max(hit - bare, 0.0)
 
     def _attach_tls(self, obj) -> list:
-        cost = self._uprobe_cost_ns(obj)
+        self._tls_seen: set = set()     # (major, minor, inode) of every libssl probed or refused
+        try:
+            cost = self._uprobe_cost_ns(obj)
+        except libbpf.BpfError as e:
+            # no uprobes at all (a seccomp profile denying perf_event_open, a
+            # kernel without CONFIG_UPROBE_EVENTS): say it once, stop looking
+            self.log.warning("TLS: uprobes cannot be attached here (%s); HTTPS plaintext is not seen, "
+                             "plain HTTP is", str(e).splitlines()[0])
+            self._tls_usable = False
+            return []
         self.uprobe_cost_ns = cost
         if cost > UPROBE_WARN_NS:
             self.log.warning("TLS: a uprobe hit costs %.1f us on this machine, and every SSL_read/SSL_write "
                              "pays it (bench/uprobe_cost.py measures it); set probes.http.tls: false if TLS "
                              "servers' speed matters more than their spans and metrics", cost / 1000)
-        self._tls_seen: set = set()     # (major, minor, inode) of every libssl probed or refused
         attached = []
         for lib in self.config["tls_libraries"] or find_libssl():
             if not os.path.exists(lib):
@@ -422,7 +428,7 @@ class HttpProbe(BpfProbe):
         if self._tick % 6 == 0:
             self._reap_idle_connections()
         every = self.config["tls_discovery"]
-        if self.config["tls"] and time.monotonic() - self._tls_scanned >= every:
+        if self._tls_usable and time.monotonic() - self._tls_scanned >= every:
             self._tls_scanned = time.monotonic()
             self._discover_libssl()
         self._last_tick_ns = now
