@@ -7,7 +7,8 @@ load at a 2 s interval, against ~5% for the probes themselves.)
 
 Runs `otelbpf run` with every probe while the host forks short-lived
 processes, opens and closes TCP connections to ever-new ports, sends UDP to
-many endpoints and burns CPU; samples the agent's RSS and CPU every
+many endpoints, serves HTTP for ever-new paths (/items/<id>, over keep-alive
+and fresh connections) and burns CPU; samples the agent's RSS and CPU every
 --sample seconds for --minutes, and prints them with the growth between the
 second sample (after start-up) and the last.
 
@@ -59,6 +60,38 @@ def udp(stop):
         time.sleep(0.001)
 
 
+class Items(BaseHTTPRequestHandler):
+    """The HTTP load's server: every path is a new one, so route learning and
+    the span path are exercised without end."""
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = b"item " + self.path.encode()
+        self.send_response(200 if random.random() < 0.95 else 500)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def http(stop):
+    import http.client
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Items)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    while not stop.is_set():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        for _ in range(random.randint(1, 20)):  # keep-alive runs of varying length
+            conn.request("GET", f"/items/{random.getrandbits(48)}?q={random.getrandbits(16)}",
+                         headers={"User-Agent": f"soak/{random.randint(1, 50)}"})
+            conn.getresponse().read()
+        conn.close()
+        time.sleep(0.005)
+    srv.shutdown()
+
+
 def cpu(stop):
     while not stop.is_set():
         sum(i * i for i in range(10000))
@@ -103,7 +136,7 @@ def main() -> int:
         threading.Thread(target=lambda: agent.stderr.read(), daemon=True).start()  # keep the pipe drained
         proc = psutil.Process(agent.pid)
         stop = threading.Event()
-        workers = [threading.Thread(target=f, args=(stop,), daemon=True) for f in (forks, tcp, udp, cpu)]
+        workers = [threading.Thread(target=f, args=(stop,), daemon=True) for f in (forks, tcp, udp, http, cpu)]
         for w in workers:
             w.start()
         samples = []
@@ -119,7 +152,7 @@ def main() -> int:
             agent.wait(timeout=60)
     sink.shutdown()
     print(f"soak: {args.minutes:g} min, all probes, interval {args.interval}, OTLP/HTTP export "
-          f"({Sink.received} requests), forks + TCP + UDP + CPU load\n")
+          f"({Sink.received} requests), forks + TCP + UDP + HTTP + CPU load\n")
     print(f"{'t (s)':>7} {'RSS MiB':>8} {'CPU %':>6}")
     prev_t, prev_c = 0.0, samples[0][2] if samples else 0.0
     for t, rss, c in samples:

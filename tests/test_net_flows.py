@@ -437,3 +437,51 @@ def test_series_cap_overflows_and_counts(agent_factory, tmp_path):
     flows = {tuple(sorted((k, v) for k, v in a.items() if k != "otelbpf.tcp.event"))
              for _m, _dp, a in points(data, "otelbpf.tcp.connections")}
     assert len(flows) <= 3, flows  # two flows and the overflow flow
+
+
+UDP_SPRAY = textwrap.dedent("""
+    import socket, sys
+    n = int(sys.argv[1])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(n):  # a distinct loopback peer per datagram: 127.1.0.0 upwards
+        s.sendto(b"x" * 32, (f"127.{1 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}", 9))
+""")
+
+
+def _series_total(data, name, **match) -> int:
+    """Sum over series of each one's latest cumulative value."""
+    latest = {}
+    for _m, dp, a in points(data, name, **match):
+        key = tuple(sorted(a.items()))
+        if key not in latest or dp.time_unix_nano > latest[key].time_unix_nano:
+            latest[key] = dp
+    return sum(dp.as_int for dp in latest.values())
+
+
+@needs_root
+def test_udp_flood_of_distinct_peers_is_bounded_and_every_datagram_accounted(agent_factory, tmp_path):
+    """40,000 datagrams to 40,000 distinct peers in well under an interval:
+    more than the kernel table holds. Every datagram is either counted in a
+    series (at most max_series of them, the rest in the overflow series) or
+    counted as dropped for a full table; the agent's memory stays bounded."""
+    n, max_series = 40_000, 100
+    jsonl = tmp_path / "t.jsonl"
+    agent = agent_factory({"interval": "2s", "exporters": {"file": {"path": str(jsonl)}},
+                           "probes": {"net_flows": {"udp": True, "max_series": max_series}}})
+    agent.wait_for_log("collecting every")
+    subprocess.run([sys.executable, "-c", UDP_SPRAY, str(n)], check=True, timeout=120)
+    time.sleep(4.5)
+    assert agent.stop() == 0, agent.stderr()
+    data = read_jsonl(jsonl)
+    counted = _series_total(data, "otelbpf.network.packets", network__transport="udp",
+                            network__io__direction="transmit")  # the overflow series included
+    overflowed = _series_total(data, "otelbpf.network.packets", network__transport="udp",
+                               otelbpf__overflow=True, network__io__direction="transmit")
+    dropped = flow_value(data, "otelbpf.dropped", otelbpf__probe="net_flows", reason="udp_table_full")
+    assert dropped > 0 and overflowed >= counted - max_series
+    # the host's other UDP (if any) may add a little to either side, never take away
+    assert n <= counted + dropped <= n + 200, (counted, dropped)
+    series = {tuple(sorted(a.items())) for _m, _dp, a in points(data, "otelbpf.network.packets")}
+    assert len(series) <= 2 * (max_series + 1)  # both directions, the overflow series included
+    rss = max(dp.as_int or dp.as_double for _m, dp, _a in points(data, "otelbpf.agent.memory.rss"))
+    assert rss < 400 << 20, f"agent RSS {rss >> 20} MiB after the flood"
