@@ -4,6 +4,8 @@ SHELL := /bin/bash
 PYTHON_SYS ?= /usr/bin/python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Optional dependency groups the venv gets (`make install` leaves the test ones out).
+EXTRAS ?= test
 CLANG ?= clang
 ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 BPF_CFLAGS := -g -O2 -Wall -target bpf -D__TARGET_ARCH_$(ARCH) -Ibpf
@@ -49,7 +51,7 @@ $(STAMP_VENV): pyproject.toml $(STAMP_APT)
 	@mkdir -p build
 	test -x $(PY) || $(PYTHON_SYS) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e $(if $(EXTRAS),'.[$(EXTRAS)]','.')
 	@touch $@
 
 bpf: $(BPF_OBJS)
@@ -65,24 +67,30 @@ clean:
 	rm -f $(BPF_OBJS)
 	rm -rf build
 
-# Install as a systemd service: the checkout is copied to $(PREFIX) and set up
-# there; the config goes to /etc/otelbpf (kept if present). `make uninstall`
+# Install as a systemd service: the checkout's files are copied to $(PREFIX)
+# and set up there (runtime dependencies only); the config goes to
+# $(CONFIG_DIR) (kept if present); the unit names both. `make uninstall`
 # removes all of it but the config and /var/lib/otelbpf.
 PREFIX ?= /opt/otelbpf
 UNIT_DIR ?= /etc/systemd/system
+CONFIG_DIR ?= /etc/otelbpf
+SYSTEMCTL ?= systemctl
 
 .PHONY: install uninstall
 install:
-	mkdir -p $(PREFIX) /etc/otelbpf
+	mkdir -p $(PREFIX) $(CONFIG_DIR)
 	git ls-files -z | xargs -0 -I{} cp --parents {} $(PREFIX)/
-	$(MAKE) -C $(PREFIX) setup
-	test -e /etc/otelbpf/otelbpf.yaml || install -m 0644 config/otelbpf.yaml /etc/otelbpf/otelbpf.yaml
-	install -D -m 0644 deploy/systemd/otelbpf.service $(UNIT_DIR)/otelbpf.service
-	-systemctl daemon-reload
+	$(MAKE) -C $(PREFIX) setup EXTRAS=
+	test -e $(CONFIG_DIR)/otelbpf.yaml || install -m 0644 config/otelbpf.yaml $(CONFIG_DIR)/otelbpf.yaml
+	mkdir -p $(UNIT_DIR)
+	sed -e 's|/opt/otelbpf|$(PREFIX)|g' -e 's|/etc/otelbpf/otelbpf.yaml|$(CONFIG_DIR)/otelbpf.yaml|g' \
+		deploy/systemd/otelbpf.service > $(UNIT_DIR)/otelbpf.service
+	chmod 0644 $(UNIT_DIR)/otelbpf.service
+	-$(SYSTEMCTL) daemon-reload
 	@echo "installed: systemctl enable --now otelbpf"
 
 uninstall:
-	-systemctl disable --now otelbpf
+	-$(SYSTEMCTL) disable --now otelbpf
 	rm -f $(UNIT_DIR)/otelbpf.service
-	-systemctl daemon-reload
+	-$(SYSTEMCTL) daemon-reload
 	rm -rf $(PREFIX)

@@ -147,6 +147,7 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_map_lookup_elem": (I, [I, P, P]),
         "bpf_map_update_elem": (I, [I, P, P, U64]),
         "bpf_map_delete_elem": (I, [I, P]),
+        "bpf_map_lookup_and_delete_elem": (I, [I, P, P]),
         "bpf_map_get_next_key": (I, [I, P, P]),
         "bpf_map_lookup_batch": (I, [I, P, P, P, P, ctypes.POINTER(U32), P]),
         "bpf_map_delete_batch": (I, [I, P, ctypes.POINTER(U32), P]),
@@ -363,6 +364,24 @@ class Map:
                 return False
             raise BpfError(err, f"{self._obj.name}: map {self.name}: delete")
         return True
+
+    def lookup_and_delete(self, key: bytes) -> Optional[bytes]:
+        """Remove a key and return its last value in one step (hash maps,
+        kernel 5.14+), so nothing added between a read and a delete is lost;
+        on older kernels a lookup, then a delete."""
+        self._check_key(key)
+        val = ctypes.create_string_buffer(self._value_buf_size())
+        ret = lib().bpf_map_lookup_and_delete_elem(self.fd, key, val)
+        if ret == 0:
+            return val.raw
+        err = _errno_of(ret)
+        if err == errno_mod.ENOENT:
+            return None
+        if err not in _UNSUPPORTED:
+            raise BpfError(err, f"{self._obj.name}: map {self.name}: lookup_and_delete")
+        last = self.lookup(key)
+        self.delete(key)
+        return last
 
     def delete_many(self, keys: list) -> int:
         """Delete keys in one syscall where the kernel supports batch ops for

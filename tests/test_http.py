@@ -38,7 +38,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-PORTS = {name: free_port() for name in ("count", "spans", "traceparent", "tls", "malformed")}
+PORTS = {name: free_port() for name in ("count", "spans", "traceparent", "tls", "malformed", "ids")}
 
 NGINX_CONF = """
 user root;
@@ -469,6 +469,34 @@ def _conn_entries(port: int) -> int:
         if len(v) >= 36 and port in (int.from_bytes(v[32:34], "little"), int.from_bytes(v[34:36], "little")):
             n += 1
     return n
+
+
+def _hist_entries(port: int) -> int:
+    """http_hist keys of port (struct http_key: tgid u32, status u16, port u16...)."""
+    out = subprocess.run(["bpftool", "map", "dump", "name", "http_hist", "-j"], capture_output=True, text=True)
+    entries = []
+    for e in json.loads(out.stdout or "[]"):
+        entries += e.get("elements", [e]) if "elements" in e else [e]
+    keys = [bytes(int(x, 16) for x in e.get("key", [])) for e in entries]
+    return sum(1 for k in keys if len(k) >= 8 and int.from_bytes(k[6:8], "little") == port)
+
+
+def test_paths_with_ids_leave_the_kernel_and_the_totals_stay_exact(agent, rx, nginx):
+    """A REST API's paths carry ids: each one is a kernel histogram key of
+    its own. Keys that stop changing are retired (their last counts read in
+    the same step as the delete), so the map holds what is active, and the
+    exported totals still equal nginx's log."""
+    port = PORTS["ids"]
+    base = f"http://127.0.0.1:{port}"
+    curl(*[f"{base}/users/{i}" for i in range(300)])  # one keep-alive connection
+    assert wait_until(lambda: server_counts(rx, port)[("GET", 200)] == 300)
+    assert wait_until(lambda: _hist_entries(port) == 0, timeout=20), "idle keys were not retired"
+    curl(*[f"{base}/users/{i}" for i in range(250, 400)])  # 50 paths come back, 100 are new
+    assert_counts_match_log(rx, nginx, port)
+    assert server_counts(rx, port)[("GET", 200)] == 450
+    routes = {a.get("http.route") for _r, _s, m in metrics(list(rx.metrics), "http.server.request.duration")
+              for dp in m.histogram.data_points for a in [attrs_of(dp.attributes)] if a.get("server.port") == port}
+    assert routes == {"/users/{id}"}  # the module agent configures this pattern
 
 
 def test_malformed_traffic_no_false_spans_and_state_reaped(agent, rx, nginx):
