@@ -325,3 +325,75 @@ def test_a_batch_refused_for_good_is_dropped_and_counted_and_the_rest_flows(agen
         server.kill()
         server.wait()
         receiver.stop()
+
+
+@needs_root
+def test_a_sixty_second_outage_mid_run_loses_nothing(agent_factory, tmp_path):
+    """The backend goes away for 60 s in the middle of a run and comes back
+    on the same port. Requests served during the outage arrive afterwards as
+    spans, each once; the request counts carry on from the same start time,
+    with nothing dropped from the buffers."""
+    import socket
+
+    from otlp_receiver import GrpcReceiver
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        web = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(web), "--bind", "127.0.0.1",
+                               "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    receiver = GrpcReceiver()
+    port = receiver.port
+
+    def get(path):
+        return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{web}{path}"],
+                              capture_output=True, text=True, timeout=10).stdout
+
+    def wait_for(cond, timeout):
+        deadline = time.monotonic() + timeout
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return cond()
+
+    def served(rx):
+        pts = [(dp.start_time_unix_nano, dp.count) for _m, dp, a in
+               points(list(rx.metrics), "http.server.request.duration", server__port=web)]
+        return max(pts, key=lambda p: p[1]) if pts else (None, 0)
+
+    try:
+        agent = agent_factory({"interval": "1s", "exporters": {"otlp": {"endpoint": receiver.endpoint,
+                                                                         "timeout": "2s"}},
+                               "probes": {"http": {"tls": False, "exclude": ["curl"]}}})
+        agent.wait_for_log("collecting every")
+        assert wait_for(lambda: get("/") == "404", 10)
+        assert wait_for(lambda: served(receiver.rx)[1] >= 1, 20)
+        start_before, _ = served(receiver.rx)
+        receiver.stop()
+        during = [f"/during/{i}" for i in range(12)]
+        for path in during:  # 60 s without a backend
+            get(path)
+            time.sleep(5)
+        receiver = GrpcReceiver(port)  # back, same address
+        got = lambda: [s.name for s in _all_spans(receiver.rx) if _path_of(s) in during]  # noqa: E731
+        assert wait_for(lambda: len(got()) >= len(during), 90), f"{len(got())} of {len(during)} spans arrived"
+        assert sorted(_path_of(s) for s in _all_spans(receiver.rx) if _path_of(s) in during) == sorted(during)
+        assert wait_for(lambda: served(receiver.rx)[1] >= 1 + len(during), 30)
+        start_after, count = served(receiver.rx)
+        assert start_after == start_before and count == 1 + len(during)  # no reset, every request
+        lost = [dp.as_int for _m, dp, a in points(list(receiver.rx.metrics), "otelbpf.dropped",
+                                                  otelbpf__probe="exporter.otlp")
+                if a["reason"].startswith(("queue_full", "retry_expired"))]
+        assert not any(lost), lost
+        assert agent.stop() == 0
+        assert "Traceback" not in agent.stderr()
+    finally:
+        server.kill()
+        server.wait()
+        receiver.stop()
+
+
+def _all_spans(rx):
+    return [s for req in list(rx.traces) for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
+
+
+def _path_of(span):
+    return next((a.value.string_value for a in span.attributes if a.key == "url.path"), None)
