@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/net_overhead.py
 	$(PY) bench/http_overhead.py --agent
 	$(PY) bench/uprobe_cost.py
+	$(PY) bench/flood.py
 
 setup: $(STAMP_APT) $(STAMP_VENV) bpf
 

@@ -16,3 +16,42 @@ def build(name: str) -> str:
     out.parent.mkdir(exist_ok=True)
     subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "bench" / f"{name}.c")], check=True)
     return str(out)
+
+
+def start_otlp_sink(keep_metrics: bool = False):
+    """An OTLP/HTTP endpoint on loopback that reads every request and answers
+    200: the agent pays the real protobuf export cost. It counts requests
+    and, with keep_metrics, keeps the decoded metrics requests.
+    Returns (server, store); store has endpoint, received, metrics, lock."""
+    import gzip
+    import threading
+    import types
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    store = types.SimpleNamespace(received=0, metrics=[], lock=threading.Lock())
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if keep_metrics and self.path == "/v1/metrics":
+                from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                req = metrics_service_pb2.ExportMetricsServiceRequest()
+                req.ParseFromString(body)
+                with store.lock:
+                    store.metrics.append(req)
+            with store.lock:
+                store.received += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    return server, store

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 import yaml
+from common import start_otlp_sink
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,32 +98,14 @@ def cpu(stop):
         sum(i * i for i in range(10000))
 
 
-class Sink(BaseHTTPRequestHandler):
-    """An OTLP/HTTP endpoint that reads and discards: the agent pays the real
-    protobuf export cost, the bench keeps no data."""
-    received = 0
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        Sink.received += 1
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--sample", type=float, default=10)
     ap.add_argument("--interval", default="2s")
     args = ap.parse_args()
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{sink.server_address[1]}"
+    sink, store = start_otlp_sink()
+    endpoint = store.endpoint
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "c.yaml"
         cfg.write_text(yaml.safe_dump({"interval": args.interval, "health": "",
@@ -152,7 +135,7 @@ def main() -> int:
             agent.wait(timeout=60)
     sink.shutdown()
     print(f"soak: {args.minutes:g} min, all probes, interval {args.interval}, OTLP/HTTP export "
-          f"({Sink.received} requests), forks + TCP + UDP + HTTP + CPU load\n")
+          f"({store.received} requests), forks + TCP + UDP + HTTP + CPU load\n")
     print(f"{'t (s)':>7} {'RSS MiB':>8} {'CPU %':>6}")
     prev_t, prev_c = 0.0, samples[0][2] if samples else 0.0
     for t, rss, c in samples:

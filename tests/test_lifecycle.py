@@ -3,7 +3,10 @@ after --duration, SIGTERM or SIGINT, and SIGHUP reloads the config."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -176,7 +179,6 @@ def test_backend_that_comes_back_gets_the_data_without_resets(agent_factory, tmp
     """The collector is down when the agent starts and comes up 4 s later:
     collection goes on, exports are retried, and the cumulative series that
     reach it keep the start time and totals they had from the beginning."""
-    import socket
 
     from otlp_data import last_point
     from otlp_receiver import GrpcReceiver
@@ -254,6 +256,34 @@ def _getppid_points(requests, pid):
             if a.get("process.pid") in (pid, None)]
 
 
+@contextlib.contextmanager
+def web_server(directory):
+    """python's http.server on a free loopback port; yields the port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield port
+    finally:
+        server.kill()
+        server.wait()
+
+
+def curl_status(port: int, path: str) -> str:
+    return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}{path}"],
+                          capture_output=True, text=True, timeout=10).stdout
+
+
+def wait_for(cond, timeout: float = 60):
+    """cond()'s first true value, or its last false one after timeout s."""
+    deadline = time.monotonic() + timeout
+    while not (ok := cond()) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return ok
+
+
 def _span_paths(req) -> set:
     return {a.value.string_value for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans
             for a in s.attributes if a.key == "url.path"}
@@ -264,8 +294,6 @@ def test_a_batch_refused_for_good_is_dropped_and_counted_and_the_rest_flows(agen
     """A backend answers 400 to any trace request holding the span of
     /poison. That batch is retried for export_retry_max, then dropped and
     counted; the spans after it arrive, and metrics never wait for spans."""
-    import socket
-
     from otlp_receiver import HttpReceiver
     receiver = HttpReceiver()
     refused_ids = set()  # every span in a refused request (retries resend the same ones)
@@ -276,26 +304,14 @@ def test_a_batch_refused_for_good_is_dropped_and_counted_and_the_rest_flows(agen
             return 400
         return None
     receiver.reject = reject
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def get(path):  # curl's side is excluded: one SERVER span per request
-        return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}{path}"],
-                              capture_output=True, text=True, timeout=10).stdout
 
     def delivered():
         return set().union(set(), *map(_span_paths, list(receiver.rx.traces)))
 
-    def wait_for(cond, timeout=60):
-        deadline = time.monotonic() + timeout
-        while not cond() and time.monotonic() < deadline:
-            time.sleep(0.3)
-        return cond()
-
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: receiver.stop())
+        port = cleanup.enter_context(web_server(tmp_path))
+        get = functools.partial(curl_status, port)  # curl's side is excluded: one SERVER span each
         agent = agent_factory({"interval": "1s", "export_retry_max": "2s",
                                "exporters": {"otlp": {"endpoint": receiver.endpoint, "protocol": "http/protobuf",
                                                       "timeout": "2s"}},
@@ -321,10 +337,6 @@ def test_a_batch_refused_for_good_is_dropped_and_counted_and_the_rest_flows(agen
         assert {status for _p, status in receiver.faults_served} == {400} and len(receiver.faults_served) >= 2
         assert agent.stop() == 0
         assert "Traceback" not in agent.stderr()
-    finally:
-        server.kill()
-        server.wait()
-        receiver.stop()
 
 
 @needs_root
@@ -333,40 +345,30 @@ def test_a_sixty_second_outage_mid_run_loses_nothing(agent_factory, tmp_path):
     on the same port. Requests served during the outage arrive afterwards as
     spans, each once; the request counts carry on from the same start time,
     with nothing dropped from the buffers."""
-    import socket
-
     from otlp_receiver import GrpcReceiver
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        web = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(web), "--bind", "127.0.0.1",
-                               "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     receiver = GrpcReceiver()
     port = receiver.port
 
-    def get(path):
-        return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{web}{path}"],
-                              capture_output=True, text=True, timeout=10).stdout
-
-    def wait_for(cond, timeout):
-        deadline = time.monotonic() + timeout
-        while not cond() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        return cond()
-
     def served(rx):
-        pts = [(dp.start_time_unix_nano, dp.count) for _m, dp, a in
-               points(list(rx.metrics), "http.server.request.duration", server__port=web)]
-        return max(pts, key=lambda p: p[1]) if pts else (None, 0)
+        """status -> (start time, count) of the port's series, latest point each."""
+        out = {}
+        for _m, dp, a in points(list(rx.metrics), "http.server.request.duration", server__port=web):
+            st = a["http.response.status_code"]
+            if st not in out or dp.count >= out[st][1]:
+                out[st] = (dp.start_time_unix_nano, dp.count)
+        return out
 
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: receiver.stop())  # the one serving at the time
+        web = cleanup.enter_context(web_server(tmp_path))
+        get = functools.partial(curl_status, web)
         agent = agent_factory({"interval": "1s", "exporters": {"otlp": {"endpoint": receiver.endpoint,
                                                                          "timeout": "2s"}},
                                "probes": {"http": {"tls": False, "exclude": ["curl"]}}})
         agent.wait_for_log("collecting every")
-        assert wait_for(lambda: get("/") == "404", 10)
-        assert wait_for(lambda: served(receiver.rx)[1] >= 1, 20)
-        start_before, _ = served(receiver.rx)
+        assert wait_for(lambda: get("/") == "200", 10)
+        assert wait_for(lambda: served(receiver.rx).get(200), 20)
+        start_before, _ = served(receiver.rx)[200]
         receiver.stop()
         during = [f"/during/{i}" for i in range(12)]
         for path in during:  # 60 s without a backend
@@ -376,19 +378,16 @@ def test_a_sixty_second_outage_mid_run_loses_nothing(agent_factory, tmp_path):
         got = lambda: [s.name for s in _all_spans(receiver.rx) if _path_of(s) in during]  # noqa: E731
         assert wait_for(lambda: len(got()) >= len(during), 90), f"{len(got())} of {len(during)} spans arrived"
         assert sorted(_path_of(s) for s in _all_spans(receiver.rx) if _path_of(s) in during) == sorted(during)
-        assert wait_for(lambda: served(receiver.rx)[1] >= 1 + len(during), 30)
-        start_after, count = served(receiver.rx)
-        assert start_after == start_before and count == 1 + len(during)  # no reset, every request
+        assert wait_for(lambda: served(receiver.rx).get(404, (0, 0))[1] >= len(during), 30)
+        after = served(receiver.rx)
+        assert after[200] == (start_before, 1)  # the series from before the outage, not reset
+        assert after[404][1] == len(during)     # every request made while the backend was away
         lost = [dp.as_int for _m, dp, a in points(list(receiver.rx.metrics), "otelbpf.dropped",
                                                   otelbpf__probe="exporter.otlp")
                 if a["reason"].startswith(("queue_full", "retry_expired"))]
         assert not any(lost), lost
         assert agent.stop() == 0
         assert "Traceback" not in agent.stderr()
-    finally:
-        server.kill()
-        server.wait()
-        receiver.stop()
 
 
 def _all_spans(rx):
