@@ -186,17 +186,24 @@ def wait_until(pred, timeout: float = 15.0):
         time.sleep(0.25)
 
 
-def http_drops(rx) -> dict:
-    """The http probe's otelbpf.dropped counters, latest values, non-zero."""
+def http_drops(rx, probe: str = "http") -> dict:
+    """A probe's (or exporter.otlp's) otelbpf.dropped counters, latest values, non-zero."""
     out = {}
     with rx.lock:
         reqs = list(rx.metrics)
     for _r, _s, m in metrics(reqs, "otelbpf.dropped"):
         for dp in m.sum.data_points:
             a = attrs_of(dp.attributes)
-            if a.get("otelbpf.probe") == "http" and dp.as_int:
+            if a.get("otelbpf.probe") == probe and dp.as_int:
                 out[a["reason"]] = max(out.get(a["reason"], 0), dp.as_int)
     return out
+
+
+def why_no_span(rx, agent, port) -> str:
+    """What to look at when an expected span is missing."""
+    tail = "".join(agent.stderr().splitlines(keepends=True)[-15:])
+    return (f"counted on port {port}: {dict(server_counts(rx, port))}; http drops {http_drops(rx)}; "
+            f"export drops {http_drops(rx, 'exporter.otlp')}; agent log tail:\n{tail}")
 
 
 def log_counts(lines) -> collections.Counter:
@@ -558,7 +565,7 @@ def test_tls_counts_and_attributes_like_plain_http(agent, rx, nginx):
     curl("-k", *([f"{base}/missing"] * 5 + [f"{base}/users/3"] * 5))
     curl("-k", "-H", f"traceparent: {TRACEPARENT}", f"{base}/boom")
     tls_spans = wait_until(lambda: spans(rx, server__port=port, url__path="/boom"))
-    assert tls_spans
+    assert tls_spans, why_no_span(rx, agent, port)
     s, a, _res = tls_spans[0]
     assert a["url.scheme"] == "https" and a["http.response.status_code"] == 500
     assert s.trace_id.hex() == TRACEPARENT.split("-")[1]
