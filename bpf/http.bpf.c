@@ -64,6 +64,7 @@ enum http_stat {
 	HS_SLOT_COLLISION,	/* two threads in flight shared a slot: the older call is lost */
 	HS_TLS_NO_SOCKET,	/* TLS plaintext whose socket was never seen */
 	HS_DETAIL_FULL,		/* a sampled request's details could not be kept */
+	HS_DETAIL_LOST,		/* ...or were gone when it ended (evicted, or another request's) */
 	HS_MAX,
 };
 
@@ -798,8 +799,10 @@ __noinline int finish(__u64 sk, struct http_conn *c, __u64 end_ns)
 		return 0;
 	struct http_event *ev = bpf_map_lookup_elem(&http_drafts, &sk);
 
-	if (!ev || ev->start_ns != start)
+	if (!ev || ev->start_ns != start) {
+		otb_count(&http_stats, HS_DETAIL_LOST);
 		return 0;
+	}
 	if (!span_allowed(end_ns))
 		return 0;
 	ev->end_ns = end_ns;
