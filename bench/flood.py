@@ -27,7 +27,6 @@ import yaml
 from common import start_otlp_sink
 
 ROOT = Path(__file__).resolve().parent.parent
-SINK = None  # the OTLP sink's store, set by main()
 
 
 def _attrs(kvs) -> dict:
@@ -38,12 +37,12 @@ def _attrs(kvs) -> dict:
     return out
 
 
-def latest(name: str, **match) -> dict:
+def latest(sink, name: str, **match) -> dict:
     """series attributes -> latest cumulative value, for metric `name`."""
     want = {k.replace("__", "."): v for k, v in match.items()}
     out: dict = {}
-    with SINK.lock:
-        reqs = list(SINK.metrics)
+    with sink.lock:
+        reqs = list(sink.metrics)
     for req in reqs:
         for rm in req.resource_metrics:
             for sm in rm.scope_metrics:
@@ -62,8 +61,8 @@ def latest(name: str, **match) -> dict:
     return {k: v for k, (_t, v) in out.items()}
 
 
-def total(name: str, **match) -> int:
-    return int(sum(latest(name, **match).values()))
+def total(sink, name: str, **match) -> int:
+    return int(sum(latest(sink, name, **match).values()))
 
 
 class Watch:
@@ -144,9 +143,8 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=3000)
     ap.add_argument("--interval", default="1s")
     args = ap.parse_args()
-    global SINK
-    sink, SINK = start_otlp_sink(keep_metrics=True)
-    endpoint = SINK.endpoint
+    sink, store = start_otlp_sink(keep_metrics=True)
+    endpoint = store.endpoint
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "c.yaml"
@@ -178,18 +176,18 @@ def main() -> int:
         udp_packets = dict(name="otelbpf.network.packets", network__transport="udp",
                            network__io__direction="transmit")
         phase(f"UDP, {args.udp:,} distinct peers", lambda: udp_flood(args.udp),
-              lambda: total(**udp_packets),
-              lambda: total("otelbpf.dropped", otelbpf__probe="net_flows", reason="udp_table_full"),
-              lambda: len(latest("otelbpf.network.packets", network__transport="udp")))
+              lambda: total(store, **udp_packets),
+              lambda: total(store, "otelbpf.dropped", otelbpf__probe="net_flows", reason="udp_table_full"),
+              lambda: len(latest(store, "otelbpf.network.packets", network__transport="udp")))
         # both ends of every connection are on this host: two opened events each
         phase(f"TCP ends, {args.tcp:,} distinct peers", lambda: 2 * tcp_flood(args.tcp),
-              lambda: total("otelbpf.tcp.connections", otelbpf__tcp__event="opened"),  # the overflow series too
-              lambda: total("otelbpf.dropped", otelbpf__probe="net_flows", reason="conn_table_full"),
-              lambda: len(latest("otelbpf.tcp.connections")))
+              lambda: total(store, "otelbpf.tcp.connections", otelbpf__tcp__event="opened"),  # the overflow series too
+              lambda: total(store, "otelbpf.dropped", otelbpf__probe="net_flows", reason="conn_table_full"),
+              lambda: len(latest(store, "otelbpf.tcp.connections")))
         phase(f"processes, {args.procs:,} short-lived", lambda: proc_flood(args.procs),
               lambda: 0,  # processes are not counted as such: what matters is the bound below
-              lambda: total("otelbpf.dropped", otelbpf__probe="syscall_latency"),
-              lambda: len(latest("otelbpf.syscall.duration")))
+              lambda: total(store, "otelbpf.dropped", otelbpf__probe="syscall_latency"),
+              lambda: len(latest(store, "otelbpf.syscall.duration")))
         agent.terminate()
         agent.wait(timeout=60)
     sink.shutdown()

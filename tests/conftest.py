@@ -99,6 +99,22 @@ def agent_factory(tmp_path):
         a.kill()
 
 
+def wait_until(pred, timeout: float = 15.0, step: float = 0.25):
+    """pred()'s first true value, or its last false one after timeout s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(step)
+
+
+def curl(*args, check=True) -> str:
+    """curl quietly; stdout is the HTTP status of each URL, one per line."""
+    return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\\n", *args], check=check,
+                          capture_output=True, text=True, timeout=30).stdout
+
+
 def run_cli(*args, env=None, wrapper=(), timeout=60) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.update(env or {})

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AgentProcess, needs_root
+from conftest import AgentProcess, curl, needs_root, wait_until
 from otlp_data import attrs_of, metrics
 
 pytestmark = [needs_root, pytest.mark.skipif(not shutil.which("nginx") or not shutil.which("wrk"),
@@ -177,15 +177,6 @@ def spans(rx, **match) -> list:
     return out
 
 
-def wait_until(pred, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() > deadline:
-            return v
-        time.sleep(0.25)
-
-
 def http_drops(rx, probe: str = "http") -> dict:
     """A probe's (or exporter.otlp's) otelbpf.dropped counters, latest values, non-zero."""
     out = {}
@@ -208,11 +199,6 @@ def why_no_span(rx, agent, port) -> str:
 
 def log_counts(lines) -> collections.Counter:
     return collections.Counter((m, s) for m, _u, s, _t, _tp in lines)
-
-
-def curl(*args, check=True) -> str:
-    return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\\n", *args], check=check,
-                          capture_output=True, text=True, timeout=30).stdout
 
 
 def wrk(url: str, seconds: int = 2, conns: int = 8) -> None:

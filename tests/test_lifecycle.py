@@ -12,7 +12,8 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, SYSCALL_LATENCY_MAPS, SYSCALL_LATENCY_PROGS, bpftool_objects, loaded_ids, needs_root
+from conftest import (ROOT, SYSCALL_LATENCY_MAPS, SYSCALL_LATENCY_PROGS, bpftool_objects, curl, loaded_ids,
+                      needs_root, wait_until)
 from otlp_data import points, read_jsonl
 
 pytestmark = needs_root
@@ -272,16 +273,7 @@ def web_server(directory):
 
 
 def curl_status(port: int, path: str) -> str:
-    return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}{path}"],
-                          capture_output=True, text=True, timeout=10).stdout
-
-
-def wait_for(cond, timeout: float = 60):
-    """cond()'s first true value, or its last false one after timeout s."""
-    deadline = time.monotonic() + timeout
-    while not (ok := cond()) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    return ok
+    return curl(f"http://127.0.0.1:{port}{path}", check=False).strip()
 
 
 def _span_paths(req) -> set:
@@ -317,16 +309,16 @@ def test_a_batch_refused_for_good_is_dropped_and_counted_and_the_rest_flows(agen
                                                       "timeout": "2s"}},
                                "probes": {"http": {"tls": False, "exclude": ["curl"]}}})
         agent.wait_for_log("collecting every")
-        assert wait_for(lambda: get("/") == "200", timeout=10)
-        assert wait_for(lambda: "/" in delivered())  # the path to the backend works
+        assert wait_until(lambda: get("/") == "200", timeout=10)
+        assert wait_until(lambda: "/" in delivered(), 60)  # the path to the backend works
         get("/poison")
-        assert wait_for(lambda: receiver.faults_served), "the poison span never reached the backend"
+        assert wait_until(lambda: receiver.faults_served, 60), "the poison span never reached the backend"
         get("/after")  # its span queues behind the refused batch
 
         def dropped():
             return [dp.as_int for _m, dp, _a in points(list(receiver.rx.metrics), "otelbpf.dropped",
                                                        otelbpf__probe="exporter.otlp", reason="retry_expired.spans")]
-        assert wait_for(lambda: "/after" in delivered() and dropped())
+        assert wait_until(lambda: "/after" in delivered() and dropped(), 60)
         assert "/poison" not in delivered()
         # what the backend refused is what the agent says it lost (the batch may hold the
         # receiver's own request spans: this test's process serves HTTP too)
@@ -366,8 +358,8 @@ def test_a_sixty_second_outage_mid_run_loses_nothing(agent_factory, tmp_path):
                                                                          "timeout": "2s"}},
                                "probes": {"http": {"tls": False, "exclude": ["curl"]}}})
         agent.wait_for_log("collecting every")
-        assert wait_for(lambda: get("/") == "200", 10)
-        assert wait_for(lambda: served(receiver.rx).get(200), 20)
+        assert wait_until(lambda: get("/") == "200", 10)
+        assert wait_until(lambda: served(receiver.rx).get(200), 20)
         start_before, _ = served(receiver.rx)[200]
         receiver.stop()
         during = [f"/during/{i}" for i in range(12)]
@@ -376,9 +368,9 @@ def test_a_sixty_second_outage_mid_run_loses_nothing(agent_factory, tmp_path):
             time.sleep(5)
         receiver = GrpcReceiver(port)  # back, same address
         got = lambda: [s.name for s in _all_spans(receiver.rx) if _path_of(s) in during]  # noqa: E731
-        assert wait_for(lambda: len(got()) >= len(during), 90), f"{len(got())} of {len(during)} spans arrived"
+        assert wait_until(lambda: len(got()) >= len(during), 90), f"{len(got())} of {len(during)} spans arrived"
         assert sorted(_path_of(s) for s in _all_spans(receiver.rx) if _path_of(s) in during) == sorted(during)
-        assert wait_for(lambda: served(receiver.rx).get(404, (0, 0))[1] >= len(during), 30)
+        assert wait_until(lambda: served(receiver.rx).get(404, (0, 0))[1] >= len(during), 30)
         after = served(receiver.rx)
         assert after[200] == (start_before, 1)  # the series from before the outage, not reset
         assert after[404][1] == len(during)     # every request made while the backend was away

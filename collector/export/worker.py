@@ -156,7 +156,7 @@ class _Lane:
     def _requeue(self, batch) -> None:
         """Put a failed batch back in front, for the next attempt."""
         size = sizes.batch_bytes(batch)
-        if len(self._q) >= self._limits.batches or self._bytes + size > self._limits.memory:
+        if self._over_bound(size):
             self._drop(batch, "queue_full")
         else:
             self._q.appendleft((batch, size))
