@@ -15,6 +15,7 @@ import ipaddress
 import os
 import struct
 import time
+from typing import Optional
 
 from collector import libbpf
 from collector.config import Field
@@ -34,6 +35,13 @@ OVERFLOW_TGID = 0xFFFFFFFF
 AF_INET = 2
 ROLES = {0: "unknown", 1: "client", 2: "server"}
 STATS = ("overflow", "conn_table_full", "close_untracked", "closed_at_destroy")  # enum flow_stat
+
+
+def _value_delta(new: bytes, old: Optional[bytes]) -> tuple:
+    """What a kernel flow counted since it last read `old` (all of it if new)."""
+    vals = _VAL.unpack(new)
+    return vals if old is None else tuple(a - b for a, b in zip(vals, _VAL.unpack(old)))
+
 
 IO = Instrument("otelbpf.network.io", "By", "TCP payload bytes, by network.io.direction (each byte once, "
                 "however often it was retransmitted)")
@@ -168,8 +176,7 @@ class NetFlowsProbe(BpfProbe):
             if old == vb:
                 continue  # most flows are idle: compare bytes, unpack only what moved
             self._prev[kb] = vb
-            vals = _VAL.unpack(vb)
-            delta = vals if old is None else tuple(a - b for a, b in zip(vals, _VAL.unpack(old)))
+            delta = _value_delta(vb, old)
             if any(delta):
                 self._route(_KEY.unpack(kb), delta)
         self._reap()
@@ -269,10 +276,13 @@ class NetFlowsProbe(BpfProbe):
                 dead.add(tgid)
         if not dead:
             return
-        gone = [kb for kb in self._prev if _KEY.unpack(kb)[0] in dead]
-        self._flows.delete_many(gone)
-        for kb in gone:
-            del self._prev[kb]
+        for kb in [kb for kb in self._prev if _KEY.unpack(kb)[0] in dead]:
+            # take the last value and the key in one step: a close that lands
+            # after the read above (an orphaned socket finishing in softirq
+            # after its process exited) is still counted
+            last, old = self._flows.lookup_and_delete(kb), self._prev.pop(kb)
+            if last is not None and last != old:
+                self._route(_KEY.unpack(kb), _value_delta(last, old))
         for tgid in dead:
             self._procs.forget(tgid)
 

@@ -11,7 +11,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import ROOT, needs_root
+from conftest import ROOT, needs_root, wait_until
 from otlp_data import last_point, points, read_jsonl
 
 pytestmark = needs_root
@@ -485,3 +485,71 @@ def test_udp_flood_of_distinct_peers_is_bounded_and_every_datagram_accounted(age
     assert len(series) <= 2 * (max_series + 1)  # both directions, the overflow series included
     rss = max(dp.as_int or dp.as_double for _m, dp, _a in points(data, "otelbpf.agent.memory.rss"))
     assert rss < 400 << 20, f"agent RSS {rss >> 20} MiB after the flood"
+
+
+LATE_CLOSER = textwrap.dedent("""
+    import socket, sys
+    c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    print("connected", flush=True)
+    sys.stdin.readline()
+    c.close()
+    print("closed", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_close_counted_between_the_read_and_the_reap_is_kept(monkeypatch):
+    """A process's last close can land after the agent read its flows and
+    before it freed them (an orphaned socket finishing in softirq after its
+    process exited). That close must still be counted. The probe runs in this
+    process on the real kernel; only alive() is steered, to call the client
+    gone while the test still controls when its socket closes."""
+    import logging
+    import socket
+
+    import probes.net_flows as net_flows
+    from collector.config import PROBE_COMMON, parse_section
+    from collector.probe import ProbeContext, default_bpf_dir
+
+    cfg = parse_section({"udp": False}, {**PROBE_COMMON, **net_flows.NetFlowsProbe.config_schema},
+                        "probes.net_flows")
+    probe = net_flows.NetFlowsProbe(cfg, ProbeContext(default_bpf_dir(), None, None, os.getpid(), time.time_ns(),
+                                                      logging.getLogger("test")))
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    probe.start()
+    client = subprocess.Popen([sys.executable, "-c", LATE_CLOSER, str(port)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        conn, _ = srv.accept()
+        assert client.stdout.readline().strip() == "connected"
+        probe.collect()  # reads the client's flow: opened, not closed
+
+        def closed_in_kernel() -> int:
+            return sum(net_flows._VAL.unpack(vb)[1] for kb, vb in probe._flows.items()
+                       if net_flows._KEY.unpack(kb)[0] == client.pid)
+
+        real_reap = probe._reap
+
+        def reap_after_a_late_close():
+            # between the read and the reap: the server hangs up, the client
+            # closes, and the kernel counts the close
+            conn.close()
+            client.stdin.write("\n")
+            client.stdin.flush()
+            assert client.stdout.readline().strip() == "closed"
+            assert wait_until(lambda: closed_in_kernel() == 1, timeout=10)
+            monkeypatch.setattr(net_flows, "alive", lambda pid: pid != client.pid)
+            real_reap()
+        monkeypatch.setattr(probe, "_reap", reap_after_a_late_close)
+        records = probe.collect()
+        assert closed_in_kernel() == 0, "the exited process's flows were not freed"
+    finally:
+        client.stdin.close()
+        client.wait(timeout=10)
+        srv.close()
+        probe.stop()
+    closed = [r.value for r in records if r.instrument.name == "otelbpf.tcp.connections"
+              and r.attributes.get("otelbpf.tcp.event") == "closed"
+              and r.attributes.get("otelbpf.tcp.role") == "client" and r.attributes.get("network.peer.port") == port]
+    assert closed == [1], closed
