@@ -19,6 +19,7 @@ from collector.records import Instrument
 _KEY = struct.Struct("=Q16sHBBH6s4x")  # struct udp_key (40 bytes: 8-aligned)
 _VAL = struct.Struct("=QQ")            # struct udp_val
 _DNS_KEY = struct.Struct("=QHBBB3s")   # struct dns_key
+_DNS_VAL = struct.Struct("=Q")            # a dns_key's message count
 _OWNER = struct.Struct("=I16s")        # struct udp_owner
 AF_INET = 2
 DIRECTIONS = {1: "transmit", 2: "receive"}
@@ -81,16 +82,8 @@ class UdpCounters:
         names(tgid, thread name) -> executable name."""
         self._tick += 1
         owners = {struct.unpack("=Q", k)[0]: _OWNER.unpack(v) for k, v in self._owners.items()}
-        idle = []
-        for kb, vb in self._traffic.items():
-            vals = _VAL.unpack(vb)
-            old = self._prev.get(kb)
-            if old is not None and old[0] == vals:
-                if self._tick - old[1] >= IDLE_TICKS:
-                    idle.append(kb)
-                continue
-            self._prev[kb] = (vals, self._tick)
-            d = vals if old is None else tuple(a - b for a, b in zip(vals, old[0]))
+
+        def route_traffic(kb: bytes, delta: tuple) -> None:
             cookie, addr, port, family, direction, lport, _ = _KEY.unpack(kb)
             ip = ipaddress.IPv6Address(addr)
             peer = str(ip.ipv4_mapped) if family == AF_INET and ip.ipv4_mapped else str(ip)
@@ -102,34 +95,40 @@ class UdpCounters:
             else:
                 base["network.peer.port"] = port
             extra = {"network.io.direction": DIRECTIONS.get(direction, "unknown")}
-            add(io_instrument, base, d[0], extra)
-            add(PACKETS, base, d[1], extra)
-        self._traffic.delete_many(idle)
-        for kb in idle:
-            del self._prev[kb]
-        self._collect_dns(owners, add, names)
+            add(io_instrument, base, delta[0], extra)
+            add(PACKETS, base, delta[1], extra)
 
-    def _collect_dns(self, owners, add, names) -> None:
-        idle = []
-        for kb, vb in self._dns.items():
-            n = struct.unpack("=Q", vb)[0]
-            old, seen = self._prev_dns.get(kb, (0, self._tick))
-            if n == old:
-                if self._tick - seen >= IDLE_TICKS:
-                    idle.append(kb)  # DNS clients often use a socket per query: free those keys
-                continue
-            self._prev_dns[kb] = (n, self._tick)
+        def route_dns(kb: bytes, delta: tuple) -> None:
             cookie, qtype, rcode, is_response, direction, _ = _DNS_KEY.unpack(kb)
-            base = self._owner(owners, cookie, names)
             extra = {"otelbpf.dns.kind": "response" if is_response else "query",
                      "dns.question.type": QTYPES.get(qtype, str(qtype)),
                      "network.io.direction": DIRECTIONS.get(direction, "unknown")}
             if is_response:
                 extra["dns.response_code"] = RCODES.get(rcode, str(rcode))
-            add(DNS_MESSAGES, base, n - old, extra)
-        self._dns.delete_many(idle)
+            add(DNS_MESSAGES, self._owner(owners, cookie, names), delta[0], extra)
+
+        self._collect_table(self._traffic, _VAL, self._prev, route_traffic)
+        # DNS clients often use a socket per query: retiring idle keys frees those
+        self._collect_table(self._dns, _DNS_VAL, self._prev_dns, route_dns)
+
+    def _collect_table(self, table, value: struct.Struct, prev: dict, route) -> None:
+        """Route what each key counted since the last pass; keys idle for
+        IDLE_TICKS leave the kernel map, taken with their last value so a
+        packet counted after the read is not lost."""
+        idle = []
+        for kb, vb in table.items():
+            vals = value.unpack(vb)
+            old = prev.get(kb)
+            if old is not None and old[0] == vals:
+                if self._tick - old[1] >= IDLE_TICKS:
+                    idle.append(kb)
+                continue
+            prev[kb] = (vals, self._tick)
+            route(kb, vals if old is None else tuple(a - b for a, b in zip(vals, old[0])))
         for kb in idle:
-            del self._prev_dns[kb]
+            last, (old, _seen) = table.lookup_and_delete(kb), prev.pop(kb)
+            if last is not None and value.unpack(last) != old:
+                route(kb, tuple(a - b for a, b in zip(value.unpack(last), old)))
 
     def table_full(self) -> tuple:
         udp_full, dns_full = self._counters.counters(2)

@@ -144,7 +144,7 @@ class SyscallLatencyProbe(BpfProbe):
         deltas = self._read_deltas(self._hist.items(), self._prev)
         self._route(deltas, now)
         self._collect_overflow()
-        self._reap_exited()
+        self._reap_exited(now)
         self._last_tick_ns = now
         return self._records()
 
@@ -239,7 +239,7 @@ class SyscallLatencyProbe(BpfProbe):
         for _o, nr, _c, db, s, e in self._read_deltas(items, self._prev_ovf):
             self._add({"syscall.name": self._table.get(nr, f"syscall_{nr}"), "otelbpf.overflow": True}, db, s, e)
 
-    def _reap_exited(self) -> None:
+    def _reap_exited(self, now: int) -> None:
         """Free kernel entries of processes (or cgroups) that are gone, after
         their last counts were read above, and retire their per-pid series."""
         owners = {_KEY.unpack(kb)[0] for kb in self._prev}
@@ -250,9 +250,11 @@ class SyscallLatencyProbe(BpfProbe):
             dead = {o for o in owners if o and not alive(o)}
         if not dead:
             return
-        gone = [kb for kb in self._prev if _KEY.unpack(kb)[0] in dead]
-        self._hist.delete_many(gone)
-        for kb in gone:
+        # each key goes with its last value, so nothing counted since the read
+        # above is lost
+        last = [(kb, self._hist.lookup_and_delete(kb)) for kb in self._prev if _KEY.unpack(kb)[0] in dead]
+        self._route(self._read_deltas([(kb, vb) for kb, vb in last if vb is not None], self._prev), now)
+        for kb, _vb in last:
             del self._prev[kb]
         if self._cgroups is not None:
             return
