@@ -39,6 +39,8 @@ enum flow_stat {
 	FLOW_STAT_CONN_TABLE_FULL,	/* a connection could not be tracked */
 	FLOW_STAT_CLOSE_UNTRACKED,	/* a close of a connection never seen open (predates the agent) */
 	FLOW_STAT_CLOSED_AT_DESTROY,	/* finished at tcp_destroy_sock: no TCP_CLOSE was seen */
+	FLOW_STAT_CLOSE_UNSEEN,		/* its socket address was reused: the close's events never ran */
+	FLOW_STAT_OPEN_UNSEEN,		/* the iterator found it established: that event never ran */
 	FLOW_STAT_MAX,
 };
 
@@ -75,6 +77,8 @@ struct conn_info {
 	__u64 rep_segs_in;
 	__u64 rep_retrans;
 	__u64 last_report_ns;
+	__u32 netns;
+	__u32 seen_gen;		/* the iterator pass that last saw the socket alive */
 	__u8 established;
 };
 
@@ -129,6 +133,9 @@ struct {
 /* The key every flow falls back to when flow_stats is full; user space
  * inserts it before attaching, so it always exists. */
 const volatile __u32 overflow_tgid = 0xFFFFFFFF;
+/* The iterator's pass number, set by user space before each pass: an
+ * entry the passes stop seeing belongs to a socket that is gone. */
+__u32 iter_gen = 0;
 /* Live connections report at most this often from the send/receive path. */
 const volatile __u64 report_ns = 1000000000ULL;
 
@@ -247,6 +254,28 @@ static __always_inline void owner_of_current(struct flow_key *key)
 	bpf_get_current_comm(&key->comm, sizeof(key->comm));
 }
 
+/* A new socket took the address of one still tracked: the old one is gone,
+ * and its close ran no program (the kernel skips tracing programs that
+ * would nest on a CPU, uncounted here). Count its end with what it last
+ * reported. A passive open over a connect that never completed is the same
+ * socket (simultaneous open, or a connect to its own port): nothing ended. */
+static __always_inline void finish_unseen(__u64 sk, bool passive)
+{
+	struct conn_info *old = bpf_map_lookup_elem(&flow_conns, &sk);
+	struct flow_key fk;
+	struct flow_val *v;
+
+	if (!old || (passive && !old->established))
+		return;
+	otb_count(&flow_counters, FLOW_STAT_CLOSE_UNSEEN);
+	fk = old->key;
+	if (!old->established)
+		fk.err = -1;	/* how it failed is unknown */
+	v = flow_get(&fk);
+	if (v)
+		__sync_fetch_and_add(old->established ? &v->closed : &v->failed, 1);
+}
+
 /* A connection ends: failed connect (keyed by its error) or close with its
  * final counters. */
 static __always_inline void finish_conn(__u64 sk, struct conn_info *c, struct tcp_sock *tp)
@@ -319,6 +348,9 @@ int BPF_PROG(flow_state, struct sock *sk_ptr, int oldstate, int newstate)
 		ci.key.port = dport;
 		set_peer(&ci.key, family, v4, v6);
 		ci.start_ns = bpf_ktime_get_ns();
+		ci.netns = sk_netns(sk_ptr);
+		ci.seen_gen = iter_gen;
+		finish_unseen(sk, false);
 		if (bpf_map_update_elem(&flow_conns, &sk, &ci, BPF_ANY))
 			otb_count(&flow_counters, FLOW_STAT_CONN_TABLE_FULL);
 		return 0;
@@ -339,6 +371,9 @@ int BPF_PROG(flow_state, struct sock *sk_ptr, int oldstate, int newstate)
 			set_peer(&ci.key, family, v4, v6);
 			ci.start_ns = bpf_ktime_get_ns();
 			ci.established = 1;
+			ci.netns = lkey.netns;
+			ci.seen_gen = iter_gen;
+			finish_unseen(sk, true);
 			if (bpf_map_update_elem(&flow_conns, &sk, &ci, BPF_ANY)) {
 				otb_count(&flow_counters, FLOW_STAT_CONN_TABLE_FULL);
 				return 0;
@@ -435,10 +470,25 @@ int flow_iter(struct bpf_iter__tcp *ctx)
 	if (!skc)
 		return 0;
 	tp = bpf_skc_to_tcp_sock(skc);
-	if (!tp || skc->skc_state != TCP_ESTABLISHED)
+	if (!tp)
 		return 0;
 	sk = (__u64)tp;
 	c = bpf_map_lookup_elem(&flow_conns, &sk);
+	if (c) {
+		c->seen_gen = iter_gen;	/* alive, whatever its state */
+		__u8 st = skc->skc_state;
+
+		if (!c->established && st != TCP_SYN_SENT && st != TCP_SYN_RECV && st != TCP_CLOSE) {
+			/* past the handshake, but its ESTABLISHED ran no program */
+			c->established = 1;
+			otb_count(&flow_counters, FLOW_STAT_OPEN_UNSEEN);
+			v = flow_get(&c->key);
+			if (v)
+				__sync_fetch_and_add(&v->opened, 1);
+		}
+	}
+	if (skc->skc_state != TCP_ESTABLISHED)
+		return 0;
 	if (!c) {
 		struct conn_info ci = {};
 		struct listener_key lk = {};
@@ -451,6 +501,8 @@ int flow_iter(struct bpf_iter__tcp *ctx)
 		__builtin_memcpy(v4, &skc->skc_daddr, 4);
 		set_peer(&ci.key, skc->skc_family, v4, skc->skc_v6_daddr.in6_u.u6_addr8);
 		ci.established = 1;
+		ci.netns = lk.netns;
+		ci.seen_gen = iter_gen;
 		ci.rep_sent = payload_sent(tp);
 		ci.rep_recv = payload_received(tp);
 		ci.rep_segs_out = tp->segs_out;

@@ -20,7 +20,7 @@ from typing import Optional
 from collector import libbpf
 from collector.config import Field
 from collector.metadata.process import ProcessCache, alive
-from collector.probe import BpfProbe
+from collector.probe import BpfProbe, ProbeError
 from collector.records import Counter, Instrument, Log2Histogram
 from collector.selftelemetry import dropped, overflow
 
@@ -34,7 +34,11 @@ _VAL_FIELDS = ("opened", "closed", "failed", "resets", "retransmits", "bytes_sen
 OVERFLOW_TGID = 0xFFFFFFFF
 AF_INET = 2
 ROLES = {0: "unknown", 1: "client", 2: "server"}
-STATS = ("overflow", "conn_table_full", "close_untracked", "closed_at_destroy")  # enum flow_stat
+STATS = ("overflow", "conn_table_full", "close_untracked", "closed_at_destroy", "close_unseen", "open_unseen")  # enum flow_stat
+_CONN = struct.Struct(f"={_KEY.size}s4x7QIIB7x")  # struct conn_info: key, ..., netns, seen_gen, established
+_CONN_TAIL = struct.Struct("=II")                 # its netns and seen_gen, read alone for the sweep
+_CONN_TAIL_AT = _CONN.size - 16
+UNSEEN_PASSES = 2  # iterator passes an entry's socket must be missing from before its close is counted
 
 
 def _value_delta(new: bytes, old: Optional[bytes]) -> tuple:
@@ -48,6 +52,10 @@ IO = Instrument("otelbpf.network.io", "By", "TCP payload bytes, by network.io.di
 SEGMENTS = Instrument("otelbpf.tcp.segments", "{segment}", "TCP segments, by network.io.direction")
 CONNECTIONS = Instrument("otelbpf.tcp.connections", "{connection}",
                          "TCP connection events, by otelbpf.tcp.event (opened, closed, failed, reset)")
+EVENTS_UNSEEN = Instrument("otelbpf.tcp.events_unseen", "{event}",
+                           "connection opens and ends counted without their own state change, which the kernel ran "
+                           "no program for (a tracing program is skipped where it would nest on a CPU); each is "
+                           "also in otelbpf.tcp.connections")
 RETRANSMITS = Instrument("otelbpf.tcp.retransmits", "{segment}",
                          "TCP segments retransmitted (the socket's total_retrans, as ss -ti shows it)")
 RTT = Instrument("otelbpf.tcp.rtt", "us", "Smoothed RTT of connections, sampled each interval and at close")
@@ -93,7 +101,14 @@ class NetFlowsProbe(BpfProbe):
         obj.map("flow_conns").set_max_entries(self.config["max_connections"])
         obj.load()
         self._flows = obj.map("flow_stats")
+        self._conns = obj.map("flow_conns")
+        if self._conns.value_size != _CONN.size:
+            raise ProbeError(f"net_flows.bpf.o: struct conn_info is {self._conns.value_size} bytes, "
+                             f"expected {_CONN.size}: rebuild (make bpf)")
         self._counters = obj.map("flow_counters")
+        self._gen = 0
+        self._unseen_swept = 0
+        self._netns = os.stat("/proc/self/ns/net").st_ino
         # the overflow flow exists before anything can need it
         self._flows.update(_KEY.pack(OVERFLOW_TGID, 0, 0, 0, b"", 0, b""), b"\0" * _VAL.size)
         self._iter = None
@@ -168,7 +183,10 @@ class NetFlowsProbe(BpfProbe):
         self._tick += 1
         self._retire_idle_flows()
         if self._iter is not None:
+            self._gen += 1
+            self.obj.write_global("iter_gen", struct.pack("=I", self._gen))
             self._iter.run_iter()  # live connections add what they counted since the last pass
+            self._sweep_unseen()
         now = time.time_ns()
         items = self._flows.items()
         for kb, vb in items:
@@ -222,7 +240,7 @@ class NetFlowsProbe(BpfProbe):
         self._add(CONNECTIONS, base, flow, d["resets"], {"otelbpf.tcp.event": "reset"})
         if d["failed"]:
             self._add(CONNECTIONS, base, flow, d["failed"], {"otelbpf.tcp.event": "failed",
-                                                       "error.type": errno.errorcode.get(err, str(err))})
+                                                       "error.type": errno.errorcode.get(err, "unknown" if err < 0 else str(err))})
         self._add(RETRANSMITS, base, flow, d["retransmits"], {})
         if any(rtt):
             k = (RTT.name, flow)
@@ -267,6 +285,35 @@ class NetFlowsProbe(BpfProbe):
             self._flows_seen[flow][1].add(k)
         rec.value += value
 
+    def _sweep_unseen(self) -> None:
+        """Count the end of connections whose sockets are gone but whose close
+        ran no program: the kernel skips a tracing program that would nest on
+        a CPU (a softirq's TCP_CLOSE landing while the program runs for a
+        syscall), so a socket can finish unseen. The iterator marks every live
+        socket it walks; one missing from UNSEEN_PASSES passes is gone. Only
+        this network namespace can be checked: the iterator walks no other
+        (there, a reused socket address finishes the old entry in the kernel)."""
+        tail, at, gen, own = _CONN_TAIL.unpack_from, _CONN_TAIL_AT, self._gen, self._netns
+        stale = []
+        for kb, vb in self._conns.items():
+            netns, seen_gen = tail(vb, at)
+            if netns == own and gen - seen_gen >= UNSEEN_PASSES:
+                stale.append(kb)
+        for kb in stale:
+            last = self._conns.lookup_and_delete(kb)
+            if last is None:
+                continue  # its close ran after all
+            key, *_counters, _netns, _seen, established = _CONN.unpack(last)
+            fields = list(_KEY.unpack(key))
+            delta = [0] * (len(_VAL_FIELDS) + RTT_BUCKETS)
+            if established:
+                delta[_VAL_FIELDS.index("closed")] = 1
+            else:
+                fields[5] = -1  # how it failed is unknown
+                delta[_VAL_FIELDS.index("failed")] = 1
+            self._route(tuple(fields), tuple(delta))
+            self._unseen_swept += 1
+
     def _reap(self) -> None:
         """Free kernel flows of processes that exited (their counts are read)."""
         dead = set()
@@ -290,7 +337,9 @@ class NetFlowsProbe(BpfProbe):
         vals = dict(zip(STATS, self._counters.counters(len(STATS))))
         out = [overflow(self.name, "kernel_flow_table_full", vals["overflow"], self.start_ns),
                dropped(self.name, "conn_table_full", vals["conn_table_full"], self.start_ns),
-               overflow(self.name, "max_series", self._series_overflow, self.start_ns)]
+               overflow(self.name, "max_series", self._series_overflow, self.start_ns),
+               Counter(EVENTS_UNSEEN, {"otelbpf.probe": self.name},
+                       vals["close_unseen"] + vals["open_unseen"] + self._unseen_swept, self.start_ns)]
         if self._udp is not None:
             udp_full, dns_full = self._udp.table_full()
             out += [dropped(self.name, "udp_table_full", udp_full, self.start_ns),

@@ -241,23 +241,35 @@ SHORT_LIVED = textwrap.dedent("""
 """)
 
 
+def open_sockets(port: int) -> list:
+    """TCP sockets on this port (either end) not yet closed: TIME-WAIT
+    excluded, as those passed through TCP_CLOSE already."""
+    out = sh("ss", "-Htan", "exclude", "time-wait", "exclude", "listening", f"( sport = :{port} or dport = :{port} )").stdout
+    return out.splitlines()
+
+
 def test_short_lived_connections_all_counted(flows_agent):
     n = 10_000
     out = subprocess.run([sys.executable, "-c", SHORT_LIVED, str(n)], capture_output=True, text=True,
                          timeout=300, check=True)
     port = int(out.stdout)
-    time.sleep(1.5)
+    # The process is gone, but its orphaned sockets may still be closing
+    # (a FIN retransmitted on a loaded machine): the kernel counts each close
+    # when it happens, so wait for them. TIME-WAIT sockets are closed already.
+    assert wait_until(lambda: not open_sockets(port), timeout=120), open_sockets(port)[:5]
+    time.sleep(2.5)  # two iterator passes: an event no program saw is counted by then
     data = flows_agent()
     client = {"otelbpf__tcp__role": "client", "network__peer__port": port}
     server = {"otelbpf__tcp__role": "server", "network__local__port": port}
-    # every connection counted; an event the kernel skipped (a BPF program
-    # interrupted by a softirq on its own CPU) must show up as a reported drop
-    missed = flow_value(data, "otelbpf.dropped", otelbpf__probe="net_flows", reason="recursion_miss")
+    # Every connection counted. The kernel skips a tracing program that would
+    # nest on a CPU (a softirq's close while the program runs for a syscall):
+    # the iterator's passes (or a reused socket address) find such opens and
+    # closes, counted all the same (otelbpf.tcp.events_unseen says how many).
+    unseen = flow_value(data, "otelbpf.tcp.events_unseen", otelbpf__probe="net_flows")
     for match in (client, server):
         for event in ("opened", "closed"):
             counted = flow_value(data, "otelbpf.tcp.connections", otelbpf__tcp__event=event, **match)
-            assert n - missed <= counted <= n, (match, event, counted, missed)
-            assert counted >= 0.99 * n, (match, event, counted)
+            assert counted == n, (match, event, counted, unseen)
     assert flow_value(data, "otelbpf.dropped", otelbpf__probe="net_flows", reason="conn_table_full") == 0
     assert flow_value(data, "otelbpf.overflow", otelbpf__probe="net_flows", reason="kernel_flow_table_full") == 0
 
@@ -487,6 +499,19 @@ def test_udp_flood_of_distinct_peers_is_bounded_and_every_datagram_accounted(age
     assert rss < 400 << 20, f"agent RSS {rss >> 20} MiB after the flood"
 
 
+def in_process_probe():
+    """A net_flows probe in this process, on the real kernel, driven by
+    calling collect() (the agent would call it each interval)."""
+    import logging
+
+    from collector.config import PROBE_COMMON, parse_section
+    from collector.probe import ProbeContext, default_bpf_dir
+    from probes.net_flows import NetFlowsProbe
+    cfg = parse_section({"udp": False}, {**PROBE_COMMON, **NetFlowsProbe.config_schema}, "probes.net_flows")
+    return NetFlowsProbe(cfg, ProbeContext(default_bpf_dir(), None, None, os.getpid(), time.time_ns(),
+                                           logging.getLogger("test")))
+
+
 LATE_CLOSER = textwrap.dedent("""
     import socket, sys
     c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
@@ -504,17 +529,10 @@ def test_close_counted_between_the_read_and_the_reap_is_kept(monkeypatch):
     process exited). That close must still be counted. The probe runs in this
     process on the real kernel; only alive() is steered, to call the client
     gone while the test still controls when its socket closes."""
-    import logging
     import socket
 
     import probes.net_flows as net_flows
-    from collector.config import PROBE_COMMON, parse_section
-    from collector.probe import ProbeContext, default_bpf_dir
-
-    cfg = parse_section({"udp": False}, {**PROBE_COMMON, **net_flows.NetFlowsProbe.config_schema},
-                        "probes.net_flows")
-    probe = net_flows.NetFlowsProbe(cfg, ProbeContext(default_bpf_dir(), None, None, os.getpid(), time.time_ns(),
-                                                      logging.getLogger("test")))
+    probe = in_process_probe()
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
     probe.start()
@@ -553,3 +571,54 @@ def test_close_counted_between_the_read_and_the_reap_is_kept(monkeypatch):
               and r.attributes.get("otelbpf.tcp.event") == "closed"
               and r.attributes.get("otelbpf.tcp.role") == "client" and r.attributes.get("network.peer.port") == port]
     assert closed == [1], closed
+
+
+def test_a_close_no_program_saw_is_counted_once_its_socket_is_gone():
+    """The kernel may run no program for a socket's close (it skips a tracing
+    program that would nest on a CPU). The iterator's passes find the entry
+    whose socket is gone and count its close; a live connection's entries
+    are kept. The lost close is staged by writing an entry for a socket
+    address that holds no socket, as a skipped close leaves it."""
+    import socket
+    import struct
+
+    import probes.net_flows as net_flows
+    probe = in_process_probe()
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    probe.start()
+    try:
+        live = socket.create_connection(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        conns = probe.obj.map("flow_conns")
+
+        def live_entries() -> int:  # both ends of the live connection
+            return sum(net_flows._KEY.unpack(vb[:net_flows._KEY.size])[3] == port for _kb, vb in conns.items())
+        probe.collect()
+        assert live_entries() == 2
+        netns = os.stat("/proc/self/ns/net").st_ino
+        key = net_flows._KEY.pack(os.getpid(), 1, 2, 9, b"\0" * 10 + b"\xff\xff" + bytes([127, 0, 0, 9]), 0,
+                                  b"ghost")
+        ghost = struct.pack("=Q", 0xffff_8880_dead_0000)  # no socket lives at this address
+        conns.update(ghost, net_flows._CONN.pack(key, 0, 0, 0, 0, 0, 0, 0, netns, probe._gen, 1))
+        first = probe.collect()
+        assert conns.lookup(ghost) is not None, "swept after one pass: a socket being created could be lost"
+        second = probe.collect()
+        assert conns.lookup(ghost) is None
+        third = probe.collect()
+        assert live_entries() == 2, "a live connection's entry was swept"
+        live.close()
+        conn.close()
+    finally:
+        srv.close()
+        probe.stop()
+
+    def closed_for_port_9(recs):
+        return sum(r.value for r in recs if r.instrument.name == "otelbpf.tcp.connections"
+                   and r.attributes.get("network.peer.port") == 9 and r.attributes.get("otelbpf.tcp.event") == "closed")
+
+    def unseen(recs):
+        return [r.value for r in recs if r.instrument.name == "otelbpf.tcp.events_unseen"]
+    assert (closed_for_port_9(first), closed_for_port_9(second), closed_for_port_9(third)) == (0, 1, 1)
+    # (another socket's skipped event could add to it in the same passes)
+    assert unseen(second)[0] >= unseen(first)[0] + 1, (unseen(first), unseen(second))
