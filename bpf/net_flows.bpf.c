@@ -255,9 +255,9 @@ static __always_inline void owner_of_current(struct flow_key *key)
 }
 
 /* A new socket took the address of one still tracked: the old one is gone,
- * and its close ran no program (the kernel skips tracing programs that
- * would nest on a CPU, uncounted here). Count its end with what it last
- * reported. A passive open over a connect that never completed is the same
+ * and its close ran no program (under load the kernel skips a few runs of
+ * these programs without counting a recursion miss; see README,
+ * otelbpf.tcp.events_unseen). Count its end with what it last reported. A passive open over a connect that never completed is the same
  * socket (simultaneous open, or a connect to its own port): nothing ended. */
 static __always_inline void finish_unseen(__u64 sk, bool passive)
 {

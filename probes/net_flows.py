@@ -54,7 +54,7 @@ CONNECTIONS = Instrument("otelbpf.tcp.connections", "{connection}",
                          "TCP connection events, by otelbpf.tcp.event (opened, closed, failed, reset)")
 EVENTS_UNSEEN = Instrument("otelbpf.tcp.events_unseen", "{event}",
                            "connection opens and ends counted without their own state change, which the kernel ran "
-                           "no program for (a tracing program is skipped where it would nest on a CPU); each is "
+                           "no program for (under load the kernel skips a few runs, uncounted); each is "
                            "also in otelbpf.tcp.connections")
 RETRANSMITS = Instrument("otelbpf.tcp.retransmits", "{segment}",
                          "TCP segments retransmitted (the socket's total_retrans, as ss -ti shows it)")
@@ -287,9 +287,9 @@ class NetFlowsProbe(BpfProbe):
 
     def _sweep_unseen(self) -> None:
         """Count the end of connections whose sockets are gone but whose close
-        ran no program: the kernel skips a tracing program that would nest on
-        a CPU (a softirq's TCP_CLOSE landing while the program runs for a
-        syscall), so a socket can finish unseen. The iterator marks every live
+        ran no program: under load the kernel skips a few runs of the state
+        programs without counting a recursion miss (most likely a softirq's
+        TCP_CLOSE on a CPU already running one), so a socket can finish unseen. The iterator marks every live
         socket it walks; one missing from UNSEEN_PASSES passes is gone. Only
         this network namespace can be checked: the iterator walks no other
         (there, a reused socket address finishes the old entry in the kernel)."""
