@@ -257,15 +257,15 @@ static __always_inline void owner_of_current(struct flow_key *key)
 /* A new socket took the address of one still tracked: the old one is gone,
  * and its close ran no program (under load the kernel skips a few runs of
  * these programs without counting a recursion miss; see README,
- * otelbpf.tcp.events_unseen). Count its end with what it last reported. A passive open over a connect that never completed is the same
- * socket (simultaneous open, or a connect to its own port): nothing ended. */
-static __always_inline void finish_unseen(__u64 sk, bool passive)
+ * otelbpf.tcp.events_unseen). Count its end with what it last reported.
+ * A passive open over a connect that never completed is the same socket
+ * (simultaneous open, or a connect to its own port): nothing ended. */
+static __always_inline void finish_unseen(struct conn_info *old, bool passive)
 {
-	struct conn_info *old = bpf_map_lookup_elem(&flow_conns, &sk);
 	struct flow_key fk;
 	struct flow_val *v;
 
-	if (!old || (passive && !old->established))
+	if (passive && !old->established)
 		return;
 	otb_count(&flow_counters, FLOW_STAT_CLOSE_UNSEEN);
 	fk = old->key;
@@ -274,6 +274,23 @@ static __always_inline void finish_unseen(__u64 sk, bool passive)
 	v = flow_get(&fk);
 	if (v)
 		__sync_fetch_and_add(old->established ? &v->closed : &v->failed, 1);
+}
+
+/* Start tracking a connection at its socket address. The usual case costs
+ * one insert; only an address still held by an old entry looks at it. */
+static __always_inline bool track_conn(__u64 sk, struct conn_info *ci, bool passive)
+{
+	struct conn_info *old;
+
+	if (!bpf_map_update_elem(&flow_conns, &sk, ci, BPF_NOEXIST))
+		return true;
+	old = bpf_map_lookup_elem(&flow_conns, &sk);
+	if (old)
+		finish_unseen(old, passive);
+	if (!bpf_map_update_elem(&flow_conns, &sk, ci, BPF_ANY))
+		return true;
+	otb_count(&flow_counters, FLOW_STAT_CONN_TABLE_FULL);
+	return false;
 }
 
 /* A connection ends: failed connect (keyed by its error) or close with its
@@ -350,9 +367,7 @@ int BPF_PROG(flow_state, struct sock *sk_ptr, int oldstate, int newstate)
 		ci.start_ns = bpf_ktime_get_ns();
 		ci.netns = sk_netns(sk_ptr);
 		ci.seen_gen = iter_gen;
-		finish_unseen(sk, false);
-		if (bpf_map_update_elem(&flow_conns, &sk, &ci, BPF_ANY))
-			otb_count(&flow_counters, FLOW_STAT_CONN_TABLE_FULL);
+		track_conn(sk, &ci, false);
 		return 0;
 	}
 
@@ -373,11 +388,8 @@ int BPF_PROG(flow_state, struct sock *sk_ptr, int oldstate, int newstate)
 			ci.established = 1;
 			ci.netns = lkey.netns;
 			ci.seen_gen = iter_gen;
-			finish_unseen(sk, true);
-			if (bpf_map_update_elem(&flow_conns, &sk, &ci, BPF_ANY)) {
-				otb_count(&flow_counters, FLOW_STAT_CONN_TABLE_FULL);
+			if (!track_conn(sk, &ci, true))
 				return 0;
-			}
 			v = flow_get(&ci.key);
 			if (v)
 				__sync_fetch_and_add(&v->opened, 1);

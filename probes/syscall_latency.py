@@ -253,7 +253,9 @@ class SyscallLatencyProbe(BpfProbe):
         # each key goes with its last value, so nothing counted since the read
         # above is lost
         last = [(kb, self._hist.lookup_and_delete(kb)) for kb in self._prev if _KEY.unpack(kb)[0] in dead]
-        self._route(self._read_deltas([(kb, vb) for kb, vb in last if vb is not None], self._prev), now)
+        late = self._read_deltas([(kb, vb) for kb, vb in last if vb is not None], self._prev)
+        if late:
+            self._route(late, now)
         for kb, _vb in last:
             del self._prev[kb]
         if self._cgroups is not None:
