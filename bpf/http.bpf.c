@@ -281,6 +281,13 @@ struct {
 } http_zero_hist SEC(".maps");	/* zero counts (comm set per use): a new series' first value */
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_conn);
+} http_zero_conn SEC(".maps");	/* stays zero: a new connection's state */
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -314,14 +321,16 @@ static __always_inline char sc(const struct scratch *s, __u32 i)
 	return s->buf[i & SCRATCH_MASK];
 }
 
+/* The socket behind fd in the current task, or 0 if fd is not a TCP socket.
+ * Two builds of it (the Makefile's http variants), chosen at load time. */
+#ifndef OTB_NO_RDONLY_CAST
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 
-/* The socket behind fd in the current task, or 0 if fd is not a TCP socket. */
 static __always_inline __u64 tcp_sock_of_fd(__u32 fd)
 {
-	/* BTF pointer walks: the verifier turns each into an inlined, fault-safe
-	 * load, several times cheaper than a bpf_probe_read_kernel call each,
-	 * which matters on every read and write of the host */
+	/* 6.2+: BTF pointer walks. The verifier turns each into an inlined,
+	 * fault-safe load, several times cheaper than a bpf_probe_read_kernel
+	 * call each, which matters on every read and write of the host */
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct fdtable *fdt = task->files->fdt;
 	struct file *f = NULL;
@@ -349,6 +358,33 @@ static __always_inline __u64 tcp_sock_of_fd(__u32 fd)
 	bpf_probe_read_kernel(&addr, sizeof(addr), &sock->sk);
 	return addr;
 }
+#else
+static __always_inline __u64 tcp_sock_of_fd(__u32 fd)
+{
+	/* Kernels without the bpf_rdonly_cast kfunc (before 6.2) and, before
+	 * 5.11, without bpf_get_current_task_btf: the same walk, CO-RE reads */
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds, *f = NULL;
+	struct socket *sock;
+	struct sock *sk;
+
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
+		return 0;
+	if ((BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return 0;
+	sock = BPF_CORE_READ(f, private_data);
+	if (!sock)
+		return 0;
+	sk = BPF_CORE_READ(sock, sk);
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP || BPF_CORE_READ(sk, sk_type) != SOCK_STREAM)
+		return 0;
+	return (__u64)sk;
+}
+#endif
 
 static __always_inline void read_tuple(__u64 skp, struct conn_tuple *t)
 {
@@ -775,7 +811,10 @@ static __always_inline bool span_allowed(__u64 now)
 		rl_window = window;
 		rl_used = 0;
 	}
-	if (__sync_fetch_and_add(&rl_used, 1) >= max_spans_per_second) {
+	/* add, then read: an add that returns the old value (BPF_ATOMIC_FETCH)
+	 * needs 5.12, and a race here only blurs the cap by a few spans */
+	__sync_fetch_and_add(&rl_used, 1);
+	if (rl_used > max_spans_per_second) {
 		otb_count(&http_stats, HS_RATE_LIMITED);
 		return false;
 	}
@@ -963,7 +1002,10 @@ static __always_inline void drop_if_answered_after_close(__u64 sk, struct http_c
 	}
 }
 
-/* Bytes moved on a socket. */
+/* Bytes moved on a socket, and the request they may start. Both live in a
+ * per-CPU map value, not on the stack: the frames of sys_exit, on_data,
+ * on_request and a bpf_loop callback must fit in 512 bytes together, which
+ * 6.1's and 6.12's verifiers count strictly. */
 struct data_ev {
 	__u64 sk;
 	struct io_src src;
@@ -973,7 +1015,23 @@ struct data_ev {
 	__u8 dir;
 	__u8 tls;
 	__u8 nodata;		/* sendfile: no user buffer to look at */
+	struct req_start req;
 };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct data_ev);
+} http_data_ev SEC(".maps");
+
+/* A data_ev to fill, or NULL (never: a one-entry array). */
+static __always_inline struct data_ev *data_ev_slot(void)
+{
+	__u32 z = 0;
+
+	return bpf_map_lookup_elem(&http_data_ev, &z);
+}
 
 static __noinline void on_data(struct data_ev *e)
 {
@@ -1039,25 +1097,31 @@ static __noinline void on_data(struct data_ev *e)
 	if (c && c->state == ST_RESPONSE)
 		finish(sk, c, c->resp_end_ns);	/* body length was unknown: it ended before this request */
 	if (!c) {
-		struct http_conn fresh = {};
+		/* from a zeroed template, not a stack copy: on_data's frame plus
+		 * its callers' must stay under 512 bytes for 6.12's verifier */
+		struct http_conn *zero = bpf_map_lookup_elem(&http_zero_conn, &z);
 
-		read_tuple(sk, &fresh.t);
-		fresh.tgid = bpf_get_current_pid_tgid() >> 32;
-		fresh.tls = tls;
-		fresh.last_ns = t1;
-		if (bpf_map_update_elem(&http_conns, &sk, &fresh, BPF_ANY)) {
+		if (!zero || bpf_map_update_elem(&http_conns, &sk, zero, BPF_ANY)) {
 			otb_count(&http_stats, HS_CONN_TABLE_FULL);
 			return;
 		}
 		c = bpf_map_lookup_elem(&http_conns, &sk);
 		if (!c)
 			return;
+		read_tuple(sk, &c->t);
+		c->last_ns = t1;
 	}
 	c->tgid = bpf_get_current_pid_tgid() >> 32;
 	c->tls = tls;
-	struct req_start r = { .sk = sk, .start = dir == DIR_IN ? t1 : t0, .n = n, .skip = skip,
-			       .method = method, .role = dir == DIR_IN ? ROLE_SERVER : ROLE_CLIENT };
-	on_request(&r, c);
+	struct req_start *r = &e->req;
+
+	r->sk = sk;
+	r->start = dir == DIR_IN ? t1 : t0;
+	r->n = n;
+	r->skip = skip;
+	r->method = method;
+	r->role = dir == DIR_IN ? ROLE_SERVER : ROLE_CLIENT;
+	on_request(r, c);
 }
 
 /* ------------------------------------------------------------ syscalls */
@@ -1145,9 +1209,19 @@ static __always_inline int exit_io(long ret)
 		}
 		return 0;
 	}
-	struct data_ev e = { .sk = sk, .src = src, .len = ret, .t0 = t0, .t1 = bpf_ktime_get_ns(),
-			     .dir = dir, .nodata = nodata };
-	on_data(&e);
+	struct data_ev *e = data_ev_slot();
+
+	if (!e)
+		return 0;
+	e->sk = sk;
+	e->src = src;
+	e->len = ret;
+	e->t0 = t0;
+	e->t1 = bpf_ktime_get_ns();
+	e->dir = dir;
+	e->tls = 0;
+	e->nodata = nodata;
+	on_data(e);
 	return 0;
 }
 
@@ -1311,9 +1385,19 @@ static __always_inline int ssl_exit(long ret)
 		otb_count(&http_stats, HS_TLS_NO_SOCKET);
 		return 0;
 	}
-	struct data_ev e = { .sk = sk, .src = src, .len = len, .t0 = t0, .t1 = bpf_ktime_get_ns(),
-			     .dir = dir, .tls = 1 };
-	on_data(&e);
+	struct data_ev *e = data_ev_slot();
+
+	if (!e)
+		return 0;
+	e->sk = sk;
+	e->src = src;
+	e->len = len;
+	e->t0 = t0;
+	e->t1 = bpf_ktime_get_ns();
+	e->dir = dir;
+	e->tls = 1;
+	e->nodata = 0;
+	on_data(e);
 	return 0;
 }
 

@@ -37,9 +37,16 @@ static __always_inline __u32 otb_floor_log2(__u64 v)
 /* Index of the bucket (2^(i-1), 2^i] holding v, clamped to the last bucket. */
 static __always_inline __u32 otb_log2_bucket(__u64 v)
 {
-	__u32 b = v <= 1 ? 0 : otb_floor_log2(v - 1) + 1;
+	__u64 b = v <= 1 ? 0 : otb_floor_log2(v - 1) + 1;
 
-	return b < OTB_LOG2_BUCKETS ? b : OTB_LOG2_BUCKETS - 1;
+	/* Clamp the very register the caller indexes with. Without the barrier
+	 * clang 14 tests a zero-extended copy and indexes with the original,
+	 * and verifiers before 6.2 (Debian's 5.10 and 6.1) do not carry the
+	 * bound across that copy: "unbounded memory access". */
+	asm volatile("" : "+r"(b));
+	if (b > OTB_LOG2_BUCKETS - 1)
+		b = OTB_LOG2_BUCKETS - 1;
+	return b;
 }
 
 #endif
