@@ -10,10 +10,17 @@ CLANG ?= clang
 ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 BPF_CFLAGS := -g -O2 -Wall -target bpf -D__TARGET_ARCH_$(ARCH) -Ibpf
 BPF_SRCS := $(wildcard bpf/*.bpf.c) $(wildcard bench/bpf/*.bpf.c) $(wildcard tests/bpf/*.bpf.c)
-BPF_OBJS := $(BPF_SRCS:.bpf.c=.bpf.o)
+# Builds of a probe's object for older kernels (the probe's bpf_variants
+# chooses at load time): http without the bpf_rdonly_cast kfunc (< 6.2), and
+# also without bpf_loop (< 5.17).
+BPF_VARIANTS := bpf/http.nocast.bpf.o bpf/http.noloop.bpf.o
+BPF_OBJS := $(BPF_SRCS:.bpf.c=.bpf.o) $(BPF_VARIANTS)
+# The kernel matrix (tests/test_kernel_matrix.py) boots Debian's kernels
+# under qemu: tools/kernel_vm.py.
+MATRIX_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils
 APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc bpfcc-tools python3-venv \
 	libcap2-bin iproute2 make gcc libc6-dev linux-libc-dev linux-perf tshark openssl \
-	nginx wrk curl
+	nginx wrk curl $(MATRIX_PACKAGES)
 STAMP_APT := build/.apt-done
 STAMP_VENV := build/.venv-done
 
@@ -59,6 +66,12 @@ bpf: $(BPF_OBJS)
 
 %.bpf.o: %.bpf.c $(wildcard bpf/*.h) $(STAMP_APT)
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+bpf/http.nocast.bpf.o: bpf/http.bpf.c $(wildcard bpf/*.h) $(STAMP_APT)
+	$(CLANG) $(BPF_CFLAGS) -DOTB_NO_RDONLY_CAST -c $< -o $@
+
+bpf/http.noloop.bpf.o: bpf/http.bpf.c $(wildcard bpf/*.h) $(STAMP_APT)
+	$(CLANG) $(BPF_CFLAGS) -DOTB_NO_RDONLY_CAST -DOTB_NO_BPF_LOOP -c $< -o $@
 
 # Regenerate the syscall name tables from linux-libc-dev's headers.
 syscall-tables:

@@ -47,6 +47,39 @@
 #define SEM_BUCKETS 15		/* semantic-convention bounds 5 ms .. 10 s, plus +Inf */
 #define MAX_IOV 8		/* iovecs looked at to find the end of a vector write */
 
+/* -DOTB_NO_BPF_LOOP: a build for kernels without bpf_loop (before 5.17) and
+ * without pointer arguments to global functions (before 5.12), such as
+ * Debian 11's 5.10. It parses the same bytes as the default build, with no
+ * lower limit: request targets and headers are scanned up to SCRATCH bytes
+ * (and n, the bytes copied), header values up to UA_CAP, by the same step
+ * functions (path_step, header_word, value_byte).
+ *
+ * What changes is how the verifier sees the loops. A bpf_loop callback is
+ * checked on its own; a plain bounded loop is walked once per iteration and
+ * per state reaching it, and inside a loop the verifier keeps few states to
+ * prune with, so each branch of the body multiplies the paths. Inlined, the
+ * target loop took sys_exit past the 1M-instruction budget on 5.10 within
+ * 128 bytes, and the header loop within a few dozen words. So here:
+ *  - the target and header loops make one call per iteration, to a global
+ *    function (path_chunk_g: 8 target bytes; header_word_g: one 8-byte
+ *    word), which the verifier checks once and then takes as a black box.
+ *    A global function takes scalars only before 5.12, so these work on a
+ *    per-CPU copy of the loop's context (http_path_ctx, http_hdr_ctx),
+ *    filled and read back around the loop. The price is paid at run time,
+ *    per 8 bytes scanned: one call, 3 (target) or 2 (headers) per-CPU array
+ *    lookups (helper calls on 5.10) and a 48-byte copy each way;
+ *  - the three header value copies (at most UA_CAP steps) are plain bounded
+ *    loops;
+ *  - finish and on_request are static functions, walked once per call site.
+ * The verifier processes ~63k instructions for sys_exit on Debian's 5.10 and
+ * 6.1, ~176k on 6.12, ~280k on 6.18 (the default build: ~390k on 6.18). */
+#ifdef OTB_NO_BPF_LOOP
+#define OTB_VERIFY_ONCE static __noinline
+#else
+/* global: the verifier checks it once, not per caller */
+#define OTB_VERIFY_ONCE __noinline
+#endif
+
 enum io_dir { DIR_IN = 0, DIR_OUT = 1, DIR_NONE = 2 };
 enum http_role { ROLE_NONE = 0, ROLE_SERVER = 1, ROLE_CLIENT = 2 };
 enum conn_state { ST_IDLE = 0, ST_REQUEST = 1, ST_RESPONSE = 2 };
@@ -566,6 +599,75 @@ static long path_step(__u32 i, void *data)
 	return 0;
 }
 
+#ifdef OTB_NO_BPF_LOOP
+#define PATH_CHUNK 8
+
+/* Home of scan_path's context while path_chunk_g runs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	/* sizes, not types: given a struct that points to struct scratch,
+	 * clang 14 emits scratch as a forward declaration, and http_scratch's
+	 * value type with it, which libbpf rejects */
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct path_ctx));
+} http_path_ctx SEC(".maps");
+
+/* path_step over target bytes i * PATH_CHUNK and on: 1 when the target
+ * ended. Global, on the per-CPU copy of the context: see OTB_NO_BPF_LOOP. */
+__noinline int path_chunk_g(__u32 i)
+{
+	__u32 z = 0;
+	struct path_ctx *g = bpf_map_lookup_elem(&http_path_ctx, &z);
+	struct path_ctx p;
+	int stop = 0;
+
+	if (!g)
+		return 1;
+	p = *g;
+	p.s = bpf_map_lookup_elem(&http_scratch, &z);
+	p.ev = bpf_map_lookup_elem(&http_parse, &z);
+	if (!p.s || !p.ev)
+		return 1;
+#pragma unroll
+	for (__u32 j = 0; j < PATH_CHUNK; j++) {
+		if (path_step(i * PATH_CHUNK + j, &p)) {
+			stop = 1;
+			break;
+		}
+	}
+	p.s = NULL;
+	p.ev = NULL;
+	*g = p;
+	return stop;
+}
+#endif
+
+/* The request target: path_step over up to SCRATCH bytes. */
+static __always_inline void scan_path(struct path_ctx *p)
+{
+#ifdef OTB_NO_BPF_LOOP
+	__u32 z = 0;
+	struct path_ctx *g = bpf_map_lookup_elem(&http_path_ctx, &z);
+	struct scratch *s = p->s;
+	struct http_event *ev = p->ev;
+
+	if (!g)
+		return;
+	p->s = NULL;	/* map values hold no pointers */
+	p->ev = NULL;
+	*g = *p;
+	for (__u32 i = 0; i < SCRATCH / PATH_CHUNK; i++)
+		if (path_chunk_g(i))
+			break;
+	*p = *g;
+	p->s = s;
+	p->ev = ev;
+#else
+	bpf_loop(SCRATCH, path_step, p, 0);
+#endif
+}
+
 /* ------------------------------------------------------------- headers */
 
 enum hdr_want { H_TRACEPARENT = 1, H_USER_AGENT = 2, H_HOST = 4, H_LENGTH = 8, H_CHUNKED = 16 };
@@ -680,9 +782,57 @@ static long header_word(__u32 i, void *data)
 	return 0;
 }
 
+#ifdef OTB_NO_BPF_LOOP
+/* Home of scan_headers' context while header_word_g runs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));	/* sizes: see http_path_ctx */
+	__uint(value_size, sizeof(struct hdr_ctx));
+} http_hdr_ctx SEC(".maps");
+
+/* header_word as a global function, on the per-CPU copy of the context: see
+ * OTB_NO_BPF_LOOP. */
+__noinline int header_word_g(__u32 i)
+{
+	__u32 z = 0;
+	struct hdr_ctx *g = bpf_map_lookup_elem(&http_hdr_ctx, &z);
+	struct hdr_ctx h;
+	int stop;
+
+	if (!g)
+		return 1;
+	h = *g;
+	h.s = bpf_map_lookup_elem(&http_scratch, &z);
+	if (!h.s)
+		return 1;
+	stop = header_word(i, &h);
+	h.s = NULL;
+	*g = h;
+	return stop;
+}
+#endif
+
+/* The headers: header_word over up to SCRATCH bytes. */
 static __always_inline void scan_headers(struct hdr_ctx *h)
 {
+#ifdef OTB_NO_BPF_LOOP
+	__u32 z = 0;
+	struct hdr_ctx *g = bpf_map_lookup_elem(&http_hdr_ctx, &z);
+	struct scratch *s = h->s;
+
+	if (!g)
+		return;
+	h->s = NULL;	/* map values hold no pointers */
+	*g = *h;
+	for (__u32 i = 0; i < SCRATCH / 8; i++)
+		if (header_word_g(i))
+			break;
+	*h = *g;
+	h->s = s;
+#else
 	bpf_loop(SCRATCH / 8, header_word, h, 0);
+#endif
 }
 
 /* Copy a wanted header's value into the span draft, up to its CR: nothing of
@@ -733,7 +883,13 @@ static __always_inline void copy_value(struct hdr_ctx *h, struct http_event *ev,
 	if (field >= 4 || !h->value_at[field & 3])
 		return;
 	v.from = h->value_at[field & 3];
+#ifdef OTB_NO_BPF_LOOP
+	for (__u32 k = 0; k < UA_CAP; k++)
+		if (value_byte(k, &v))
+			break;
+#else
 	bpf_loop(UA_CAP, value_byte, &v, 0);
+#endif
 }
 
 /* ------------------------------------------------------------ finishing */
@@ -822,8 +978,8 @@ static __always_inline bool span_allowed(__u64 now)
 }
 
 /* The transaction on c ended at end_ns: count it, and send its span if
- * sampled. A global function: the verifier checks it once, not per caller. */
-__noinline int finish(__u64 sk, struct http_conn *c, __u64 end_ns)
+ * sampled. */
+OTB_VERIFY_ONCE int finish(__u64 sk, struct http_conn *c, __u64 end_ns)
 {
 	__u64 start;
 
@@ -875,7 +1031,7 @@ struct req_start {
 	__u8 role;
 };
 
-__noinline int on_request(struct req_start *r, struct http_conn *c)
+OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 {
 	__u32 z = 0;
 	struct scratch *s = bpf_map_lookup_elem(&http_scratch, &z);
@@ -904,7 +1060,7 @@ __noinline int on_request(struct req_start *r, struct http_conn *c)
 	bpf_probe_read_kernel(ev, sizeof(*ev), zero);
 	ev->route_len = path_bytes;
 	p.ev = ev;
-	bpf_loop(SCRATCH, path_step, &p, 0);
+	scan_path(&p);
 	if (!p.end || !is_version(s, p.end + 1, '\r'))
 		return 0;	/* not HTTP/1.x after all (or a request line longer than we parse) */
 	if (!p.in_query)
