@@ -124,8 +124,12 @@ class Agent:
             probe.start()
         except Exception as e:
             detail = str(e).splitlines()
-            hint = f" ({features.errno_hint(e.errno, e.log)})" if isinstance(e, libbpf.BpfError) else ""
-            log.error("probe %s: failed to start: %s%s", name, detail[0] if detail else type(e).__name__, hint)
+            first = detail[0] if detail else type(e).__name__
+            hint = ""
+            if isinstance(e, libbpf.BpfError):
+                first = e.reason()   # the verifier's verdict, when it has one
+                hint = f" ({features.errno_hint(e.errno, e.log)})"
+            log.error("probe %s: failed to start: %s%s", name, first, hint)
             for line in detail[1:]:
                 log.debug("probe %s: %s", name, line)
             _safe_stop(probe, name)

@@ -10,6 +10,7 @@ import traceback
 
 from . import __version__, config, features
 from .probe import default_bpf_dir, discover
+from .probe_trial import try_probe
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("otelbpf")
@@ -66,19 +67,17 @@ def cmd_check(args) -> int:
     width = max(len(n) for n in feats)
     for f in feats.values():
         print(f"  [{'ok' if f.available else 'no'}] {f.name:<{width}}  {f.detail}")
-    print("probes:")
+    print("probes (each enabled one started with this config, then stopped):")
+    tracefs = features.tracefs_mount_point()
     for name, e in sorted(entries.items()):
         pcfg = cfg.probes.get(name)
-        state = "enabled" if pcfg and pcfg["enabled"] else "disabled"
         if e.cls is None:
             verdict = f"cannot load: {e.error}"
+        elif not (pcfg and pcfg["enabled"]):
+            verdict = "disabled"
         else:
-            missing = features.missing(e.cls.requires, feats)
-            obj = getattr(e.cls, "bpf_object", None)
-            if obj and not os.path.exists(os.path.join(default_bpf_dir(), obj)):
-                missing.append(f"{obj} is not built (run `make bpf`)")
-            verdict = "can run here" if not missing else "cannot run here: " + "; ".join(missing)
-        print(f"  {name} ({state}): {verdict}")
+            verdict = try_probe(e, pcfg, feats, default_bpf_dir(), cfg.kernel["btf"], tracefs).verdict()
+        print(f"  {name}: {verdict}")
     print("exporters: " + (", ".join(cfg.exporters) or "none"))
     return EXIT_OK
 

@@ -141,6 +141,35 @@ def _ringbuf_feature() -> Feature:
     return Feature("ringbuf", ok, "BPF ring buffer " + ("available" if ok else "missing (kernel < 5.8)"))
 
 
+_program_features: Optional[dict] = None
+
+
+def program_features() -> dict:
+    """The kernel features that choose between a probe's builds, by name
+    (detected once: they do not change while the kernel runs)."""
+    global _program_features
+    if _program_features is None:
+        _program_features = {f.name: f for f in _kernel_program_features()}
+    return _program_features
+
+
+def _kernel_program_features() -> list:
+    """What decides between a probe's builds (BpfProbe.bpf_variants)."""
+    try:
+        loop = libbpf.probe_helper("raw_tracepoint", libbpf.BPF_FUNC_LOOP)
+    except (libbpf.BpfError, OSError):
+        loop = False
+    cast = libbpf.kernel_has_type("bpf_rdonly_cast", libbpf.BTF_KIND_FUNC)
+    sock_tp = libbpf.kernel_has_type("btf_trace_sock_send_length", libbpf.BTF_KIND_TYPEDEF)
+    return [
+        Feature("bpf_loop", loop, "bpf_loop helper " + ("available" if loop else "missing (kernel < 5.17)")),
+        Feature("kfunc_rdonly_cast", cast, "bpf_rdonly_cast kfunc " + ("available" if cast else
+                "missing (kernel < 6.2)")),
+        Feature("sock_length_tp", sock_tp, "sock:sock_send_length/sock_recv_length tracepoints " +
+                ("present" if sock_tp else "missing (kernel < 6.3)")),
+    ]
+
+
 def _privilege_features() -> list:
     caps = effective_caps()
     bpf_ok = has_cap(CAP_BPF, caps) or has_cap(CAP_SYS_ADMIN, caps)
@@ -182,7 +211,7 @@ def detect(bpf_dir: str, btf_path: Optional[str] = None) -> dict:
         _pmu_feature("kprobe", "kprobe", "kprobe"),
         _fentry_feature(bpf_dir),
         _ringbuf_feature(),
-    ]
+    ] + list(program_features().values())
     return {f.name: f for f in feats}
 
 

@@ -32,6 +32,18 @@ class BpfError(OSError):
     def __str__(self) -> str:  # OSError's default puts "[Errno n]" first
         return self.args[1] + (f"\n{self.log}" if self.log else "")
 
+    def reason(self) -> str:
+        """Why, in one line: the verifier's verdict (the line before its
+        "processed N insns" summary), a missing kernel symbol, or the errno."""
+        lines = [ln.strip() for ln in self.log.splitlines() if ln.strip()]
+        for i, ln in enumerate(lines):
+            if ln.startswith("processed ") and " insns" in ln and i > 0:
+                return f"{self.args[1]}: verifier: {lines[i - 1]}"
+        for ln in lines:
+            if "not found in kernel" in ln or "failed to find kernel BTF type" in ln:
+                return f"{self.args[1]}: {ln.removeprefix('libbpf: ')}"
+        return self.args[1]
+
 
 # --------------------------------------------------------------------------
 # Library loading and log capture
@@ -752,7 +764,15 @@ def probe_map_type(map_type: int) -> bool:
     return lib().libbpf_probe_bpf_map_type(map_type, None) == 1
 
 
-BTF_KIND_STRUCT, BTF_KIND_TYPEDEF = 4, 8
+BPF_FUNC_LOOP = 181
+
+
+def probe_helper(kind: str, helper_id: int) -> bool:
+    """Whether programs of this type may call the helper on this kernel."""
+    return lib().libbpf_probe_bpf_helper(BPF_PROG_TYPE[kind], helper_id, None) == 1
+
+
+BTF_KIND_STRUCT, BTF_KIND_TYPEDEF, BTF_KIND_FUNC = 4, 8, 12
 _kernel_types: dict = {}
 
 

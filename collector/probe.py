@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import ClassVar, Dict, Optional, Tuple
 
-from . import libbpf
+from . import features, libbpf
 from .config import Field
 
 ENTRY_POINT_GROUP = "otelbpf.probes"
@@ -78,16 +78,40 @@ class Probe(abc.ABC):
 class BpfProbe(Probe):
     """A probe backed by one libbpf object, bpf/<bpf_object>."""
     bpf_object: ClassVar[str]
+    # Builds of bpf_object for older kernels, best first: (object file,
+    # kernel features it needs, from collector.features). The first whose
+    # features the running kernel has is loaded; empty: bpf_object always.
+    bpf_variants: ClassVar[Tuple[Tuple[str, Tuple[str, ...]], ...]] = ()
 
     def __init__(self, config: dict, ctx: ProbeContext):
         super().__init__(config, ctx)
         self.obj: Optional[libbpf.BpfObject] = None
         self._extra_objects: list = []
+        # which build was chosen and what the better ones lacked ("" for the best)
+        self.variant_note = ""
+
+    @classmethod
+    def choose_variant(cls) -> Tuple[str, str]:
+        """(object file, note): the best build this kernel can load, and what
+        the better builds needed that it lacks."""
+        lacking = []
+        for obj, needs in cls.bpf_variants:
+            missing = features.missing(needs, features.program_features())
+            if not missing:
+                return obj, ("" if not lacking else f"{os.path.basename(obj)}: this kernel lacks {lacking[0]}")
+            lacking.append("; ".join(missing))
+        return cls.bpf_object, ""
 
     def open_object(self, name: Optional[str] = None) -> libbpf.BpfObject:
-        """Open bpf/<bpf_object> (or another object of this probe: closed on
-        stop like the main one)."""
-        path = os.path.join(self.ctx.bpf_dir, name or self.bpf_object)
+        """Open bpf/<bpf_object> (the build chosen for this kernel), or another
+        object of this probe: closed on stop like the main one."""
+        if name is None and self.bpf_variants:
+            chosen, self.variant_note = self.choose_variant()
+            if self.variant_note:
+                self.log.info("using %s", self.variant_note)
+            path = os.path.join(self.ctx.bpf_dir, chosen)
+        else:
+            path = os.path.join(self.ctx.bpf_dir, name or self.bpf_object)
         obj = libbpf.BpfObject(path, btf_custom_path=self.ctx.btf_path)
         if name is None:
             self.obj = obj

@@ -148,6 +148,10 @@ class HttpProbe(BpfProbe):
     name = "http"
     description = "HTTP/1.x RED metrics and server/client spans from socket syscalls and OpenSSL (TLS)"
     bpf_object = "http.bpf.o"
+    # bpf_rdonly_cast is 6.2+, bpf_loop 5.17+ (the Makefile builds each)
+    bpf_variants = (("http.bpf.o", ("bpf_loop", "kfunc_rdonly_cast")),
+                    ("http.nocast.bpf.o", ("bpf_loop",)),
+                    ("http.noloop.bpf.o", ()))
     requires = ("btf", "cap_bpf", "cap_perfmon", "raw_tracepoint", "ringbuf")
     config_schema = {
         "spans": Field("bool", True, "export a span per sampled request (metrics count every request anyway)"),

@@ -45,7 +45,7 @@ def test_perf_events_denied_skip_the_profiler_and_tls_only(tmp_path):
     check = _agent(DENY + ["perf_event_open", "EACCES", "--"], cfg, "check")
     assert check.returncode == 0, check.stderr
     assert "[no] perf_event" in check.stdout
-    assert "cpu_profile (enabled): cannot run here: perf_event" in check.stdout
+    assert "cpu_profile: cannot run: needs perf_event" in check.stdout
 
 
 @needs_root
