@@ -127,8 +127,14 @@ class NetFlowsProbe(BpfProbe):
         if self.config["udp"]:
             try:
                 udp_obj = self.open_object("net_udp.bpf.o")
+                if not self.live_hooks:
+                    # the owner programs hook the same 6.3+ tracepoints
+                    for name in UdpCounters.OWNER_PROGRAMS:
+                        udp_obj.program(name).set_autoload(False)
+                    self.log.warning("UDP/DNS counted without their processes (executable 'unknown'): "
+                                     "owners need the sock:sock_send_length tracepoint (kernel 6.3+)")
                 udp_obj.load()
-                self._udp = UdpCounters(udp_obj, self.log)
+                self._udp = UdpCounters(udp_obj, self.log, owners=self.live_hooks)
             except (libbpf.BpfError, OSError) as e:
                 self.log.warning("UDP/DNS counting disabled, TCP goes on: %s", str(e).splitlines()[0])
         self.start_ns = self._last_tick_ns = time.time_ns()

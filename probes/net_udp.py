@@ -45,7 +45,10 @@ def ephemeral_range() -> tuple:
 
 
 class UdpCounters:
-    def __init__(self, obj: libbpf.BpfObject, log):
+    # tp_btf programs that learn a socket's process (kernel 6.3+)
+    OWNER_PROGRAMS = ("udp_owner_send", "udp_owner_recv")
+
+    def __init__(self, obj: libbpf.BpfObject, log, owners: bool = True):
         self.obj = obj
         self.log = log
         root = cgroup2_root()
@@ -56,7 +59,7 @@ class UdpCounters:
             for prog in obj.programs():
                 if prog.section.startswith("cgroup_skb"):
                     prog.attach_cgroup(fd, root)
-                else:
+                elif owners or prog.name not in self.OWNER_PROGRAMS:
                     prog.attach()
         finally:
             os.close(fd)  # the links hold the cgroup
