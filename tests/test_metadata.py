@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
 
 import pytest
 from conftest import needs_root
 
 from collector.metadata.container import parse_cgroup
 from collector.metadata.enrich import ProcessEnricher
+from collector.metadata.process import ProcessCache
 from collector.records import Counter, Instrument
 
 CID = "3f4e5d6c7b8a99887766554433221100ffeeddccbbaa99887766554433221100"
@@ -84,3 +87,24 @@ def test_command_line_only_when_asked():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_process_that_execs_is_named_by_its_new_program():
+    """A forked child is first seen as its parent (between fork and exec);
+    after exec() the same pid, with the same start time, is the new program."""
+    code = ("import os, sys; print(os.getpid(), flush=True); sys.stdin.readline(); "
+            "os.execv('/bin/sleep', ['sleep', '30'])")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(child.stdout.readline())
+        cache = ProcessCache()
+        assert cache.executable_name(pid).startswith("python")
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{pid}/comm").read().strip() != "sleep" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache.executable_name(pid) == "sleep"
+    finally:
+        child.kill()
+        child.wait()

@@ -46,10 +46,10 @@ class ProcessEnricher:
         return self._owners[uid]
 
     def attributes(self, pid: int) -> dict:
-        start = ProcessCache._start_time(pid)
-        if start is None:
+        ident = ProcessCache._identity(pid)   # (start time, comm): an exec is a new entry
+        if ident is None:
             return {}  # exited: nothing reliable to add
-        key = (pid, start)
+        key = (pid, ident)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
