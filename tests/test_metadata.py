@@ -108,3 +108,19 @@ def test_a_process_that_execs_is_named_by_its_new_program():
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_series_keeps_its_attributes_through_its_process_exit():
+    """The final export after a process exits is the same series (same
+    attribute set) as the ones before: a changed set is a new series to a
+    backend, which would count the process's totals twice."""
+    p = subprocess.Popen(["sleep", "30"])
+    enricher = ProcessEnricher()
+    before = Counter(Instrument("t", "1", ""), {"process.pid": p.pid}, 1, 0)
+    enricher.enrich([before])
+    assert before.attributes["process.executable.path"].endswith("/sleep")
+    p.kill()
+    p.wait()
+    after = Counter(Instrument("t", "1", ""), {"process.pid": p.pid}, 2, 0)
+    enricher.enrich([after])
+    assert after.attributes == before.attributes

@@ -1,6 +1,7 @@
 """Adds per-process resource-like attributes to every record that names a
 process: container.id, k8s.pod.uid, process.executable.path, process.owner.
-Cached per (pid, start time), bounded, so a reused pid never inherits."""
+Cached per (pid, start time, comm), bounded, so a reused pid never inherits;
+an exited process keeps its last attributes for its final records."""
 from __future__ import annotations
 
 import collections
@@ -34,6 +35,7 @@ class ProcessEnricher:
         self.pods = pods
         self.command_line = command_line
         self._cache: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
+        self._last: "collections.OrderedDict[int, dict]" = collections.OrderedDict()  # pid -> newest attrs
         self._max = max_entries
         self._owners: dict = {}
 
@@ -48,7 +50,9 @@ class ProcessEnricher:
     def attributes(self, pid: int) -> dict:
         ident = ProcessCache._identity(pid)   # (start time, comm): an exec is a new entry
         if ident is None:
-            return {}  # exited: nothing reliable to add
+            # exited: its last records keep the attributes its series had, so
+            # the final export is the same series, not a new one
+            return self._last.get(pid, {})
         key = (pid, ident)
         hit = self._cache.get(key)
         if hit is not None:
@@ -70,6 +74,10 @@ class ProcessEnricher:
         self._cache[key] = attrs
         if len(self._cache) > self._max:
             self._cache.popitem(last=False)
+        self._last[pid] = attrs
+        self._last.move_to_end(pid)
+        if len(self._last) > self._max:
+            self._last.popitem(last=False)
         return attrs
 
     def enrich(self, records: list) -> None:
