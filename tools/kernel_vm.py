@@ -17,7 +17,9 @@ How a guest is made, and why:
   mounts the host's / over 9p read-only, puts tmpfs on /tmp and /run, mounts
   proc/sys/dev/bpffs/cgroup2/tracefs and chroots. So the guest runs the
   host's python, venv and BPF objects: nothing is copied.
-- A second 9p share (read-write) is the exchange folder, seen as /tmp/vm in
+- This checkout is shared again at its own path (a clone under /tmp would
+  be hidden by the guest's tmpfs otherwise).
+- A 9p share (read-write) is the exchange folder, seen as /tmp/vm in
   the guest: the host writes `cmd.sh` there; the guest writes `rc` and
   whatever the command leaves in it. The console is captured to `console.log`.
 - Software emulation (TCG): KVM hangs here. Guests take ~5 s to boot and
@@ -26,6 +28,7 @@ How a guest is made, and why:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shlex
 import shutil
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+CHECKOUT = Path(__file__).resolve().parent.parent
 KERNEL_CACHE = Path(os.environ.get("OTELBPF_KERNEL_CACHE", "/var/cache/otelbpf-kernels"))
 DEBIAN = "http://deb.debian.org/debian"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
@@ -156,6 +160,14 @@ busybox mount -t tmpfs -o mode=1777 tmpfs /mnt/tmp
 busybox mount -t tmpfs tmpfs /mnt/run
 busybox mkdir -p /mnt/tmp/vm
 busybox mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vmwork /mnt/tmp/vm
+# the checkout, at its own path: under /tmp (a CI clone) the tmpfs hides it
+for arg in $(busybox cat /proc/cmdline); do
+  case "$arg" in otelbpf.checkout=*) checkout="${arg#otelbpf.checkout=}";; esac
+done
+if [ -n "$checkout" ]; then
+  busybox mkdir -p "/mnt$checkout"
+  busybox mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose checkout "/mnt$checkout"
+fi
 busybox mount -t proc proc /mnt/proc
 busybox mount -t sysfs sys /mnt/sys
 busybox mount -t devtmpfs dev /mnt/dev
@@ -214,7 +226,9 @@ def prepare(series: str) -> Kernel:
     if missing:
         raise VmError(f"missing host tools: {', '.join(missing)} (make setup installs them)")
     deb = fetch_debs([series])[series]
-    built = KERNEL_CACHE / "built" / deb.stem
+    # a changed /init or module list makes a new initramfs
+    recipe = hashlib.sha256((INIT + " ".join(GUEST_MODULES)).encode()).hexdigest()[:12]
+    built = KERNEL_CACHE / "built" / f"{deb.stem}-{recipe}"
     marker = built / "release"
     if not marker.exists():
         if built.exists():
@@ -248,9 +262,10 @@ def run(kernel: Kernel, script: str, workdir: Path, timeout: float = 600.0, memo
     console = workdir / "console.log"
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", str(memory_mb), "-smp", str(cpus),
            "-nographic", "-no-reboot", "-kernel", str(kernel.vmlinuz), "-initrd", str(kernel.initramfs),
-           "-append", "console=ttyS0 panic=-1 quiet loglevel=3",
+           "-append", f"console=ttyS0 panic=-1 quiet loglevel=3 otelbpf.checkout={CHECKOUT}",
            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
            "-virtfs", f"local,path={workdir},mount_tag=vmwork,security_model=none,multidevs=remap",
+           "-virtfs", f"local,path={CHECKOUT},mount_tag=checkout,security_model=none,readonly=on,multidevs=remap",
            "-nic", "none"]   # loopback is the only network a guest needs
     started = time.monotonic()
     with open(console, "wb") as out:

@@ -1,0 +1,209 @@
+"""The kernel matrix: Debian's LTS kernels (5.10, 6.1, 6.12) booted under
+qemu (tools/kernel_vm.py) with this checkout as the guest's read-only root.
+In each guest, tests/workloads/matrix_guest.py runs `otelbpf check`, then the
+agent with its default probes (every probe) and a file exporter, and real
+workloads with known counts; here every probe's numbers are compared with
+the workloads' own ground truth, kernel by kernel.
+
+The guests boot together (software emulation: ~2 min each, less together
+than one after another) the first time a test asks for one.
+OTELBPF_KERNEL_MATRIX=off skips the matrix (e.g. on a laptop without the
+Debian registry); CI always runs it.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import ExportProfilesServiceRequest
+
+from conftest import ROOT, build_c, needs_root
+from otlp_data import exp_buckets, points, profile_samples
+
+sys.path.insert(0, str(ROOT / "tools"))
+import kernel_vm  # noqa: E402
+
+KERNELS = ["5.10", "6.1", "6.12"]
+PROBES = ("cpu_profile", "http", "net_flows", "syscall_latency")
+GUEST_TIMEOUT_S = 1200
+
+pytestmark = [needs_root, pytest.mark.skipif(os.environ.get("OTELBPF_KERNEL_MATRIX") == "off",
+                                             reason="OTELBPF_KERNEL_MATRIX=off")]
+
+
+class Guest:
+    """One kernel's run, started in the background and waited for once."""
+
+    def __init__(self, series: str, workdir: Path, bin_dir: Path):
+        self.series = series
+        self.workdir = workdir
+        self.result = None
+        self.error = None
+        self._thread = threading.Thread(target=self._run, args=(bin_dir,), daemon=True)
+        self._thread.start()
+
+    def _run(self, bin_dir: Path) -> None:
+        try:
+            kernel = kernel_vm.prepare(self.series)
+            script = (f"cd {ROOT} && {sys.executable} tests/workloads/matrix_guest.py /tmp/vm {bin_dir}\n")
+            self.result = kernel_vm.run(kernel, script, self.workdir, timeout=GUEST_TIMEOUT_S)
+        except Exception as e:  # reported by the test that waits for it
+            self.error = e
+
+    def wait(self) -> "Guest":
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def file(self, name: str) -> str:
+        p = self.workdir / name
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def truth(self) -> dict:
+        t = self.file("truth.json")
+        assert t, f"{self.series}: the guest wrote no results\n{self.context()}"
+        data = json.loads(t)
+        assert "error" not in data, f"{self.series}: {data['error']}\n{self.context()}"
+        return data
+
+    def telemetry(self):
+        metrics, profiles = [], []
+        for line in self.file("telemetry.jsonl").splitlines():
+            if line.startswith('{"resourceMetrics"'):
+                metrics.append(json_format.Parse(line, ExportMetricsServiceRequest()))
+            elif line.startswith('{"resourceProfiles"'):
+                profiles.append(json_format.Parse(line, ExportProfilesServiceRequest()))
+        return metrics, profiles
+
+    def context(self) -> str:
+        tail = "\n".join(self.file("agent.log").splitlines()[-30:])
+        return (f"--- check\n{self.file('check.txt')}\n--- agent log (tail)\n{tail}\n"
+                f"--- console (tail)\n{self.file('console.log')[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def guests(tmp_path_factory):
+    missing = kernel_vm.missing_host_tools()
+    assert not missing, f"the kernel matrix needs {missing}: `make setup` installs them"
+    bin_dir = ROOT / "tests" / "bin"
+    build_c("sc_workload")
+    subprocess_build(ROOT / "bench" / "cpu_work.c", bin_dir / "cpu_work")
+    base = tmp_path_factory.mktemp("matrix")
+    # kernel packages first, one apt run for all three, before the boots
+    kernel_vm.fetch_debs(KERNELS)
+    return {k: Guest(k, base / k, bin_dir) for k in KERNELS}
+
+
+def subprocess_build(src: Path, out: Path) -> Path:
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        out.parent.mkdir(exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-o", str(out), str(src)], check=True)
+    return out
+
+
+@pytest.mark.parametrize("series", KERNELS)
+def test_check_says_every_probe_runs(guests, series):
+    g = guests[series].wait()
+    check = g.file("check.txt")
+    for probe in PROBES:
+        line = next((ln for ln in check.splitlines() if ln.strip().startswith(f"{probe}:")), "")
+        assert line.strip().startswith(f"{probe}: runs"), f"{series}: {line or probe + ' missing'}\n{g.context()}"
+
+
+@pytest.mark.parametrize("series", KERNELS)
+def test_every_probe_starts_and_stops_clean(guests, series):
+    g = guests[series].wait()
+    truth = g.truth()
+    assert truth["kernel"].startswith(series), truth["kernel"]
+    log = g.file("agent.log")
+    for probe in PROBES:
+        assert f"probe {probe}: running" in log, f"{series}: {probe} did not start\n{g.context()}"
+    assert "Traceback" not in log and "failed to start" not in log, g.context()
+    assert truth["agent_exit"] == 0, g.context()
+    assert "stopped; all programs detached" in log
+
+
+@pytest.mark.parametrize("series", KERNELS)
+def test_http_counts_equal_the_server_log(guests, series):
+    g = guests[series].wait()
+    truth = g.truth()["http"]
+    metrics, _ = g.telemetry()
+    port = truth["port"]
+    server = collections.Counter()
+    for _m, dp, a in _latest_per_series(points(metrics, "http.server.request.duration", server__port=port)):
+        server[str(a["http.response.status_code"])] += dp.count
+    assert dict(server) == truth["server_logged"], f"{series}: exported {dict(server)}\n{g.context()}"
+    client = collections.Counter()
+    for _m, dp, a in _latest_per_series(points(metrics, "http.client.request.duration", server__port=port)):
+        if a.get("process.executable.name") == "curl":
+            client[a["http.response.status_code"]] += dp.count
+    assert dict(client) == dict(collections.Counter(truth["client_statuses"])), f"{series}: {dict(client)}"
+
+
+@pytest.mark.parametrize("series", KERNELS)
+def test_syscall_counts_and_durations(guests, series):
+    g = guests[series].wait()
+    truth = g.truth()["syscalls"]
+    metrics, _ = g.telemetry()
+    # per pid only for the busiest processes, else per executable: both count
+    getppid = _latest_per_series(points(metrics, "otelbpf.syscall.duration", syscall__name="getppid",
+                                        process__executable__name="sc_workload"))
+    count = sum(dp.count for _m, dp, _a in getppid)
+    assert truth["getppid"] <= count <= truth["getppid"] + 5, f"{series}: {count} getppid\n{g.context()}"
+    sleeps = _latest_per_series(points(metrics, "otelbpf.syscall.duration", syscall__name="nanosleep",
+                                       process__executable__name="sc_workload"))
+    assert len(sleeps) == 1, sleeps
+    _m, dp, _a = sleeps[0]
+    assert dp.count == truth["nanosleep"]
+    # OTLP bucket i (scale 0) is (2^i, 2^(i+1)] ns: a 20 ms sleep lies in
+    # bucket 24, or a later one on a slow guest; never an earlier one
+    lowest = (truth["sleep_ns"] - 1).bit_length() - 1
+    assert min(exp_buckets(dp)) >= lowest, f"{series}: {exp_buckets(dp)}"
+    assert dp.sum >= truth["nanosleep"] * truth["sleep_ns"]
+
+
+@pytest.mark.parametrize("series", KERNELS)
+def test_tcp_bytes_equal_what_both_ends_moved(guests, series):
+    g = guests[series].wait()
+    truth = g.truth()["tcp"]
+    metrics, _ = g.telemetry()
+    port = truth["port"]
+
+    def value(direction, **match):
+        pts = points(metrics, "otelbpf.network.io", network__io__direction=direction, **match)
+        assert pts, f"{series}: no otelbpf.network.io {direction} {match}\n{g.context()}"
+        return sum(dp.as_int for _m, dp, _a in _latest_per_series(pts))
+
+    assert value("transmit", otelbpf__tcp__role="client", network__peer__port=port) == truth["client_sent"]
+    assert value("receive", otelbpf__tcp__role="server", network__local__port=port) == truth["server_received"]
+
+
+@pytest.mark.parametrize("series", KERNELS)
+def test_cpu_profile_samples_follow_cpu_time(guests, series):
+    g = guests[series].wait()
+    truth = g.truth()["cpu"]
+    _metrics, profiles = g.telemetry()
+    samples = sum(n for attrs, _names, _k, n in profile_samples(profiles) if attrs.get("process.pid") == truth["pid"])
+    expected = truth["cpu_seconds"] * 99
+    # cpu-clock at 99 Hz on a software-emulated CPU: the count follows the
+    # process's CPU time, within the sampling's jitter
+    assert 0.5 * expected <= samples <= 1.5 * expected, f"{series}: {samples} samples for {truth['cpu_seconds']:.2f} s"
+
+
+def _latest_per_series(pts):
+    """The last cumulative point of each attribute set."""
+    latest = {}
+    for m, dp, a in pts:
+        key = tuple(sorted(a.items()))
+        if key not in latest or dp.time_unix_nano > latest[key][1].time_unix_nano:
+            latest[key] = (m, dp, a)
+    return list(latest.values())

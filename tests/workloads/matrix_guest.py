@@ -1,0 +1,173 @@
+"""Runs inside a kernel-matrix guest (tools/kernel_vm.py): `otelbpf check`,
+then the agent with its default probes and a file exporter, real workloads
+with known counts, and the workloads' own ground truth, all written to OUT
+for tests/test_kernel_matrix.py to compare on the host.
+
+    python tests/workloads/matrix_guest.py OUT BIN_DIR
+
+Workloads (each its own process, so each is its own executable in the data):
+- HTTP: python's http.server on 127.0.0.1:HTTP_PORT serving a directory,
+  curl requests of known statuses; the server's log is the ground truth.
+- TCP: a server that reads to EOF and a client that sends TCP_BYTES; both
+  print what they moved.
+- syscalls: sc_workload makes GETPPID getppid() calls and SLEEPS nanosleeps.
+- CPU: cpu_work burns CPU; its own CPU time (rusage) is the ground truth.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HTTP_PORT, TCP_PORT = 18080, 18081
+HTTP_PLAN = [("/ok.txt", 200)] * 5 + [("/missing", 404)] * 2
+TCP_BYTES = 3_000_000
+GETPPID, SLEEPS, SLEEP_NS = 3000, 3, 20_000_000
+CPU_LOOPS = 150_000_000
+INTERVAL_S = 2
+
+TCP_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept(); n = 0
+while True:
+    b = c.recv(65536)
+    if not b: break
+    n += len(b)
+c.close(); print(n, flush=True)
+"""
+TCP_CLIENT = """
+import socket, sys
+n = int(sys.argv[2]); s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"x" * n); s.close(); print(n, flush=True)
+"""
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def wait_log(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent exited ({proc.returncode}) before {text!r}")
+        time.sleep(0.5)
+    raise RuntimeError(f"agent did not log {text!r} in {timeout}s")
+
+
+def http_workload(out: Path) -> dict:
+    site = Path("/tmp/site")
+    site.mkdir(exist_ok=True)
+    (site / "ok.txt").write_text("ok\n")
+    log = open(out / "http_server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(HTTP_PORT), "--bind", "127.0.0.1",
+                               "--directory", str(site)], stdout=log, stderr=log)
+    try:
+        wait_port(HTTP_PORT)
+        statuses = []
+        for path, _want in HTTP_PLAN:
+            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                f"http://127.0.0.1:{HTTP_PORT}{path}"], capture_output=True, text=True, timeout=60)
+            statuses.append(int(r.stdout or 0))
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+        log.close()
+    # http.server logs '"GET /ok.txt HTTP/1.1" 200 -' per request: the
+    # server's own account (the wait_port probe connection sent no request)
+    logged: dict = {}
+    for line in (out / "http_server.log").read_text().splitlines():
+        if '" ' in line and "HTTP/1." in line:
+            status = line.rsplit('" ', 1)[1].split()[0]
+            logged[status] = logged.get(status, 0) + 1
+    return {"port": HTTP_PORT, "client_statuses": statuses, "server_logged": logged}
+
+
+def tcp_workload() -> dict:
+    server = subprocess.Popen([sys.executable, "-c", TCP_SERVER, str(TCP_PORT)], stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    client = subprocess.run([sys.executable, "-c", TCP_CLIENT, str(TCP_PORT), str(TCP_BYTES)],
+                            capture_output=True, text=True, timeout=120)
+    received = int(server.stdout.readline())
+    server.wait(timeout=30)
+    return {"port": TCP_PORT, "client_sent": int(client.stdout), "server_received": received}
+
+
+def syscall_workload(bin_dir: Path) -> dict:
+    w = subprocess.Popen([str(bin_dir / "sc_workload"), str(GETPPID), str(SLEEPS), str(SLEEP_NS)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid = int(w.stdout.readline())
+    w.stdin.write("go\n")
+    w.stdin.flush()
+    assert w.stdout.readline().strip() == "done"
+    return {"pid": pid, "getppid": GETPPID, "nanosleep": SLEEPS, "sleep_ns": SLEEP_NS, "proc": w}
+
+
+def cpu_workload(bin_dir: Path) -> dict:
+    w = subprocess.Popen([str(bin_dir / "cpu_work"), str(CPU_LOOPS)], stdout=subprocess.PIPE, text=True)
+    _pid, _status, usage = os.wait4(w.pid, 0)
+    w.returncode = 0
+    return {"pid": w.pid, "cpu_seconds": usage.ru_utime + usage.ru_stime}
+
+
+def main() -> int:
+    out, bin_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    cfg = out / "otelbpf.yaml"
+    cfg.write_text(json.dumps({"interval": f"{INTERVAL_S}s", "health": "",
+                               "exporters": {"file": {"path": str(out / "telemetry.jsonl")}}}))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cli = [sys.executable, "-m", "collector.cli"]
+    check = subprocess.run(cli + ["check", "--config", str(cfg)], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=900)
+    (out / "check.txt").write_text(check.stdout + check.stderr)
+    agent_log = out / "agent.log"
+    agent = subprocess.Popen(cli + ["run", "--config", str(cfg)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=open(agent_log, "w"))
+    truth: dict = {"kernel": os.uname().release}
+    try:
+        wait_log(agent_log, "collecting every", agent, timeout=900)
+        truth["http"] = http_workload(out)
+        truth["tcp"] = tcp_workload()
+        sc = syscall_workload(bin_dir)
+        truth["cpu"] = cpu_workload(bin_dir)
+        time.sleep(2 * INTERVAL_S)   # the syscall workload is read while it lives
+        proc = sc.pop("proc")
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        truth["syscalls"] = sc
+    except Exception as e:   # recorded for the host to report; the agent still stops
+        truth["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        if agent.poll() is None:
+            agent.send_signal(signal.SIGINT)
+        try:
+            truth["agent_exit"] = agent.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            truth["agent_exit"] = "killed after 300 s"
+    (out / "truth.json").write_text(json.dumps(truth, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    sys.exit(main())
