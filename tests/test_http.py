@@ -638,3 +638,122 @@ def test_libssl_copies_in_use_are_found_and_probed(nginx, tmp_path):
             a.kill()
         holder.kill()
         recv.stop()
+
+
+# ---------------------------------------------- known durations in buckets
+
+TIMED_SERVER = textwrap.dedent("""
+    import sys, threading, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    def handler(delay):
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, fmt, *args):
+                pass
+            def do_GET(self):
+                time.sleep(delay)              # the request has been read: the transaction takes longer
+                self.send_response(200)
+                self.send_header("Content-Length", "3")
+                self.end_headers()
+                self.wfile.write(b"ok\\n")
+        return H
+
+    for arg in sys.argv[1:]:                   # PORT=SECONDS: one server per duration
+        port, delay = arg.split("=")
+        srv = ThreadingHTTPServer(("127.0.0.1", int(port)), handler(float(delay)))
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    print("ready", flush=True)
+    sys.stdin.read()
+""")
+
+# Handler delays (s), from ~0 to beyond a second, each well inside one
+# power-of-two bucket and one semantic-convention bucket.
+DELAYS = (0.0, 0.0028, 0.012, 0.04, 0.18, 0.6, 1.3)
+
+
+def _timed_requests(ports: dict) -> dict:
+    """One curl request per port, all at once. Returns port -> (lo, hi) s:
+    the server's delay (nothing is answered sooner) and curl's own
+    time_total (the whole transfer, connect included), which bound both the
+    server's and the client's duration of the transaction."""
+    procs = {port: subprocess.Popen(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}",
+                                     f"http://127.0.0.1:{port}/timed"], stdout=subprocess.PIPE, text=True)
+             for port in ports}
+    out = {}
+    for port, p in procs.items():
+        status, total = p.communicate(timeout=30)[0].split()
+        assert status == "200"
+        out[port] = (ports[port], float(total))
+        assert out[port][1] >= out[port][0]
+    return out
+
+
+@pytest.mark.parametrize("otlp_form,file_form,transport", [("exponential", "explicit", "grpc"),
+                                                           ("explicit", "exponential", "http/protobuf")])
+def test_known_durations_land_in_their_buckets(tmp_path, otlp_form, file_form, transport):
+    """Requests of known duration through the real programs: every form the
+    agent exports (OTLP over the wire, the file exporter, exponential and
+    explicit, the console's quantiles) puts each one, server and client
+    side, in the bucket whose range holds its true duration."""
+    from otlp_data import (assert_values_in_buckets, check_histograms, console_rows, last_point,
+                           parse_console_duration, points, populated_ranges, read_jsonl)
+    from otlp_receiver import GrpcReceiver, HttpReceiver
+    recv = GrpcReceiver() if transport == "grpc" else HttpReceiver()
+    jsonl = tmp_path / "t.jsonl"
+    ports = {free_port(): d for d in DELAYS}
+    srv = subprocess.Popen([sys.executable, "-c", TIMED_SERVER, *(f"{p}={d}" for p, d in ports.items())],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    a = None
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        a = AgentProcess(tmp_path, {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
+                                    "exporters": {"otlp": {"endpoint": recv.endpoint, "protocol": transport,
+                                                           "histogram": otlp_form},
+                                                  "file": {"path": str(jsonl), "histogram": file_form},
+                                                  "console": {"top": 100, "clear": False}},
+                                    "probes": {"http": {"tls": False, "spans": False}}})
+        a.wait_for_log("collecting every", timeout=60)
+        truth = _timed_requests(ports)
+
+        def exported(port):
+            return all(points(list(recv.rx.metrics), name, server__port=port)
+                       for name in ("http.server.request.duration", "http.client.request.duration"))
+        assert wait_until(lambda: all(exported(p) for p in ports)), a.stderr()
+        time.sleep(1.2)   # one more export: the console shows what moved in its interval
+        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
+    finally:
+        if a is not None:
+            a.kill()
+        srv.kill()
+        srv.wait()
+        recv.stop()
+    over_wire, from_file = list(recv.rx.metrics), read_jsonl(jsonl)
+    console = a.stdout()
+    for reqs, form in ((over_wire, otlp_form), (from_file, file_form)):
+        assert check_histograms(reqs) > 0
+        for port, (lo, hi) in truth.items():
+            for name in ("http.server.request.duration", "http.client.request.duration"):
+                m, dp, attrs = last_point(reqs, name, server__port=port)
+                assert m.WhichOneof("data") == ("histogram" if form == "explicit" else "exponential_histogram")
+                assert m.unit == "s"
+                if form == "explicit":
+                    assert list(dp.explicit_bounds) == [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+                                                        1.0, 2.5, 5.0, 7.5, 10.0]
+                else:
+                    assert dp.scale == 0
+                assert_values_in_buckets(m, dp, max(lo, 1e-9), hi, 1)
+    # the console view: p50 and p99 of one request are its bucket's upper edge
+    for name in ("http.server.request.duration", "http.client.request.duration"):
+        rows = console_rows(console, name)
+        for port, (lo, hi) in truth.items():
+            mine = [r for r in rows if f"server.port={port} " in r[3] + " "]
+            assert mine, f"no console row for {name} server.port={port}:\n{console}"
+            m, dp, _ = last_point(from_file if file_form == "exponential" else over_wire, name, server__port=port)
+            (_b_lo, b_hi, _c), = populated_ranges(m, dp)
+            for total, p50, p99, label in mine:
+                assert total == 1, label
+                for q in (p50, p99):
+                    v = parse_console_duration(q)
+                    # printed rounded (e.g. 62.5 ms as "62ms"): within 3 %
+                    assert abs(v - b_hi) <= 0.03 * b_hi, f"{name} {label}: console {q}, bucket upper edge {b_hi}"
+                    assert v / 2 < hi * 1.03 and v >= lo * 0.97, f"{name} {label}: console {q}, true [{lo}, {hi}] s"
