@@ -268,9 +268,10 @@ def console_rows(text: str, instrument: str) -> list:
     return rows
 
 
-def parse_console_duration(text: str) -> float:
-    """'244us', '16ms', '1.00s', '977ns' -> seconds."""
-    for suffix, f in (("ns", 1e-9), ("us", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+def parse_console_duration(text: str) -> tuple:
+    """'244us', '16ms', '1.00s', '977ns' -> (seconds, half a unit of the last
+    printed digit: how far the printed figure may be from the true one)."""
+    for suffix, f, digit in (("ns", 1e-9, 1.0), ("us", 1e-6, 1.0), ("ms", 1e-3, 1.0), ("s", 1.0, 0.01)):
         if text.endswith(suffix):
-            return float(text[:-len(suffix)]) * f
+            return float(text[:-len(suffix)]) * f, digit * f / 2
     raise ValueError(f"not a console duration: {text!r}")
