@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import AgentProcess, curl, needs_root, wait_until
-from otlp_data import attrs_of, metrics
+from otlp_data import attrs_of, check_histograms, metrics
 
 pytestmark = [needs_root, pytest.mark.skipif(not shutil.which("nginx") or not shutil.which("wrk"),
                                              reason="needs nginx and wrk (make setup installs them)")]
@@ -210,6 +210,7 @@ def assert_counts_match_log(rx, nginx, port):
     assert sum(expected.values()) > 0
     got = wait_until(lambda: (c := server_counts(rx, port)) == expected and c) or server_counts(rx, port)
     assert got == expected, f"exported {dict(got)} vs access log {dict(expected)}; probe drops {http_drops(rx)}"
+    assert check_histograms(list(rx.metrics)) > 0
 
 
 # ------------------------------------------------------------------ tests
@@ -593,6 +594,7 @@ def test_span_flood_is_bounded_and_counted_while_metrics_stay_exact(rx, nginx, t
         assert wait_until(lambda: server_counts(flood_rx.rx, port) == expected), \
             f"{dict(server_counts(flood_rx.rx, port))} vs {dict(expected)}"
         assert not server_counts(flood_rx.rx, port, "http.client.request.duration")   # wrk is excluded
+        assert check_histograms(list(flood_rx.rx.metrics)) > 0
         lost = wait_until(lambda: (d := dropped()).get("ringbuf_full", 0) + d.get("span_queue_full", 0))
         assert lost > 0, dropped()
         assert dropped().get("rate_limited", 0) == 0

@@ -166,7 +166,9 @@ def flows_agent(agent_factory, tmp_path):
     def finish():
         assert agent.stop() == 0, agent.stderr()
         assert "Traceback" not in agent.stderr()
-        return read_jsonl(jsonl)
+        data = read_jsonl(jsonl)
+        check_histograms(data)
+        return data
     return finish
 
 
@@ -444,6 +446,7 @@ def test_series_cap_overflows_and_counts(agent_factory, tmp_path):
     time.sleep(1.5)
     assert agent.stop() == 0
     data = read_jsonl(jsonl)
+    check_histograms(data)
     assert flow_value(data, "otelbpf.overflow", otelbpf__probe="net_flows", reason="max_series") > 0
     assert flow_value(data, "otelbpf.tcp.connections", otelbpf__overflow=True, otelbpf__tcp__event="opened") > 0
     flows = {tuple(sorted((k, v) for k, v in a.items() if k != "otelbpf.tcp.event"))
@@ -485,6 +488,7 @@ def test_udp_flood_of_distinct_peers_is_bounded_and_every_datagram_accounted(age
     time.sleep(4.5)
     assert agent.stop() == 0, agent.stderr()
     data = read_jsonl(jsonl)
+    check_histograms(data)
     counted = _series_total(data, "otelbpf.network.packets", network__transport="udp",
                             network__io__direction="transmit")  # the overflow series included
     overflowed = _series_total(data, "otelbpf.network.packets", network__transport="udp",

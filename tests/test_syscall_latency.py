@@ -44,6 +44,7 @@ def drive_workload(n_getppid=N_GETPPID, n_sleep=N_SLEEP, sleep_ns=SLEEP_NS, ling
 
 
 def check_workload_exponential(requests, pid: int) -> None:
+    assert check_histograms(requests) > 0
     m, dp, attrs = last_point(requests, "otelbpf.syscall.duration", process__pid=pid, syscall__name="getppid")
     assert m.unit == "ns"
     assert m.WhichOneof("data") == "exponential_histogram"
@@ -113,6 +114,7 @@ def test_http_exporter_explicit_histogram_and_otel_env(agent_factory, http_recei
 
     received = http_receiver.rx.metrics
     assert received
+    assert check_histograms(received) > 0
     m, dp, _ = last_point(received, "otelbpf.syscall.duration", process__pid=pid, syscall__name="nanosleep")
     assert m.WhichOneof("data") == "histogram" and m.unit == "s"
     assert dp.count == N_SLEEP
@@ -141,6 +143,7 @@ def test_errors_counted(agent_factory, tmp_path):
     pid = int(p.stdout.split()[0])
     assert agent.stop() == 0
     data = read_jsonl(jsonl)
+    assert check_histograms(data) > 0
     _m, dp, _ = last_point(data, "otelbpf.syscall.errors", process__pid=pid, syscall__name="close")
     assert dp.as_int >= 500
     # the filter keeps every other syscall out
@@ -160,6 +163,7 @@ def test_kernel_map_overflow_is_kept_and_counted(agent_factory, tmp_path):
     pid = drive_workload(n_getppid=5000, n_sleep=0)
     assert agent.stop() == 0
     data = read_jsonl(jsonl)
+    assert check_histograms(data) > 0
     _m, ovf, _ = last_point(data, "otelbpf.overflow", otelbpf__probe="syscall_latency", reason="kernel_map_full")
     assert ovf.as_int > 0
     assert points(data, "otelbpf.syscall.duration", otelbpf__overflow=True)
@@ -202,6 +206,7 @@ def test_key_by_cgroup(agent_factory, tmp_path):
     finally:
         os.rmdir(cg)
     data = read_jsonl(jsonl)
+    assert check_histograms(data) > 0
     path = "/" + os.path.basename(cg)
     _m, dp, attrs = last_point(data, "otelbpf.syscall.duration", otelbpf__cgroup__path=path)
     assert attrs["syscall.name"] == "getppid"
