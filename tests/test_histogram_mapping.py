@@ -109,3 +109,18 @@ def test_http_duration_units_put_edge_values_in_the_right_bucket():
             # and the exported range (offset -30) holds the true value
             lo_s, hi_s = Fraction(2) ** (want - 31), Fraction(2) ** (want - 30)
             assert (want == 0 or lo_s < exact) and exact <= hi_s, d
+
+
+def test_kernel_semconv_bounds_are_the_exported_ones_in_ns():
+    """sem_bucket() in bpf/http.bpf.c counts against ns literals; the
+    explicit form exports SEM_BOUNDS in s. The known-duration tests reach
+    bounds up to 2.5 s only, so compare the two lists themselves: a bound
+    written in the wrong unit (5000000000000 for 5 s) fails here."""
+    import re
+    from pathlib import Path
+    from probes.http import NS_PER_S, SEM_BOUNDS
+    src = (Path(__file__).resolve().parent.parent / "bpf" / "http.bpf.c").read_text()
+    body = src[src.index("static __always_inline __u32 sem_bucket"):]
+    body = body[:body.index("}")]
+    kernel = [int(x) for x in re.findall(r"GT\(d, (\d+)ULL\)", body)]
+    assert kernel == [round(b * NS_PER_S) for b in SEM_BOUNDS]

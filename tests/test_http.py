@@ -760,3 +760,66 @@ def test_known_durations_land_in_their_buckets(tmp_path, otlp_form, file_form, t
                     assert abs(v - b_hi) <= tol, f"{name} {label}: console {q}, bucket upper edge {b_hi}"
                     # a bucket (v/2, v] that can hold the truth (b_hi is exact, v is rounded)
                     assert b_hi / 2 < hi and b_hi >= lo, f"{name} {label}: console {q}, true [{lo}, {hi}] s"
+
+
+def _own_conn_entries(port: int, pid: int) -> int:
+    """http_conns entries of connections on port, in the map the agent
+    `pid` holds (another agent's map may hold the same connections)."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-map":
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    held.update(int(line.split()[1]) for line in f if line.startswith("map_id:"))
+        except OSError:
+            continue
+    maps = [m["id"] for m in json.loads(subprocess.run(["bpftool", "map", "show", "-j"], capture_output=True,
+                                                       text=True, check=True).stdout or "[]")
+            if m.get("name") == "http_conns" and m["id"] in held]
+    assert len(maps) == 1, f"agent {pid} holds {len(maps)} http_conns maps"
+    out = subprocess.run(["bpftool", "map", "dump", "id", str(maps[0]), "-j"], capture_output=True, text=True,
+                         check=True)
+    n = 0
+    for e in json.loads(out.stdout or "[]"):
+        v = bytes(int(x, 16) for x in e.get("value", []))
+        if len(v) >= 36 and port in (int.from_bytes(v[32:34], "little"), int.from_bytes(v[34:36], "little")):
+            n += 1
+    return n
+
+
+def test_idle_connection_state_goes_after_connection_idle_seconds(tmp_path):
+    """connection_idle is seconds, compared with the kernel's monotonic ns:
+    an open connection that stopped mid-request keeps its state for that
+    long, not less, and loses it at the next sweep after (every 6
+    collections)."""
+    idle, interval = 2.0, 0.2
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-c", PY_SERVER, str(port)], stdout=subprocess.PIPE, text=True)
+    a = None
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        a = AgentProcess(tmp_path, {"interval": f"{interval}s", "lock_file": str(tmp_path / "lock"),
+                                    "health": "127.0.0.1:0", "exporters": {"file": {"path": str(tmp_path / "t")}},
+                                    "probes": {"http": {"tls": False, "spans": False,
+                                                        "connection_idle": f"{idle}s"}}})
+        a.wait_for_log("collecting every", timeout=60)
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"GET /a HTTP/1.1\r\nHo")          # a request that never ends
+            t0 = time.monotonic()
+            seen = []
+            while time.monotonic() - t0 < idle + 6 * interval + 2:
+                n = _own_conn_entries(port, a.pid)
+                seen.append((round(time.monotonic() - t0, 2), n))
+                if not n:
+                    break
+                time.sleep(0.1)
+            gone = next((t for t, n in seen if not n), None)
+            assert seen[0][1] >= 1, seen
+            assert gone is not None, f"state kept past connection_idle ({idle}s): {seen}"
+            assert gone >= idle, f"state dropped after {gone}s of idleness, connection_idle is {idle}s: {seen}"
+        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
+    finally:
+        if a is not None:
+            a.kill()
+        srv.kill()
+        srv.wait()
