@@ -725,3 +725,42 @@ def test_rtt_buckets_hold_what_ss_shows(agent_factory, grpc_receiver, tmp_path, 
         v, tol = parse_console_duration(mine[-1][1])
         edge = 2 ** max(0, math.ceil(math.log2(rtt1[side])))   # us
         assert abs(v * 1e6 - edge) <= tol * 1e6, f"{side}: console p50 {mine[-1][1]}, srtt {rtt1[side]} us"
+
+
+PACED_CLIENT = textwrap.dedent("""
+    import socket, sys, time
+    host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    c = socket.create_connection((host, port))
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:              # 1 KB every 20 ms
+        c.sendall(b"q" * 1024)
+        time.sleep(0.02)
+    c.shutdown(socket.SHUT_WR)
+    while c.recv(1 << 16):
+        pass
+    c.close()
+""")
+
+
+def test_busy_connection_reports_every_live_report_second(netns_pair, flows_agent):
+    """live_report is seconds, compared with the kernel's ns: a connection
+    in another network namespace (no iterator there) sending every 20 ms for
+    2.5 s reports at its first send and about every second after, each
+    report one RTT sample, plus one at close: 3 to 5 samples per side (4
+    expected), not one per send (a ms mix-up: ~125) nor only the first and
+    the close (a factor 1000 the other way: 2)."""
+    server = subprocess.Popen(in_ns(NS_S) + [sys.executable, "-c", SERVER, IP_S, str(PORT), "0"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        sh(*in_ns(NS_C), sys.executable, "-c", PACED_CLIENT, IP_S, str(PORT), "2.5", timeout=60)
+        assert int(server.stdout.readline()) > 100 * 1024
+        server.wait(timeout=10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    data = flows_agent()
+    for match in ({"otelbpf__tcp__role": "client", "network__peer__port": PORT},
+                  {"otelbpf__tcp__role": "server", "network__local__port": PORT}):
+        _m, rtt, _a = last_point(data, "otelbpf.tcp.rtt", **match)
+        assert 3 <= rtt.count <= 5, f"{match}: {rtt.count} RTT samples over 2.5 s with live_report 1s"
