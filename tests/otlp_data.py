@@ -273,5 +273,6 @@ def parse_console_duration(text: str) -> tuple:
     printed digit: how far the printed figure may be from the true one)."""
     for suffix, f, digit in (("ns", 1e-9, 1.0), ("us", 1e-6, 1.0), ("ms", 1e-3, 1.0), ("s", 1.0, 0.01)):
         if text.endswith(suffix):
-            return float(text[:-len(suffix)]) * f, digit * f / 2
+            # (1 + 1e-9): 0.0625 - 0.062 is 0.0005000000000000004 in floats
+            return float(text[:-len(suffix)]) * f, digit * f / 2 * (1 + 1e-9)
     raise ValueError(f"not a console duration: {text!r}")

@@ -823,3 +823,36 @@ def test_idle_connection_state_goes_after_connection_idle_seconds(tmp_path):
             a.kill()
         srv.kill()
         srv.wait()
+
+
+def test_span_cap_is_per_second(tmp_path, nginx):
+    """max_spans_per_second counts spans in one-second windows of the
+    kernel's ns clock: two bursts of 30 requests (60 spans each, server and
+    client side) 1.2 s apart get 5 spans per window they touch, 10 to 20 in
+    all, the rest counted as rate_limited (ms windows would pass nearly all
+    120, 1000 s windows only 5)."""
+    from otlp_receiver import GrpcReceiver
+    recv = GrpcReceiver()
+    port = PORTS["ids"]
+    a = None
+    try:
+        a = AgentProcess(tmp_path, {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
+                                    "exporters": {"otlp": {"endpoint": recv.endpoint, "protocol": "grpc"}},
+                                    "probes": {"http": {"tls": False, "max_spans_per_second": 5}}})
+        a.wait_for_log("collecting every", timeout=60)
+        url = f"http://127.0.0.1:{port}/"
+        for burst in range(2):
+            t = time.monotonic()
+            curl(*[url] * 30)              # one keep-alive connection
+            assert time.monotonic() - t < 1.0, "a burst took a second: it would span several windows"
+            if not burst:
+                time.sleep(1.2)
+        assert wait_until(lambda: http_drops(recv.rx).get("rate_limited", 0) > 0), http_drops(recv.rx)
+        time.sleep(1.2)
+        n = len(spans(recv.rx, server__port=port))
+        assert 10 <= n <= 20, f"{n} spans for 120 candidates in two bursts 1.2 s apart, 5 allowed per second"
+        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
+    finally:
+        if a is not None:
+            a.kill()
+        recv.stop()
