@@ -943,11 +943,22 @@ static __always_inline void count_request(struct http_conn *c, __u64 dur)
 		if (!h)
 			return;
 	}
-	/* duration in 2^-30 s units (x 1.073741824): log2 buckets are then
-	 * OTLP's exponential buckets in seconds, scale 0 */
+	/* The log2 buckets count the duration in units of 2^-30 s: bucket i
+	 * holds (2^(i-1), 2^i] units = (2^(i-31), 2^(i-30)] s, which is OTLP's
+	 * scale-0 exponential bucket i-31 in seconds (EXP_OFFSET = -30 in
+	 * probes/http.py). units = dur_ns * 2^30 / 10^9 (x 1.073741824),
+	 * rounded up: a duration a hair above a power-of-two edge must stay in
+	 * the upper bucket, and ceil keeps that exact (an edge 2^k is a whole
+	 * number of units, so ceil(x) > 2^(k-1) exactly when x > 2^(k-1)).
+	 * Split at whole seconds so nothing overflows: q <= 2^43 / 10^9 < 2^14,
+	 * so q << 30 < 2^44; r < 10^9 < 2^30, so (r << 30) + 10^9 - 1 < 2^61. */
+	const __u64 ns_per_s = 1000000000ULL;	/* 10^9 ns in a second */
+	const __u32 unit_shift = 30;		/* 1 unit = 2^-30 s */
+
 	if (dur > (1ULL << 43))
-		dur = 1ULL << 43;	/* ~2.4 hours: past the last bucket anyway */
-	__u64 d30 = (dur * 1099511ULL) >> 10;
+		dur = 1ULL << 43;	/* ~2.4 hours: past the last bucket ((256, 512] s) anyway */
+	__u64 q = dur / ns_per_s, r = dur % ns_per_s;
+	__u64 d30 = (q << unit_shift) + ((r << unit_shift) + ns_per_s - 1) / ns_per_s;
 	__u32 lb = hide(otb_log2_bucket(d30));
 	__u32 sb = hide(sem_bucket(dur));
 

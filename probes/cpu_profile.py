@@ -22,6 +22,7 @@ STACK_DEPTH = 127                        # PROF_STACK_DEPTH in the .bpf.c
 _KEY = struct.Struct("=IiiI16s")         # struct prof_key
 _STACK = struct.Struct(f"={STACK_DEPTH}Q")
 STATS = ("samples", "idle", "user_stack_lost", "kernel_stack_lost", "counts_full")  # enum prof_stat
+NS_PER_S = 1_000_000_000                 # profile periods are in ns
 DRAIN_GRACE_S = 0.002  # lets samples that read the old `active` finish before the drain
 
 
@@ -77,7 +78,7 @@ class CpuProfileProbe(BpfProbe):
         self._usyms = UserSymbolizer()
         self._procs = ProcessCache()
         self.start_ns = self._last_ns = time.time_ns()
-        self.period_ns = round(1e9 / self.config["frequency"])
+        self.period_ns = round(NS_PER_S / self.config["frequency"])   # ns between samples at frequency Hz
         self.truncated = 0
 
     # ------------------------------------------------------------- perf events

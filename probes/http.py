@@ -34,7 +34,15 @@ from .http_routes import OVERFLOW_ROUTE, RouteTable, check_patterns
 from .syscall_latency import syscall_table
 
 NBUCKETS = 40                      # OTB_LOG2_BUCKETS
-EXP_OFFSET = -30                   # kernel log2 buckets count 2^-30 s units
+NS_PER_S = 1_000_000_000           # kernel times are bpf_ktime_get_ns() ns; metrics are in s
+NS_PER_US = 1_000
+# The kernel's log2 buckets count durations in units of 2^-30 s (count_request
+# in the .bpf.c: units = ceil(ns * 2^30 / 10^9)), so kernel bucket i holds
+# (2^(i-1), 2^i] units = (2^(i-1-30), 2^(i-30)] s: buckets[i] of a
+# Log2Histogram with exp_offset -30 in seconds, OTLP scale-0 index i-31.
+EXP_OFFSET = -30
+# Semantic-convention bounds (s); the kernel's sem_bucket compares ns, each
+# bound x NS_PER_S (5000000ULL is 0.005 s).
 SEM_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 HEAD_MAX, PATH_MAX = 4096, 256     # SCRATCH and PATH_CAP in the .bpf.c
 OVERFLOW_TGID = 0xFFFFFFFF
@@ -286,7 +294,7 @@ class HttpProbe(BpfProbe):
         if cost > UPROBE_WARN_NS:
             self.log.warning("TLS: a uprobe hit costs %.1f us on this machine, and every SSL_read/SSL_write "
                              "pays it (bench/uprobe_cost.py measures it); set probes.http.tls: false if TLS "
-                             "servers' speed matters more than their spans and metrics", cost / 1000)
+                             "servers' speed matters more than their spans and metrics", cost / NS_PER_US)
         attached = []
         for lib in self.config["tls_libraries"] or find_libssl():
             if not os.path.exists(lib):
@@ -539,7 +547,8 @@ class HttpProbe(BpfProbe):
     def _reap_idle_connections(self) -> None:
         """Connections quiet for connection_idle lose their state (the LRU
         bounds them anyway; this frees what closed without close())."""
-        limit = time.monotonic_ns() - int(self.config["connection_idle"] * 1e9)
+        # last_ns is bpf_ktime_get_ns(): CLOCK_MONOTONIC ns, as time.monotonic_ns()
+        limit = time.monotonic_ns() - int(self.config["connection_idle"] * NS_PER_S)
         stale = [k for k, v in self._conns.items() if _CONN_LAST_NS.unpack_from(v)[0] < limit]
         if stale:
             self._conns.delete_many(stale)
@@ -548,7 +557,7 @@ class HttpProbe(BpfProbe):
         out = []
         for (name, akey), acc in self._series.items():
             inst = SERVER_DURATION if name == SERVER_DURATION.name else CLIENT_DURATION
-            out.append(Log2Histogram(inst, dict(akey), list(acc.log2), acc.sum_ns / 1e9, acc.start_ns,
+            out.append(Log2Histogram(inst, dict(akey), list(acc.log2), acc.sum_ns / NS_PER_S, acc.start_ns,
                                      exp_offset=EXP_OFFSET, explicit_bounds=SEM_BOUNDS,
                                      explicit_counts=list(acc.sem)))
         stats = dict(zip(STATS, self._stats.counters(len(STATS))))

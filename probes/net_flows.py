@@ -27,7 +27,9 @@ from collector.selftelemetry import dropped, overflow
 from .net_udp import UdpCounters
 
 _KEY = struct.Struct("=IBBH16si16s")      # struct flow_key
-RTT_BUCKETS = 32
+RTT_BUCKETS = 32   # RTT_BUCKETS in the .bpf.c: log2 buckets of the smoothed RTT in us (tcp_sock.srtt_us >> 3:
+                   # the kernel keeps 8x the smoothed RTT in us, 3 fraction bits; ss -ti's rtt is the same >> 3)
+NS_PER_S = 1_000_000_000   # report_ns is compared with bpf_ktime_get_ns() ns; live_report is in s
 _VAL = struct.Struct(f"=10Q{RTT_BUCKETS}Q")  # struct flow_val
 _VAL_FIELDS = ("opened", "closed", "failed", "resets", "retransmits", "bytes_sent", "bytes_recv",
                "segs_sent", "segs_recv", "rtt_sum_us")
@@ -83,7 +85,7 @@ class NetFlowsProbe(BpfProbe):
     def start(self) -> None:
         obj = self.open_object()
         obj.set_global("overflow_tgid", struct.pack("=I", OVERFLOW_TGID))
-        obj.set_global("report_ns", struct.pack("=Q", int(self.config["live_report"] * 1e9)))
+        obj.set_global("report_ns", struct.pack("=Q", int(self.config["live_report"] * NS_PER_S)))
         # sock:sock_{send,recv}_length are 6.x: without them live counters come
         # from the iterator alone (the agent's network namespace only)
         self.live_hooks = libbpf.kernel_has_type("btf_trace_sock_send_length", libbpf.BTF_KIND_TYPEDEF)

@@ -150,3 +150,41 @@ def http_receiver():
     r = HttpReceiver()
     yield r
     r.stop()
+
+
+def run_sleepers(sleeps: dict, linger: float = 2.5) -> dict:
+    """One sc_workload per entry of sleeps (ns -> how many nanosleep calls),
+    all at once. Returns ns -> (pid, calls, lo ns, hi ns): every call took at
+    least the requested time (a relative nanosleep never returns early; the
+    kernel's sys_enter comes before it starts) and at most the wall time from
+    "go" to "done" less the other calls' minimum, measured on
+    CLOCK_MONOTONIC, the clock bpf_ktime_get_ns() reads. Each process stays
+    `linger` s after its calls so the agent reads them while its pid lives."""
+    procs = {}
+    try:
+        for ns, n in sleeps.items():
+            w = subprocess.Popen([str(build_c("sc_workload")), "0", str(n), str(ns)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+            procs[ns] = (w, int(w.stdout.readline()))
+        t0 = {}
+        for ns, (w, _pid) in procs.items():
+            t0[ns] = time.monotonic_ns()
+            w.stdin.write("go\n")
+            w.stdin.flush()
+        out = {}
+        for ns, (w, pid) in procs.items():
+            assert w.stdout.readline().strip() == "done"
+            wall = time.monotonic_ns() - t0[ns]
+            n = sleeps[ns]
+            out[ns] = (pid, n, ns, wall - (n - 1) * ns)
+        time.sleep(linger)
+        for w, _pid in procs.values():
+            w.stdin.write("exit\n")
+            w.stdin.close()
+            assert w.wait(timeout=10) == 0
+        return out
+    finally:
+        for w, _pid in procs.values():
+            if w.poll() is None:
+                w.kill()
+                w.wait()

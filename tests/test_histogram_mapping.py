@@ -71,3 +71,56 @@ def test_quantile_upper_bound():
     assert quantile_upper_bound(buckets, 0.5) == 16
     assert quantile_upper_bound(buckets, 0.99) == 1024
 
+
+
+def http_units(dur_ns: int) -> int:
+    """Python twin of count_request()'s conversion in bpf/http.bpf.c:
+    ceil(dur_ns * 2^30 / 10^9), split at whole seconds, after the clamp."""
+    dur_ns = min(dur_ns, 1 << 43)
+    q, r = divmod(dur_ns, 1_000_000_000)
+    units = (q << 30) + ((r << 30) + 999_999_999) // 1_000_000_000
+    assert units < 1 << 64 and (r << 30) + 999_999_999 < 1 << 64   # no u64 overflow in the kernel
+    return units
+
+
+def test_http_duration_units_put_edge_values_in_the_right_bucket():
+    """Bucket of a duration in 2^-30 s units = the OTLP scale-0 bucket
+    (offset -30) of its exact value in seconds, also one ns either side of
+    every power-of-two edge: the conversion rounds up, so a duration just
+    above an edge is never pulled into the bucket below."""
+    from fractions import Fraction
+    durations = [0, 1, 2, 931, 932, 999_999_999, 1_000_000_000, 1_000_000_001]
+    for k in range(-30, 14):
+        edge = Fraction(2) ** k * 10 ** 9          # 2^k s in ns (not a whole number below k = 9)
+        lo = int(edge)
+        durations += [lo - 1, lo, lo + 1, lo + 2]
+    for d in durations:
+        if d <= 0:
+            continue
+        exact = Fraction(d, 10 ** 9)               # seconds
+        want = min(max(math.ceil(math.log2(exact * 2 ** 30)) if exact * 2 ** 30 > 1 else 0, 0), 39)
+        # log2 of a Fraction rounds: settle the edge cases exactly
+        while want > 0 and exact * 2 ** 30 <= 2 ** (want - 1):
+            want -= 1
+        while want < 39 and exact * 2 ** 30 > 2 ** want:
+            want += 1
+        assert kernel_bucket(http_units(d)) == want, (d, http_units(d), want)
+        if want < 39:
+            # and the exported range (offset -30) holds the true value
+            lo_s, hi_s = Fraction(2) ** (want - 31), Fraction(2) ** (want - 30)
+            assert (want == 0 or lo_s < exact) and exact <= hi_s, d
+
+
+def test_kernel_semconv_bounds_are_the_exported_ones_in_ns():
+    """sem_bucket() in bpf/http.bpf.c counts against ns literals; the
+    explicit form exports SEM_BOUNDS in s. The known-duration tests reach
+    bounds up to 2.5 s only, so compare the two lists themselves: a bound
+    written in the wrong unit (5000000000000 for 5 s) fails here."""
+    import re
+    from pathlib import Path
+    from probes.http import NS_PER_S, SEM_BOUNDS
+    src = (Path(__file__).resolve().parent.parent / "bpf" / "http.bpf.c").read_text()
+    body = src[src.index("static __always_inline __u32 sem_bucket"):]
+    body = body[:body.index("}")]
+    kernel = [int(x) for x in re.findall(r"GT\(d, (\d+)ULL\)", body)]
+    assert kernel == [round(b * NS_PER_S) for b in SEM_BOUNDS]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import AgentProcess, curl, needs_root, wait_until
-from otlp_data import attrs_of, metrics
+from otlp_data import attrs_of, check_histograms, metrics
 
 pytestmark = [needs_root, pytest.mark.skipif(not shutil.which("nginx") or not shutil.which("wrk"),
                                              reason="needs nginx and wrk (make setup installs them)")]
@@ -210,6 +210,7 @@ def assert_counts_match_log(rx, nginx, port):
     assert sum(expected.values()) > 0
     got = wait_until(lambda: (c := server_counts(rx, port)) == expected and c) or server_counts(rx, port)
     assert got == expected, f"exported {dict(got)} vs access log {dict(expected)}; probe drops {http_drops(rx)}"
+    assert check_histograms(list(rx.metrics)) > 0
 
 
 # ------------------------------------------------------------------ tests
@@ -593,6 +594,7 @@ def test_span_flood_is_bounded_and_counted_while_metrics_stay_exact(rx, nginx, t
         assert wait_until(lambda: server_counts(flood_rx.rx, port) == expected), \
             f"{dict(server_counts(flood_rx.rx, port))} vs {dict(expected)}"
         assert not server_counts(flood_rx.rx, port, "http.client.request.duration")   # wrk is excluded
+        assert check_histograms(list(flood_rx.rx.metrics)) > 0
         lost = wait_until(lambda: (d := dropped()).get("ringbuf_full", 0) + d.get("span_queue_full", 0))
         assert lost > 0, dropped()
         assert dropped().get("rate_limited", 0) == 0
@@ -637,4 +639,220 @@ def test_libssl_copies_in_use_are_found_and_probed(nginx, tmp_path):
         if a is not None:
             a.kill()
         holder.kill()
+        recv.stop()
+
+
+# ---------------------------------------------- known durations in buckets
+
+TIMED_SERVER = textwrap.dedent("""
+    import sys, threading, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    def handler(delay):
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, fmt, *args):
+                pass
+            def do_GET(self):
+                time.sleep(delay)              # the request has been read: the transaction takes longer
+                self.send_response(200)
+                self.send_header("Content-Length", "3")
+                self.end_headers()
+                self.wfile.write(b"ok\\n")
+        return H
+
+    for arg in sys.argv[1:]:                   # PORT=SECONDS: one server per duration
+        port, delay = arg.split("=")
+        srv = ThreadingHTTPServer(("127.0.0.1", int(port)), handler(float(delay)))
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    print("ready", flush=True)
+    sys.stdin.read()
+""")
+
+# Handler delays (s), from ~0 to beyond a second, each well inside one
+# power-of-two bucket and one semantic-convention bucket.
+DELAYS = (0.0, 0.0028, 0.012, 0.04, 0.18, 0.6, 1.3)
+
+
+def _timed_requests(ports: dict) -> dict:
+    """One curl request per port, all at once. Returns port -> (lo, hi) s:
+    the server's delay (nothing is answered sooner) and curl's own
+    time_total (the whole transfer, connect included), which bound both the
+    server's and the client's duration of the transaction."""
+    procs = {port: subprocess.Popen(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}",
+                                     f"http://127.0.0.1:{port}/timed"], stdout=subprocess.PIPE, text=True)
+             for port in ports}
+    out = {}
+    for port, p in procs.items():
+        status, total = p.communicate(timeout=30)[0].split()
+        assert status == "200"
+        out[port] = (ports[port], float(total))
+        assert out[port][1] >= out[port][0]
+    return out
+
+
+@pytest.mark.parametrize("otlp_form,file_form,transport", [("exponential", "explicit", "grpc"),
+                                                           ("explicit", "exponential", "http/protobuf")])
+def test_known_durations_land_in_their_buckets(tmp_path, otlp_form, file_form, transport):
+    """Requests of known duration through the real programs: every form the
+    agent exports (OTLP over the wire, the file exporter, exponential and
+    explicit, the console's quantiles) puts each one, server and client
+    side, in the bucket whose range holds its true duration."""
+    from otlp_data import (assert_values_in_buckets, check_histograms, console_rows, last_point,
+                           parse_console_duration, points, populated_ranges, read_jsonl)
+    from otlp_receiver import GrpcReceiver, HttpReceiver
+    recv = GrpcReceiver() if transport == "grpc" else HttpReceiver()
+    jsonl = tmp_path / "t.jsonl"
+    ports = {free_port(): d for d in DELAYS}
+    srv = subprocess.Popen([sys.executable, "-c", TIMED_SERVER, *(f"{p}={d}" for p, d in ports.items())],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    a = None
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        a = AgentProcess(tmp_path, {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
+                                    "exporters": {"otlp": {"endpoint": recv.endpoint, "protocol": transport,
+                                                           "histogram": otlp_form},
+                                                  "file": {"path": str(jsonl), "histogram": file_form},
+                                                  "console": {"top": 100, "clear": False}},
+                                    "probes": {"http": {"tls": False, "spans": False}}})
+        a.wait_for_log("collecting every", timeout=60)
+        truth = _timed_requests(ports)
+
+        def exported(port):
+            return all(points(list(recv.rx.metrics), name, server__port=port)
+                       for name in ("http.server.request.duration", "http.client.request.duration"))
+        assert wait_until(lambda: all(exported(p) for p in ports)), a.stderr()
+        time.sleep(1.2)   # one more export: the console shows what moved in its interval
+        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
+    finally:
+        if a is not None:
+            a.kill()
+        srv.kill()
+        srv.wait()
+        recv.stop()
+    over_wire, from_file = list(recv.rx.metrics), read_jsonl(jsonl)
+    console = a.stdout()
+    for reqs, form in ((over_wire, otlp_form), (from_file, file_form)):
+        assert check_histograms(reqs) > 0
+        for port, (lo, hi) in truth.items():
+            for name in ("http.server.request.duration", "http.client.request.duration"):
+                m, dp, attrs = last_point(reqs, name, server__port=port)
+                assert m.WhichOneof("data") == ("histogram" if form == "explicit" else "exponential_histogram")
+                assert m.unit == "s"
+                if form == "explicit":
+                    assert list(dp.explicit_bounds) == [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+                                                        1.0, 2.5, 5.0, 7.5, 10.0]
+                else:
+                    assert dp.scale == 0
+                assert_values_in_buckets(m, dp, max(lo, 1e-9), hi, 1)
+    # the console view: p50 and p99 of one request are its bucket's upper edge
+    for name in ("http.server.request.duration", "http.client.request.duration"):
+        rows = console_rows(console, name)
+        for port, (lo, hi) in truth.items():
+            mine = [r for r in rows if f"server.port={port} " in r[3] + " "]
+            assert mine, f"no console row for {name} server.port={port}:\n{console}"
+            m, dp, _ = last_point(from_file if file_form == "exponential" else over_wire, name, server__port=port)
+            (_b_lo, b_hi, _c), = populated_ranges(m, dp)
+            for total, p50, p99, label in mine:
+                assert total == 1, label
+                for q in (p50, p99):
+                    v, tol = parse_console_duration(q)
+                    # the bucket's upper edge, as printed (rounded: 62.5 ms shows as "62ms")
+                    assert abs(v - b_hi) <= tol, f"{name} {label}: console {q}, bucket upper edge {b_hi}"
+                    # a bucket (v/2, v] that can hold the truth (b_hi is exact, v is rounded)
+                    assert b_hi / 2 < hi and b_hi >= lo, f"{name} {label}: console {q}, true [{lo}, {hi}] s"
+
+
+def _own_conn_entries(port: int, pid: int) -> int:
+    """http_conns entries of connections on port, in the map the agent
+    `pid` holds (another agent's map may hold the same connections)."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-map":
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    held.update(int(line.split()[1]) for line in f if line.startswith("map_id:"))
+        except OSError:
+            continue
+    maps = [m["id"] for m in json.loads(subprocess.run(["bpftool", "map", "show", "-j"], capture_output=True,
+                                                       text=True, check=True).stdout or "[]")
+            if m.get("name") == "http_conns" and m["id"] in held]
+    assert len(maps) == 1, f"agent {pid} holds {len(maps)} http_conns maps"
+    out = subprocess.run(["bpftool", "map", "dump", "id", str(maps[0]), "-j"], capture_output=True, text=True,
+                         check=True)
+    n = 0
+    for e in json.loads(out.stdout or "[]"):
+        v = bytes(int(x, 16) for x in e.get("value", []))
+        if len(v) >= 36 and port in (int.from_bytes(v[32:34], "little"), int.from_bytes(v[34:36], "little")):
+            n += 1
+    return n
+
+
+def test_idle_connection_state_goes_after_connection_idle_seconds(tmp_path):
+    """connection_idle is seconds, compared with the kernel's monotonic ns:
+    an open connection that stopped mid-request keeps its state for that
+    long, not less, and loses it at the next sweep after (every 6
+    collections)."""
+    idle, interval = 2.0, 0.2
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-c", PY_SERVER, str(port)], stdout=subprocess.PIPE, text=True)
+    a = None
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        a = AgentProcess(tmp_path, {"interval": f"{interval}s", "lock_file": str(tmp_path / "lock"),
+                                    "health": "127.0.0.1:0", "exporters": {"file": {"path": str(tmp_path / "t")}},
+                                    "probes": {"http": {"tls": False, "spans": False,
+                                                        "connection_idle": f"{idle}s"}}})
+        a.wait_for_log("collecting every", timeout=60)
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"GET /a HTTP/1.1\r\nHo")          # a request that never ends
+            t0 = time.monotonic()
+            seen = []
+            while time.monotonic() - t0 < idle + 6 * interval + 2:
+                n = _own_conn_entries(port, a.pid)
+                seen.append((round(time.monotonic() - t0, 2), n))
+                if not n:
+                    break
+                time.sleep(0.1)
+            gone = next((t for t, n in seen if not n), None)
+            assert seen[0][1] >= 1, seen
+            assert gone is not None, f"state kept past connection_idle ({idle}s): {seen}"
+            assert gone >= idle, f"state dropped after {gone}s of idleness, connection_idle is {idle}s: {seen}"
+        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
+    finally:
+        if a is not None:
+            a.kill()
+        srv.kill()
+        srv.wait()
+
+
+def test_span_cap_is_per_second(tmp_path, nginx):
+    """max_spans_per_second counts spans in one-second windows of the
+    kernel's ns clock: two bursts of 30 requests (60 spans each, server and
+    client side) 1.2 s apart get 5 spans per window they touch, 10 to 20 in
+    all, the rest counted as rate_limited (ms windows would pass nearly all
+    120, 1000 s windows only 5)."""
+    from otlp_receiver import GrpcReceiver
+    recv = GrpcReceiver()
+    port = PORTS["ids"]
+    a = None
+    try:
+        a = AgentProcess(tmp_path, {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
+                                    "exporters": {"otlp": {"endpoint": recv.endpoint, "protocol": "grpc"}},
+                                    "probes": {"http": {"tls": False, "max_spans_per_second": 5}}})
+        a.wait_for_log("collecting every", timeout=60)
+        url = f"http://127.0.0.1:{port}/"
+        for burst in range(2):
+            t = time.monotonic()
+            curl(*[url] * 30)              # one keep-alive connection
+            assert time.monotonic() - t < 1.0, "a burst took a second: it would span several windows"
+            if not burst:
+                time.sleep(1.2)
+        assert wait_until(lambda: http_drops(recv.rx).get("rate_limited", 0) > 0), http_drops(recv.rx)
+        time.sleep(1.2)
+        n = len(spans(recv.rx, server__port=port))
+        assert 10 <= n <= 20, f"{n} spans for 120 candidates in two bursts 1.2 s apart, 5 allowed per second"
+        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
+    finally:
+        if a is not None:
+            a.kill()
         recv.stop()

@@ -3,6 +3,7 @@ namespaces this test creates (veth pair), checked against the payload the
 programs sent, tshark's capture and the sockets' own tcp_info."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import time
 
 import pytest
 from conftest import ROOT, needs_root, wait_until
-from otlp_data import last_point, points, read_jsonl
+from otlp_data import check_histograms, last_point, points, read_jsonl
 
 pytestmark = needs_root
 
@@ -165,7 +166,9 @@ def flows_agent(agent_factory, tmp_path):
     def finish():
         assert agent.stop() == 0, agent.stderr()
         assert "Traceback" not in agent.stderr()
-        return read_jsonl(jsonl)
+        data = read_jsonl(jsonl)
+        check_histograms(data)
+        return data
     return finish
 
 
@@ -443,6 +446,7 @@ def test_series_cap_overflows_and_counts(agent_factory, tmp_path):
     time.sleep(1.5)
     assert agent.stop() == 0
     data = read_jsonl(jsonl)
+    check_histograms(data)
     assert flow_value(data, "otelbpf.overflow", otelbpf__probe="net_flows", reason="max_series") > 0
     assert flow_value(data, "otelbpf.tcp.connections", otelbpf__overflow=True, otelbpf__tcp__event="opened") > 0
     flows = {tuple(sorted((k, v) for k, v in a.items() if k != "otelbpf.tcp.event"))
@@ -484,6 +488,7 @@ def test_udp_flood_of_distinct_peers_is_bounded_and_every_datagram_accounted(age
     time.sleep(4.5)
     assert agent.stop() == 0, agent.stderr()
     data = read_jsonl(jsonl)
+    check_histograms(data)
     counted = _series_total(data, "otelbpf.network.packets", network__transport="udp",
                             network__io__direction="transmit")  # the overflow series included
     overflowed = _series_total(data, "otelbpf.network.packets", network__transport="udp",
@@ -621,3 +626,141 @@ def test_a_close_no_program_saw_is_counted_once_its_socket_is_gone():
     assert (closed_for_port_9(first), closed_for_port_9(second), closed_for_port_9(third)) == (0, 1, 1)
     # (another socket's skipped event could add to it in the same passes)
     assert unseen(second)[0] >= unseen(first)[0] + 1, (unseen(first), unseen(second))
+
+
+PINGPONG = textwrap.dedent("""
+    import socket, sys
+    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+    cli = socket.create_connection(srv.getsockname())
+    acc, _ = srv.accept()
+    for _ in range(50):                        # RTT samples for both ends
+        cli.sendall(b"p" * 100); acc.recv(100)
+        acc.sendall(b"q" * 100); cli.recv(100)
+    print(srv.getsockname()[1], cli.getsockname()[1], flush=True)
+    sys.stdin.readline()                       # then idle: the smoothed RTTs stay put
+    cli.close(); acc.close()
+""")
+
+
+def ss_rtt_us(local_port: int) -> int:
+    """The smoothed RTT `ss -ti` shows for the loopback socket bound to
+    local_port, in us (ss prints tcpi_rtt, srtt_us >> 3, in ms)."""
+    import re
+    out = sh("ss", "-tinH", "state", "established", f"( sport = :{local_port} )").stdout
+    found = re.findall(r"(?<![a-z_])rtt:([0-9.]+)/", out)
+    assert len(found) == 1, out
+    return round(float(found[0]) * 1000)
+
+
+def _rtt_delta(reqs, t_from: int, t_to: int, **match):
+    """The observations an RTT series gained between its last point at or
+    before t_from and its last at or before t_to: (metric, count, sum,
+    {bucket range: count})."""
+    from otlp_data import populated_ranges
+    pts = sorted(((m, dp) for m, dp, _a in points(reqs, "otelbpf.tcp.rtt", **match)),
+                 key=lambda p: p[1].time_unix_nano)
+    a = [p for p in pts if p[1].time_unix_nano <= t_from]
+    b = [p for p in pts if p[1].time_unix_nano <= t_to]
+    assert a and b, f"no otelbpf.tcp.rtt points for {match} around the idle window"
+    (ma, a), (mb, b) = a[-1], b[-1]
+    before = {(lo, hi): c for lo, hi, c in populated_ranges(ma, a)}
+    after = {(lo, hi): c for lo, hi, c in populated_ranges(mb, b)}
+    moved = {r: c - before.get(r, 0) for r, c in after.items() if c != before.get(r, 0)}
+    return mb, b.count - a.count, b.sum - a.sum, moved
+
+
+@pytest.mark.parametrize("otlp_form,file_form", [("exponential", "explicit"), ("explicit", "exponential")])
+def test_rtt_buckets_hold_what_ss_shows(agent_factory, grpc_receiver, tmp_path, otlp_form, file_form):
+    """A loopback connection exchanges messages, then idles: its smoothed
+    RTT stays where `ss -ti` shows it, and every RTT the agent sampled in
+    the idle window, client side and server side, sits in the bucket that
+    holds that value, in every exported form and in the console."""
+    from otlp_data import check_histograms, console_rows, parse_console_duration, populated_ranges
+    jsonl = tmp_path / "t.jsonl"
+    agent = agent_factory({"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
+                           "exporters": {"otlp": {"endpoint": grpc_receiver.endpoint, "protocol": "grpc",
+                                                  "histogram": otlp_form},
+                                         "file": {"path": str(jsonl), "histogram": file_form},
+                                         "console": {"top": 10000, "clear": False}},
+                           "probes": {"net_flows": {}}})
+    agent.wait_for_log("collecting every")
+    p = subprocess.Popen([sys.executable, "-c", PINGPONG], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        server_port, client_port = map(int, p.stdout.readline().split())
+        quiet_from = time.time_ns() + 200_000_000   # the last ACKs are in by then
+        time.sleep(1.3)
+        t1, rtt1 = time.time_ns(), {"client": ss_rtt_us(client_port), "server": ss_rtt_us(server_port)}
+        time.sleep(3.2)
+        t2, rtt2 = time.time_ns(), {"client": ss_rtt_us(client_port), "server": ss_rtt_us(server_port)}
+        assert rtt1 == rtt2, "the idle connection's smoothed RTT moved"
+        assert agent.stop() == 0, agent.stderr()
+    finally:
+        p.stdin.close()
+        p.wait(timeout=10)
+    sides = {"client": {"otelbpf__tcp__role": "client", "network__peer__port": server_port},
+             "server": {"otelbpf__tcp__role": "server", "network__local__port": server_port}}
+    over_wire, from_file = list(grpc_receiver.rx.metrics), read_jsonl(jsonl)
+    for reqs in (over_wire, from_file):
+        assert check_histograms(reqs) > 0
+        for side, match in sides.items():
+            t_from = max(pt[1].time_unix_nano for pt in points(reqs, "otelbpf.tcp.rtt", **match)
+                         if pt[1].time_unix_nano <= t1)
+            assert t_from >= quiet_from, "no export between the last exchange and the first ss reading"
+            m, n, total, moved = _rtt_delta(reqs, t1, t2, **match)
+            us = rtt1[side]
+            v = us * (1e-6 if m.unit == "s" else 1.0)
+            assert m.unit == ("us" if m.WhichOneof("data") == "exponential_histogram" else "s")
+            assert n >= 2, f"{side}: {n} RTT samples in 3 idle intervals"
+            # a whole number of us: exactly one bucket (2^(i-1), 2^i] us holds it
+            assert list(moved) == [r for r in moved if r[0] < v <= r[1]] and sum(moved.values()) == n, \
+                f"{side}: ss shows srtt {us} us; the idle window's samples went to {moved} ({m.unit})"
+            assert abs(total - n * v) <= 1e-9 * n * max(v, 1), f"{side}: sum {total} for {n} x {v}"
+    # the console: after the idle window most samples are the idle value, so
+    # p50 is the upper edge of its bucket
+    rows = console_rows(agent.stdout(), "otelbpf.tcp.rtt")
+    for side, match in sides.items():
+        label = f"network.local.port={server_port}" if side == "server" else f"network.peer.port={server_port}"
+        mine = [r for r in rows if label in r[3].split() and f"otelbpf.tcp.role={side}" in r[3].split()]
+        assert mine, f"no console row for the {side} side:\n{agent.stdout()[-3000:]}"
+        v, tol = parse_console_duration(mine[-1][1])
+        edge = 2 ** max(0, math.ceil(math.log2(rtt1[side])))   # us
+        assert abs(v * 1e6 - edge) <= tol * 1e6, f"{side}: console p50 {mine[-1][1]}, srtt {rtt1[side]} us"
+
+
+PACED_CLIENT = textwrap.dedent("""
+    import socket, sys, time
+    host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    c = socket.create_connection((host, port))
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:              # 1 KB every 20 ms
+        c.sendall(b"q" * 1024)
+        time.sleep(0.02)
+    c.shutdown(socket.SHUT_WR)
+    while c.recv(1 << 16):
+        pass
+    c.close()
+""")
+
+
+def test_busy_connection_reports_every_live_report_second(netns_pair, flows_agent):
+    """live_report is seconds, compared with the kernel's ns: a connection
+    in another network namespace (no iterator there) sending every 20 ms for
+    2.5 s reports at its first send and about every second after, each
+    report one RTT sample, plus one at close: 3 to 5 samples per side (4
+    expected), not one per send (a ms mix-up: ~125) nor only the first and
+    the close (a factor 1000 the other way: 2)."""
+    server = subprocess.Popen(in_ns(NS_S) + [sys.executable, "-c", SERVER, IP_S, str(PORT), "0"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        sh(*in_ns(NS_C), sys.executable, "-c", PACED_CLIENT, IP_S, str(PORT), "2.5", timeout=60)
+        assert int(server.stdout.readline()) > 100 * 1024
+        server.wait(timeout=10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    data = flows_agent()
+    for match in ({"otelbpf__tcp__role": "client", "network__peer__port": PORT},
+                  {"otelbpf__tcp__role": "server", "network__local__port": PORT}):
+        _m, rtt, _a = last_point(data, "otelbpf.tcp.rtt", **match)
+        assert 3 <= rtt.count <= 5, f"{match}: {rtt.count} RTT samples over 2.5 s with live_report 1s"

@@ -8,8 +8,10 @@ import os
 import subprocess
 import time
 
-from conftest import build_c, needs_root
-from otlp_data import exp_buckets, last_point, points, read_jsonl
+import pytest
+from conftest import build_c, needs_root, run_sleepers
+from otlp_data import (assert_values_in_buckets, check_histograms, console_rows, exp_buckets, last_point,
+                       parse_console_duration, points, populated_ranges, read_jsonl)
 
 pytestmark = needs_root
 
@@ -42,6 +44,7 @@ def drive_workload(n_getppid=N_GETPPID, n_sleep=N_SLEEP, sleep_ns=SLEEP_NS, ling
 
 
 def check_workload_exponential(requests, pid: int) -> None:
+    assert check_histograms(requests) > 0
     m, dp, attrs = last_point(requests, "otelbpf.syscall.duration", process__pid=pid, syscall__name="getppid")
     assert m.unit == "ns"
     assert m.WhichOneof("data") == "exponential_histogram"
@@ -111,6 +114,7 @@ def test_http_exporter_explicit_histogram_and_otel_env(agent_factory, http_recei
 
     received = http_receiver.rx.metrics
     assert received
+    assert check_histograms(received) > 0
     m, dp, _ = last_point(received, "otelbpf.syscall.duration", process__pid=pid, syscall__name="nanosleep")
     assert m.WhichOneof("data") == "histogram" and m.unit == "s"
     assert dp.count == N_SLEEP
@@ -139,6 +143,7 @@ def test_errors_counted(agent_factory, tmp_path):
     pid = int(p.stdout.split()[0])
     assert agent.stop() == 0
     data = read_jsonl(jsonl)
+    assert check_histograms(data) > 0
     _m, dp, _ = last_point(data, "otelbpf.syscall.errors", process__pid=pid, syscall__name="close")
     assert dp.as_int >= 500
     # the filter keeps every other syscall out
@@ -158,6 +163,7 @@ def test_kernel_map_overflow_is_kept_and_counted(agent_factory, tmp_path):
     pid = drive_workload(n_getppid=5000, n_sleep=0)
     assert agent.stop() == 0
     data = read_jsonl(jsonl)
+    assert check_histograms(data) > 0
     _m, ovf, _ = last_point(data, "otelbpf.overflow", otelbpf__probe="syscall_latency", reason="kernel_map_full")
     assert ovf.as_int > 0
     assert points(data, "otelbpf.syscall.duration", otelbpf__overflow=True)
@@ -200,9 +206,56 @@ def test_key_by_cgroup(agent_factory, tmp_path):
     finally:
         os.rmdir(cg)
     data = read_jsonl(jsonl)
+    assert check_histograms(data) > 0
     path = "/" + os.path.basename(cg)
     _m, dp, attrs = last_point(data, "otelbpf.syscall.duration", otelbpf__cgroup__path=path)
     assert attrs["syscall.name"] == "getppid"
     assert attrs["otelbpf.cgroup.id"] == cg_id
     assert N_GETPPID <= dp.count <= N_GETPPID + 5
     assert "process.pid" not in attrs
+
+
+# sleep (ns) -> calls: each inside one (2^(i-1), 2^i] ns bucket by a margin,
+# from 90 us to beyond a second
+SLEEPS = {90_000: 3, 1_500_000: 3, 12_000_000: 3, 90_000_000: 3, 400_000_000: 2, 1_250_000_000: 1}
+
+
+@pytest.mark.parametrize("otlp_form,file_form", [("exponential", "explicit"), ("explicit", "exponential")])
+def test_known_sleeps_land_in_their_buckets(agent_factory, grpc_receiver, tmp_path, otlp_form, file_form):
+    """nanosleep()s of known length, 90 us to 1.25 s: each in the bucket
+    holding its true duration over OTLP and in the file, exponential and
+    explicit, and in the console's p50/p99."""
+    jsonl = tmp_path / "t.jsonl"
+    agent = agent_factory({"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
+                           "exporters": {"otlp": {"endpoint": grpc_receiver.endpoint, "protocol": "grpc",
+                                                  "histogram": otlp_form},
+                                         "file": {"path": str(jsonl), "histogram": file_form},
+                                         "console": {"top": 10000, "clear": False}},
+                           "probes": {"syscall_latency": {"syscalls": ["nanosleep"], "top_processes": 1000}}})
+    agent.wait_for_log("collecting every")
+    truth = run_sleepers(SLEEPS)
+    assert agent.stop() == 0, agent.stderr()
+    over_wire, from_file = list(grpc_receiver.rx.metrics), read_jsonl(jsonl)
+    for reqs, form in ((over_wire, otlp_form), (from_file, file_form)):
+        assert check_histograms(reqs) > 0
+        for pid, n, lo, hi in truth.values():
+            m, dp, _a = last_point(reqs, "otelbpf.syscall.duration", process__pid=pid, syscall__name="nanosleep")
+            assert m.WhichOneof("data") == ("histogram" if form == "explicit" else "exponential_histogram")
+            assert m.unit == ("s" if form == "explicit" else "ns")
+            assert_values_in_buckets(m, dp, lo / 1e9, hi / 1e9, n)
+    rows = console_rows(agent.stdout(), "otelbpf.syscall.duration")
+    exp = from_file if file_form == "exponential" else over_wire
+    for pid, n, lo, hi in truth.values():
+        mine = [r for r in rows if f"pid={pid}" in r[3].split()]
+        assert mine, f"no console row for pid {pid}"
+        m, dp, _a = last_point(exp, "otelbpf.syscall.duration", process__pid=pid, syscall__name="nanosleep")
+        edges = [b_hi for _lo, b_hi, _c in populated_ranges(m, dp)]
+        for total, p50, p99, label in mine:
+            assert 1 <= total <= n, label
+            for q in (p50, p99):
+                v, tol = (x * 1e9 for x in parse_console_duration(q))
+                # the upper edge of a populated bucket, as printed (rounded) ...
+                edge = next((e for e in edges if abs(v - e) <= tol), None)
+                assert edge, f"{label}: console {q}, buckets' upper edges {edges} ns"
+                # ... of a bucket that can hold the truth
+                assert edge / 2 < hi and edge >= lo, f"{label}: console {q}, true [{lo}, {hi}] ns"
