@@ -46,6 +46,7 @@
 #define TP_LEN 55		/* "00-" 32 hex "-" 16 hex "-" 2 hex */
 #define SEM_BUCKETS 15		/* semantic-convention bounds 5 ms .. 10 s, plus +Inf */
 #define MAX_IOV 8		/* iovecs looked at to find the end of a vector write */
+#define NS_PER_S 1000000000ULL	/* bpf_ktime_get_ns() ticks in a second */
 
 /* -DOTB_NO_BPF_LOOP: a build for kernels without bpf_loop (before 5.17) and
  * without pointer arguments to global functions (before 5.12), such as
@@ -952,13 +953,12 @@ static __always_inline void count_request(struct http_conn *c, __u64 dur)
 	 * number of units, so ceil(x) > 2^(k-1) exactly when x > 2^(k-1)).
 	 * Split at whole seconds so nothing overflows: q <= 2^43 / 10^9 < 2^14,
 	 * so q << 30 < 2^44; r < 10^9 < 2^30, so (r << 30) + 10^9 - 1 < 2^61. */
-	const __u64 ns_per_s = 1000000000ULL;	/* 10^9 ns in a second */
 	const __u32 unit_shift = 30;		/* 1 unit = 2^-30 s */
 
 	if (dur > (1ULL << 43))
 		dur = 1ULL << 43;	/* ~2.4 hours: past the last bucket ((256, 512] s) anyway */
-	__u64 q = dur / ns_per_s, r = dur % ns_per_s;
-	__u64 d30 = (q << unit_shift) + ((r << unit_shift) + ns_per_s - 1) / ns_per_s;
+	__u64 q = dur / NS_PER_S, r = dur % NS_PER_S;
+	__u64 d30 = (q << unit_shift) + ((r << unit_shift) + NS_PER_S - 1) / NS_PER_S;
 	__u32 lb = hide(otb_log2_bucket(d30));
 	__u32 sb = hide(sem_bucket(dur));
 
@@ -972,7 +972,7 @@ static __always_inline void count_request(struct http_conn *c, __u64 dur)
 
 static __always_inline bool span_allowed(__u64 now)
 {
-	__u64 window = now / 1000000000ULL;
+	__u64 window = now / NS_PER_S;	/* max_spans_per_second: one-second windows */
 
 	if (rl_window != window) {
 		rl_window = window;

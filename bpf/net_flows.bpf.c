@@ -31,6 +31,9 @@
 #define IPPROTO_TCP 6
 #define ECONNRESET 104
 #define RTT_BUCKETS 32		/* log2 microseconds; a power of two so the index can be masked */
+/* tcp_sock.srtt_us holds 8x the smoothed RTT in us (3 fraction bits, see
+ * tcp_rtt_estimator); >> 3 gives us, as ss -ti's rtt (tcpi_rtt) does */
+#define SRTT_SHIFT 3
 
 enum flow_role { ROLE_UNKNOWN = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
 
@@ -312,7 +315,7 @@ static __always_inline void finish_conn(__u64 sk, struct conn_info *c, struct tc
 		if (v) {
 			report(c, v, payload_sent(tp), payload_received(tp), BPF_CORE_READ(tp, segs_out),
 			       BPF_CORE_READ(tp, segs_in), BPF_CORE_READ(tp, total_retrans));
-			add_rtt(v, BPF_CORE_READ(tp, srtt_us) >> 3);
+			add_rtt(v, BPF_CORE_READ(tp, srtt_us) >> SRTT_SHIFT);
 			__sync_fetch_and_add(&v->closed, 1);
 			if (sk_err == ECONNRESET)
 				__sync_fetch_and_add(&v->resets, 1);
@@ -451,7 +454,7 @@ static __always_inline int report_live(struct sock *sk_ptr)
 		return 0;
 	report(c, v, payload_sent(tp), payload_received_live(tp), BPF_CORE_READ(tp, segs_out),
 	       BPF_CORE_READ(tp, segs_in), BPF_CORE_READ(tp, total_retrans));
-	add_rtt(v, BPF_CORE_READ(tp, srtt_us) >> 3);
+	add_rtt(v, BPF_CORE_READ(tp, srtt_us) >> SRTT_SHIFT);
 	return 0;
 }
 
@@ -528,7 +531,7 @@ int flow_iter(struct bpf_iter__tcp *ctx)
 	if (!v)
 		return 0;
 	report(c, v, payload_sent(tp), payload_received_live(tp), tp->segs_out, tp->segs_in, tp->total_retrans);
-	add_rtt(v, tp->srtt_us >> 3);
+	add_rtt(v, tp->srtt_us >> SRTT_SHIFT);
 	c->last_report_ns = bpf_ktime_get_ns();
 	return 0;
 }
