@@ -22,8 +22,9 @@ VOID = {"input", "br", "img", "meta", "link", "hr", "source", "wbr"}  # elements
 
 
 def browser_dom(page, tmp_path, **query) -> "Dom":
-    """The DOM after the page's scripts ran: Chromium loads the file (no
-    network: file://) and runs its timers for 10 s of virtual time."""
+    """The DOM after the page's scripts ran: Chromium loads the file and runs
+    its timers for 10 s of virtual time, with every request but file:// sent
+    to a dead proxy (the page must not need the network)."""
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium package is not installed (make setup installs it)"
     url = page.as_uri() + ("?" + urlencode(query) if query else "")
@@ -31,6 +32,7 @@ def browser_dom(page, tmp_path, **query) -> "Dom":
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
          f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,900",
+         "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
          "--force-prefers-reduced-motion",  # the page then draws without animation: final at once
          "--virtual-time-budget=10000", "--enable-logging=stderr", "--v=0", "--dump-dom", url],
         capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
@@ -53,11 +55,13 @@ class Dom(HTMLParser):
         self.by_id: dict = {}    # id -> text
         self.options: list = []  # (value, text)
         self.tags: list = []
+        self.fetches: list = []  # src/href/data of any element: what a browser would load
         self._open: list = []    # (tag, sink) for text capture
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         self.tags.append(tag)
+        self.fetches += [a[k] for k in ("src", "href", "data") if a.get(k)]
         if tag == "g" and "frame" in (a.get("class") or "").split():
             self.frames.append({"name": a.get("name"), "cls": a.get("class"), "fill": None, "title": ""})
         elif tag == "rect" and self.frames and self.frames[-1]["fill"] is None:
@@ -183,6 +187,8 @@ def test_hostile_names_reach_the_page_as_text(tmp_path):
     names = {f["name"] for f in dom.frames}
     assert set(HOSTILE) | {"main", "do_syscall_64", "</script> (pid 7)", "plain (pid 8)"} <= names
     assert "img" not in dom.tags and "b" not in dom.tags  # nothing became markup
+    # self-contained: nothing to load, before or after the scripts ran
+    assert not dom.fetches and not re.search(r"<(link|iframe)\b|@import|url\(", text), dom.fetches
     assert dom.by_id["title"] == "t </script> & <b>"
     assert [t for _, t in dom.options][1].startswith("</script>, pid 7 (30 samples")
     kernel = dom.named("do_syscall_64")[0]["title"]
