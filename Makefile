@@ -20,11 +20,11 @@ BPF_OBJS := $(BPF_SRCS:.bpf.c=.bpf.o) $(BPF_VARIANTS)
 MATRIX_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils
 APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc bpfcc-tools python3-venv \
 	libcap2-bin iproute2 make gcc libc6-dev linux-libc-dev linux-perf tshark openssl \
-	nginx wrk curl $(MATRIX_PACKAGES)
+	nginx wrk curl chromium $(MATRIX_PACKAGES)
 STAMP_APT := build/.apt-done
 STAMP_VENV := build/.venv-done
 
-.PHONY: setup run test bench bpf clean syscall-tables
+.PHONY: setup run test bench bpf clean syscall-tables flamegraph-assets
 
 run: setup
 	$(VENV)/bin/otelbpf run
@@ -41,7 +41,7 @@ bench: setup
 	$(PY) bench/uprobe_cost.py
 	$(PY) bench/flood.py
 
-setup: $(STAMP_APT) $(STAMP_VENV) bpf
+setup: $(STAMP_APT) $(STAMP_VENV) bpf flamegraph-assets
 
 # apt packages: installed once per machine (the stamp lives in the checkout).
 $(STAMP_APT):
@@ -73,13 +73,31 @@ bpf/http.nocast.bpf.o: bpf/http.bpf.c $(wildcard bpf/*.h) $(STAMP_APT)
 bpf/http.noloop.bpf.o: bpf/http.bpf.c $(wildcard bpf/*.h) $(STAMP_APT)
 	$(CLANG) $(BPF_CFLAGS) -DOTB_NO_RDONLY_CAST -DOTB_NO_BPF_LOOP -c $< -o $@
 
+# The renderer `otelbpf profile` inlines into its HTML flame graph: d3 and
+# d3-flame-graph at the versions (and integrity hashes) pinned in
+# tools/flamegraph-vendor/package-lock.json, copied next to the page template.
+# npm is only needed here, at build time; nodesource's nodejs ships its own npm.
+FLAME_VENDOR := collector/export/flamegraph_assets/vendor
+FLAME_NPM := tools/flamegraph-vendor
+flamegraph-assets: $(FLAME_VENDOR)/.done
+
+$(FLAME_VENDOR)/.done: $(FLAME_NPM)/package-lock.json
+	command -v npm >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; }
+	cd $(FLAME_NPM) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	mkdir -p $(FLAME_VENDOR)
+	cp $(FLAME_NPM)/node_modules/d3/dist/d3.min.js $(FLAME_VENDOR)/d3.min.js
+	cp $(FLAME_NPM)/node_modules/d3/LICENSE $(FLAME_VENDOR)/LICENSE.d3
+	cp $(FLAME_NPM)/node_modules/d3-flame-graph/dist/d3-flamegraph.umd.min.js $(FLAME_VENDOR)/d3-flamegraph.min.js
+	cp $(FLAME_NPM)/node_modules/d3-flame-graph/LICENSE $(FLAME_VENDOR)/LICENSE.d3-flame-graph
+	@touch $@
+
 # Regenerate the syscall name tables from linux-libc-dev's headers.
 syscall-tables:
 	$(PYTHON_SYS) tools/gen_syscall_tables.py > probes/syscall_tables.py
 
 clean:
 	rm -f $(BPF_OBJS)
-	rm -rf build
+	rm -rf build $(FLAME_VENDOR) $(FLAME_NPM)/node_modules
 
 # Install as a systemd service: the checkout's files are copied to $(PREFIX)
 # and set up there (runtime dependencies only); the config goes to

@@ -120,15 +120,20 @@ def cmd_run(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    """Profile the host (or one pid) for a while and write pprof + folded stacks."""
+    """Profile the host (or one pid) for a while; write pprof, folded stacks and an HTML flame graph."""
     import signal
     import threading
     import time
 
+    from .export.flamegraph import FlameGraphUnavailable, check_renderer, render_html
     from .export.pprof import to_folded, to_pprof
     from .probe import ProbeContext
     from .records import Profile
 
+    for path in (args.output, args.html):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            print(f"otelbpf: cannot write {path}: its directory does not exist", file=sys.stderr)
+            return EXIT_CONFIG
     entries = discover()
     entry = entries.get("cpu_profile")
     if entry is None or entry.cls is None:
@@ -146,6 +151,16 @@ def cmd_profile(args) -> int:
     if missing:
         log.error("cannot profile here: %s", "; ".join(missing))
         return EXIT_FAILED
+    # The HTML page needs the vendored renderer: said before profiling, not after.
+    html_path = args.html or args.output + ".html"
+    try:
+        check_renderer()
+    except FlameGraphUnavailable as e:
+        if args.html:
+            log.error("cannot write %s: %s", args.html, e)
+            return EXIT_FAILED
+        log.warning("no HTML flame graph: %s", e)
+        html_path = None
     ctx = ProbeContext(bpf_dir=default_bpf_dir(), btf_path=cfg.kernel["btf"], tracefs=None, agent_pid=os.getpid(),
                        start_time_ns=time.time_ns(), log=log)
     probe = entry.cls(pcfg, ctx)
@@ -153,6 +168,7 @@ def cmd_profile(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     profiles = []
+    started = time.time()
     try:
         probe.start()
         end = time.monotonic() + args.duration
@@ -170,7 +186,14 @@ def cmd_profile(args) -> int:
     with open(folded_path, "w") as f:
         f.write(to_folded(profiles))
     n = sum(s.count for p in profiles for s in p.samples)
-    print(f"{n} samples: pprof {args.output}, folded stacks {folded_path}")
+    written = f"{n} samples: pprof {args.output}, folded stacks {folded_path}"
+    if html_path:
+        with open(html_path, "w", encoding="utf-8") as f:
+            f.write(render_html(profiles, title=f"otelbpf CPU profile: {platform.node()}, "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}"
+                                + (f", pid {args.pid}" if args.pid else "")))
+        written += f", flame graph {html_path}"
+    print(written)
     return EXIT_OK
 
 
@@ -185,10 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check", help="validate the config and show what this kernel supports")
     chk.add_argument("--config", help="YAML config file")
     chk.set_defaults(fn=cmd_check)
-    prof = sub.add_parser("profile", help="profile the CPU for a while; write pprof and folded stacks")
+    prof = sub.add_parser("profile", help="profile the CPU for a while; write pprof, folded stacks and an "
+                          "HTML flame graph")
     prof.add_argument("--duration", type=_positive_seconds, default=10.0, help="how long (default 10s)")
     prof.add_argument("--output", required=True, help="pprof file (gzipped profile.proto); folded stacks go "
                       "to OUTPUT.folded")
+    prof.add_argument("--html", help="interactive flame graph, one self-contained HTML file (default: OUTPUT.html)")
     prof.add_argument("--pid", type=int, help="keep only this process")
     prof.add_argument("--frequency", type=int, help="samples per second per CPU (default: the config's, 99)")
     prof.add_argument("--config", help="YAML config file (probes.cpu_profile settings)")

@@ -117,8 +117,13 @@ def to_folded(profiles: list, root_attribute: str = "process.executable.name") -
 
 
 def _frame_name(f) -> str:
+    return frame_label(f) + ("_[k]" if f.kernel and f.function else "")
+
+
+def frame_label(f) -> str:
+    """A frame's display name: its function, else binary+file offset, else the address."""
     if f.function:
-        return f.function + ("_[k]" if f.kernel else "")
+        return f.function
     if f.mapping is not None:
         return f"{f.mapping.path.rsplit('/', 1)[-1]}+0x{f.address - f.mapping.start + f.mapping.file_offset:x}"
     return f"0x{f.address:x}"
