@@ -421,3 +421,20 @@ def test_top_without_a_terminal_says_what_to_use_instead():
     r = run_cli("top")
     assert r.returncode == 1
     assert "top needs a terminal" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_records_are_bounded_and_say_what_they_left_out(monkeypatch):
+    """/records never grows without bound: beyond its limits it keeps the
+    heaviest profile samples, cuts deep stacks, and counts what it left out."""
+    from collector.records import Batch, Counter, Frame, Instrument, Profile, ProfileSample
+    from collector.top import snapshot as snap
+    monkeypatch.setattr(snap, "MAX_METRICS", 10)
+    monkeypatch.setattr(snap, "MAX_SAMPLES", 3)
+    inst = Instrument("c", "1", "")
+    frames = [Frame(f"f{i}", i) for i in range(snap.MAX_FRAMES + 10)]
+    batch = Batch(time_ns=1, metrics={"s": [Counter(inst, {"i": i}, i, 0) for i in range(25)]},
+                  profiles={"p": [Profile([ProfileSample({}, frames, n) for n in (5, 1, 9, 2, 7)], 0, 1, 1)]})
+    out = json.loads(json.dumps(snap.snapshot(batch, 1.0)))
+    assert len(out["metrics"]) == 10 and out["truncated"] == {"metrics": 15, "samples": 2}
+    assert [s["count"] for s in out["samples"]] == [9, 7, 5]
+    assert all(len(s["frames"]) == snap.MAX_FRAMES for s in out["samples"])

@@ -89,6 +89,8 @@ def _sub_buckets(cur: list, prev: list) -> Optional[list]:
 
 
 def process_label(a: dict) -> str:
+    if a.get("otelbpf.overflow"):
+        return "(overflow)"   # what a full map or series set counted without its owner
     return str(a.get("process.executable.name") or a.get("otelbpf.cgroup.path") or "-")
 
 
