@@ -8,6 +8,7 @@ module; the standalone test runs without it.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from conftest import (ROOT, SYSCALL_LATENCY_PROGS, AgentProcess, bpftool_objects
 pytestmark = [needs_root, pytest.mark.skipif(not shutil.which("tmux"), reason="needs tmux (make setup installs it)")]
 
 WIDTH, HEIGHT = 160, 45
+_SESSIONS = itertools.count()   # one tmux server per screen: a name reused while the last one exits fails
 
 
 def free_port() -> int:
@@ -39,8 +41,8 @@ def free_port() -> int:
 class Screen:
     """`otelbpf top ARGS` in its own tmux server, WIDTH x HEIGHT."""
 
-    def __init__(self, name: str, *args):
-        self.sock = f"otelbpf-test-{os.getpid()}-{name}"
+    def __init__(self, *args):
+        self.sock = f"otelbpf-test-{os.getpid()}-{next(_SESSIONS)}"
         cmd = " ".join([sys.executable, "-m", "collector.cli", "top", *args])
         # The pane stays after top exits, showing its exit status.
         shell = f"cd {ROOT} && {cmd}; echo EXIT=$?; sleep 120"
@@ -85,7 +87,7 @@ def screens():
     opened = []
 
     def open_screen(*args) -> Screen:
-        s = Screen(str(len(opened)), *args)
+        s = Screen(*args)
         opened.append(s)
         return s
 
