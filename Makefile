@@ -20,14 +20,16 @@ BPF_OBJS := $(BPF_SRCS:.bpf.c=.bpf.o) $(BPF_VARIANTS)
 MATRIX_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils
 APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc bpfcc-tools python3-venv \
 	libcap2-bin iproute2 make gcc libc6-dev linux-libc-dev linux-perf tshark openssl \
-	nginx wrk curl chromium $(MATRIX_PACKAGES)
+	nginx wrk curl chromium tmux $(MATRIX_PACKAGES)
 STAMP_APT := build/.apt-done
 STAMP_VENV := build/.venv-done
 
 .PHONY: setup run test bench bpf clean syscall-tables flamegraph-assets
 
+# A terminal gets the live view (`otelbpf top`: the running agent's data, or
+# the probes loaded by top itself); a pipe gets the agent with its console exporter.
 run: setup
-	$(VENV)/bin/otelbpf run
+	@if [ -t 0 ] && [ -t 1 ]; then exec $(VENV)/bin/otelbpf top; else exec $(VENV)/bin/otelbpf run; fi
 
 test: setup
 	$(PY) -m pytest -ra tests

@@ -1,4 +1,4 @@
-"""otelbpf run | check | probes"""
+"""otelbpf run | check | probes | profile | top"""
 from __future__ import annotations
 
 import argparse
@@ -197,6 +197,62 @@ def cmd_profile(args) -> int:
     return EXIT_OK
 
 
+def cmd_top(args) -> int:
+    """The live terminal view: the running agent's data, or the probes loaded here when none runs."""
+    from .top.source import SourceError, open_source
+
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("otelbpf: top needs a terminal; for logs and pipes run the agent with the console exporter "
+              "(`otelbpf run`)", file=sys.stderr)
+        return EXIT_FAILED
+    entries = discover()
+    cfg = load_config(args.config, entries)
+    _setup_logging(cfg.log_level)
+    try:
+        source = open_source(cfg, entries, args.agent)
+    except SourceError as e:
+        log.error("%s", e)
+        return EXIT_FAILED
+    held = []
+    try:
+        if source.standalone:
+            log.info("no agent runs on this host: top loads the probes itself (all detached when it quits)")
+            enabled = [n for n, p in cfg.probes.items() if p["enabled"]]
+            if enabled and not source.start():
+                log.error("no probe could start (%s); see the lines above, or run `otelbpf check`",
+                          ", ".join(enabled))
+                return EXIT_FAILED
+        from .top.app import TopApp
+        held = _hold_log_lines()   # a log line written over the full-screen view would garble it
+        TopApp(source).run()
+    finally:
+        source.close()
+        _release_log_lines(held)
+    return EXIT_OK
+
+
+def _hold_log_lines() -> list:
+    """Send the agent's log lines to a list while the screen is taken."""
+    root = logging.getLogger("otelbpf")
+    lines: list = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: lines.append(rec)
+    saved = root.handlers[:]
+    root.handlers[:] = [handler]
+    return [saved, lines]
+
+
+def _release_log_lines(held: list) -> None:
+    if not held:
+        return
+    saved, lines = held
+    root = logging.getLogger("otelbpf")
+    root.handlers[:] = saved
+    for rec in lines:
+        if rec.levelno >= logging.WARNING:
+            root.handle(rec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="otelbpf", description="eBPF telemetry agent exporting OpenTelemetry over OTLP")
     p.add_argument("--version", action="version", version=f"otelbpf {__version__}")
@@ -218,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--frequency", type=int, help="samples per second per CPU (default: the config's, 99)")
     prof.add_argument("--config", help="YAML config file (probes.cpu_profile settings)")
     prof.set_defaults(fn=cmd_profile)
+    top = sub.add_parser("top", help="live full-screen view: HTTP, syscalls, flows, on-CPU functions")
+    top.add_argument("--config", help="YAML config file: where the agent's health server listens (health:), "
+                     "its lock file, and the probes top runs itself when no agent runs")
+    top.add_argument("--agent", metavar="URL", help="another agent's health address (http://HOST:PORT); "
+                     "default: this config's health: address")
+    top.set_defaults(fn=cmd_top)
     prb = sub.add_parser("probes", help="list installed probes")
     prb.set_defaults(fn=cmd_probes)
     return p

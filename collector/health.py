@@ -1,8 +1,10 @@
 """/healthz and /metrics (Prometheus text) on a local port: liveness for
 systemd/Kubernetes probes, and the agent's own telemetry for a scraper even
-when no OTLP backend is configured."""
+when no OTLP backend is configured. /records: the latest collection as JSON
+(collector/top/snapshot.py), what `otelbpf top` shows."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -62,6 +64,8 @@ class HealthServer:
                     with server._lock:
                         body = render(server._records)
                     self._reply(200, body, "text/plain; version=0.0.4")
+                elif self.path == "/records":
+                    self._reply(200, server.records_json(), "application/json")
                 else:
                     self._reply(404, "not found\n", "text/plain")
 
@@ -102,6 +106,21 @@ class HealthServer:
         with self._lock:
             self._records = keep
         self.last_tick = time.monotonic()
+        self._latest_batch = batch
+
+    # /records: made on request (once per batch), so an agent nobody watches pays nothing
+    _latest_batch = None
+    _records_cache = (None, "")
+
+    def records_json(self) -> str:
+        from .top.snapshot import empty, snapshot
+        batch = self._latest_batch
+        if batch is None:
+            return json.dumps(empty(self.interval))
+        with self._lock:
+            if self._records_cache[0] is not batch:
+                self._records_cache = (batch, json.dumps(snapshot(batch, self.interval), separators=(",", ":")))
+            return self._records_cache[1]
 
     def close(self) -> None:
         self._server.shutdown()
