@@ -8,7 +8,10 @@ counters, `_bucket`/`_sum`/`_count` on histograms, resource attributes on
 `target_info`, the scope as `otel_scope_name`/`otel_scope_version` labels.
 Durations (ns, us, ms) are exposed in seconds, Prometheus's base unit.
 Histograms are classic buckets: the record's explicit bounds where it has
-them (http: the semantic conventions'), else its exact log2 edges.
+them (http: the semantic conventions'), else its exact log2 edges, from the
+edge below the series' lowest populated bucket to its highest (40 edges per
+series would make a busy host's scrape tens of MB); an edge once shown stays,
+so every `le` series is continuous.
 prometheus_client encodes the text format or OpenMetrics, whichever the
 scraper's Accept header asks for.
 """
@@ -53,6 +56,24 @@ def prometheus_name(name: str, unit: str, kind: str) -> str:
     return base + "_total" if kind == "counter" else base
 
 
+def _series_key(scope: str, r) -> tuple:
+    return (scope, r.instrument.name, tuple(sorted(r.attributes.items(), key=lambda kv: kv[0])))
+
+
+def _edge_range(buckets: list, before) -> tuple:
+    """Bucket indexes whose upper edges a log2 series shows: from the one
+    below its lowest populated bucket (the lower bound histogram_quantile
+    interpolates from) to its highest; the last kernel bucket is the
+    overflow, +Inf. Widened to what it showed before."""
+    filled = [i for i, c in enumerate(buckets) if c]
+    if not filled:
+        return before   # None: +Inf alone
+    lo, hi = max(filled[0] - 1, 0), min(filled[-1], len(buckets) - 2)
+    if before is not None:
+        lo, hi = min(lo, before[0]), max(hi, before[1])
+    return lo, hi
+
+
 def _label_value(v) -> str:
     return v if isinstance(v, str) else json.dumps(v, default=str)
 
@@ -82,17 +103,25 @@ class MetricsSnapshot:
         self._resource = None
         self._scopes: dict = {}
         self._time_ns = 0
+        self._edges: dict = {}   # log2 series -> (lowest, highest) bucket index shown so far
 
     def update(self, resource, scopes: dict, time_ns: int) -> None:
+        edges = {}
+        for scope, records in scopes.items():
+            for r in records:
+                if isinstance(r, Log2Histogram) and r.explicit_bounds is None:
+                    key = _series_key(scope, r)
+                    edges[key] = _edge_range(r.buckets, self._edges.get(key))
         with self._lock:
             self._resource, self._scopes, self._time_ns = resource, scopes, time_ns
+            self._edges = edges   # series gone from the batch are forgotten with it
 
     def describe(self):
         return []  # families are known only once data arrives
 
     def collect(self):
         with self._lock:
-            resource, scopes, now_ns = self._resource, self._scopes, self._time_ns
+            resource, scopes, now_ns, edges = self._resource, self._scopes, self._time_ns, self._edges
         if resource is not None and resource.attributes:
             yield InfoMetricFamily("target", "Target metadata",
                                    value={sanitize_attribute(k): _label_value(v)
@@ -111,12 +140,12 @@ class MetricsSnapshot:
                     continue
                 entry[2].append((scope, r))
         for name, (kind, inst, members) in grouped.items():
-            yield self._build(name, kind, inst, members, now_ns)
+            yield self._build(name, kind, inst, members, now_ns, edges)
 
     @staticmethod
-    def _build(name: str, kind: str, inst, members: list, now_ns: int):
-        rows = [(_labels(scope, r.attributes), r) for scope, r in members]
-        keys = sorted({k for labels, _r in rows for k in labels})
+    def _build(name: str, kind: str, inst, members: list, now_ns: int, edges: dict):
+        rows = [(scope, _labels(scope, r.attributes), r) for scope, r in members]
+        keys = sorted({k for _s, labels, _r in rows for k in labels})
         unit = prometheus_unit(inst.unit)
         factor = _TO_SECONDS.get(inst.unit, 1.0)
         if kind == "counter":
@@ -124,17 +153,24 @@ class MetricsSnapshot:
         else:
             fam = _family(HistogramMetricFamily if kind == "histogram" else GaugeMetricFamily, name,
                           inst.description, unit, keys)
-        for labels, r in rows:
+        for scope, labels, r in rows:
             values = [labels.get(k, "") for k in keys]   # a label a series lacks is empty, as Prometheus reads it
             if kind == "histogram":
                 point = explicit_point(r, now_ns)         # bounds and sum in seconds for ns/us/ms
-                buckets, total = [], 0
-                for bound, count in zip(list(point.explicit_bounds) + [float("inf")], point.bucket_counts):
+                cumulative, total = [], 0
+                for count in point.bucket_counts:
                     total += count
-                    buckets.append((floatToGoString(bound), total))
-                fam.add_metric(values, buckets, point.sum)
+                    cumulative.append(total)
+                shown = range(len(point.explicit_bounds))
+                if r.explicit_bounds is None:
+                    lo_hi = edges.get(_series_key(scope, r))
+                    shown = range(lo_hi[0], lo_hi[1] + 1) if lo_hi else range(0)
+                buckets = [(floatToGoString(point.explicit_bounds[i]), cumulative[i]) for i in shown]
+                fam.add_metric(values, buckets + [("+Inf", total)], point.sum)
             else:
                 fam.add_metric(values, r.value * factor)
+        # a label a series lacks is left out (backfilled "" above only to fit the family's label names)
+        fam.samples = [s._replace(labels={k: v for k, v in s.labels.items() if v != ""}) for s in fam.samples]
         return fam
 
 
