@@ -29,7 +29,9 @@ RESTART_BACKOFF_S = 30.0   # doubled after each restart
 FLUSH_TIMEOUT_S = 5.0
 
 
-def make_exporter(name: str, cfg: dict):
+def make_exporter(name: str, cfg: dict, health=None):
+    """health: the running HealthServer, where the prometheus exporter serves
+    /metrics unless it has its own listen address."""
     if name == "otlp":
         from .export.otlp import OtlpExporter
         return OtlpExporter(cfg)
@@ -39,6 +41,9 @@ def make_exporter(name: str, cfg: dict):
     if name == "console":
         from .export.console import ConsoleExporter
         return ConsoleExporter(cfg)
+    if name == "prometheus":
+        from .export.prometheus import PrometheusExporter
+        return PrometheusExporter(cfg, health)
     raise ValueError(f"unknown exporter {name}")
 
 
@@ -147,7 +152,7 @@ class Agent:
             if names is not None and name not in names:
                 continue
             try:
-                self.workers[name] = ExportWorker(make_exporter(name, ecfg), limits, self.counters)
+                self.workers[name] = ExportWorker(make_exporter(name, ecfg, self.health), limits, self.counters)
             except Exception as e:
                 log.error("exporter %s: cannot start: %s", name, e)
 

@@ -261,7 +261,20 @@ CONSOLE_SCHEMA = {
     "clear": Field("bool", None, "redraw in place; unset: when stdout is a terminal"),
 }
 
-EXPORTER_SCHEMAS = {"otlp": OTLP_SCHEMA, "file": FILE_SCHEMA, "console": CONSOLE_SCHEMA}
+def _check_listen(v: str, key: str) -> str:
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(key, f"{v!r} is not host:port", "write it like 127.0.0.1:9464 (port 0: any free port)")
+    return v
+
+
+PROMETHEUS_SCHEMA = {
+    "listen": Field("str", None, "host:port of its own /metrics server; unset: /metrics on the health server "
+                    "(the top-level health: address)", check=_check_listen),
+}
+
+EXPORTER_SCHEMAS = {"otlp": OTLP_SCHEMA, "file": FILE_SCHEMA, "console": CONSOLE_SCHEMA,
+                    "prometheus": PROMETHEUS_SCHEMA}
 
 TOP_SCHEMA = {
     "interval": Field("duration", 10.0, "collection and export period (at least 100ms)", minimum=0.1),
@@ -273,8 +286,9 @@ TOP_SCHEMA = {
                                  "the oldest batches are dropped and counted beyond it", minimum=64 << 10),
     "export_retry_max": Field("duration", 300.0, "how long one batch is retried before it is dropped and "
                               "counted (a backend that rejects it for good must not stall the rest)"),
-    "health": Field("str", "127.0.0.1:9464", "host:port for /healthz and /metrics (Prometheus text of the "
-                    "agent's own telemetry); empty to disable"),
+    "health": Field("str", "127.0.0.1:9464", "host:port for /healthz and /metrics (the agent's own telemetry; "
+                    "every metric with the prometheus exporter); empty to disable",
+                    check=lambda v, key: _check_listen(v, key) if v else v),
     "lock_file": Field("str", "/run/otelbpf/otelbpf.lock", "one agent per host: a second `otelbpf run` with "
                        "the same lock file exits with a clear message"),
     "process": {
@@ -358,6 +372,13 @@ def build(raw: Any, probe_schemas: Mapping[str, Schema], source: str = "(embedde
     top = parse_section(top_raw, TOP_SCHEMA, "")
 
     exporters = _build_exporters(raw.get("exporters", _MISSING), env)
+    prom = exporters.get("prometheus")
+    if prom is not None and not prom["listen"] and not top["health"]:
+        raise ConfigError("exporters.prometheus.listen", "health: is empty, so there is no server for /metrics",
+                          "give the exporter its own listen: 127.0.0.1:9464, or set health:")
+    if prom is not None and prom["listen"] and prom["listen"] == top["health"]:
+        raise ConfigError("exporters.prometheus.listen", "the same address as health:",
+                          "leave listen unset to serve /metrics on the health server")
     probes = _build_probes(raw.get("probes", _MISSING), probe_schemas)
     return AgentConfig(interval=top["interval"], resource=top["resource"], log_level=top["log_level"],
                        export_queue=top["export_queue"], export_queue_memory=top["export_queue_memory"],

@@ -1,58 +1,37 @@
-"""/healthz and /metrics (Prometheus text) on a local port: liveness for
-systemd/Kubernetes probes, and the agent's own telemetry for a scraper even
-when no OTLP backend is configured. /records: the latest collection as JSON
+"""/healthz, /metrics and /records on a local port: liveness for
+systemd/Kubernetes probes; for a scraper the agent's own telemetry (even
+when no backend is configured), or every metric once the prometheus
+exporter serves here, with that exporter's naming and encoders
+(export/prometheus.py); and the latest collection as JSON
 (collector/top/snapshot.py), what `otelbpf top` shows."""
 from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .records import Counter, Gauge
+from prometheus_client import CollectorRegistry
+
+from .export.prometheus import MetricsSnapshot, encode, parse_listen
 from .selftelemetry import DROPPED, OVERFLOW
 
 log = logging.getLogger("otelbpf.health")
 _SELF = {DROPPED.name, OVERFLOW.name}
 
 
-def prom_name(name: str, counter: bool) -> str:
-    base = re.sub(r"[^a-zA-Z0-9_]", "_", name)
-    return base + "_total" if counter and not base.endswith("_total") else base
-
-
-def _label_value(v) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def render(records) -> str:
-    """Self-telemetry records as Prometheus text exposition format."""
-    families: dict = {}
-    for r in records:
-        if not isinstance(r, (Counter, Gauge)):
-            continue
-        counter = isinstance(r, Counter)
-        name = prom_name(r.instrument.name, counter)
-        fam = families.setdefault(name, (r.instrument.description, "counter" if counter else "gauge", []))
-        labels = ",".join(f'{re.sub(r"[^a-zA-Z0-9_]", "_", k)}="{_label_value(v)}"'
-                          for k, v in sorted(r.attributes.items()))
-        fam[2].append(f"{name}{{{labels}}} {r.value}" if labels else f"{name} {r.value}")
-    out = []
-    for name, (desc, kind, lines) in sorted(families.items()):
-        out += [f"# HELP {name} {desc}", f"# TYPE {name} {kind}"] + lines
-    return "\n".join(out) + "\n"
-
-
 class HealthServer:
     def __init__(self, listen: str, interval: float):
-        host, _, port = listen.rpartition(":")
+        host, port = parse_listen(listen)
         self.interval = interval
         self.started = time.monotonic()
         self.last_tick = None
-        self._records: list = []
-        self._lock = threading.Lock()
+        self.self_metrics = MetricsSnapshot()
+        self._self_registry = CollectorRegistry()
+        self._self_registry.register(self.self_metrics)
+        self._registry = self._self_registry   # what /metrics serves
+        self._lock = threading.Lock()          # /records' cache, built by request threads
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,26 +40,28 @@ class HealthServer:
                     ok, why = server.healthy()
                     self._reply(200 if ok else 503, why + "\n", "text/plain")
                 elif self.path == "/metrics":
-                    with server._lock:
-                        body = render(server._records)
-                    self._reply(200, body, "text/plain; version=0.0.4")
+                    body, ctype = encode(server._registry, self.headers.get("Accept"))
+                    self._reply(200, body, ctype)
                 elif self.path == "/records":
                     self._reply(200, server.records_json(), "application/json")
                 else:
                     self._reply(404, "not found\n", "text/plain")
 
             def _reply(self, code, body, ctype):
-                data = body.encode()
+                data = body if isinstance(body, bytes) else body.encode()
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass   # the client gave up (a scrape timeout): nothing to answer
 
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)
+        self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
         self.address = "%s:%d" % self._server.server_address[:2]
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
@@ -99,12 +80,10 @@ class HealthServer:
 
     def update(self, batch) -> None:
         """After each tick: keep the agent's own series for /metrics."""
-        keep = list(batch.metrics.get("otelbpf.agent", []))
-        for scope, records in batch.metrics.items():
-            if scope != "otelbpf.agent":
-                keep += [r for r in records if r.instrument.name in _SELF]
-        with self._lock:
-            self._records = keep
+        keep = {scope: (list(records) if scope == "otelbpf.agent" else
+                        [r for r in records if r.instrument.name in _SELF])
+                for scope, records in batch.metrics.items()}
+        self.self_metrics.update(batch.resource, keep, batch.time_ns)
         self.last_tick = time.monotonic()
         self._latest_batch = batch
 
@@ -121,6 +100,11 @@ class HealthServer:
             if self._records_cache[0] is not batch:
                 self._records_cache = (batch, json.dumps(snapshot(batch, self.interval), separators=(",", ":")))
             return self._records_cache[1]
+
+    def serve_metrics(self, registry) -> None:
+        """/metrics serves this registry (the prometheus exporter's), or with
+        None the agent's own telemetry again."""
+        self._registry = registry if registry is not None else self._self_registry
 
     def close(self) -> None:
         self._server.shutdown()

@@ -1,7 +1,9 @@
 """The Grafana dashboards and the demo stack's files against what the agent
 really sends: every metric a dashboard queries must be one a real run
-exported (named as Prometheus names OTLP metrics), and every data source a
-panel names must be provisioned."""
+exported (named by the OpenTelemetry Prometheus compatibility rules, as
+Prometheus names OTLP metrics and as the agent's own /metrics does), and
+every data source a panel names must be provisioned. tests/test_prometheus.py
+runs every dashboard query against a real Prometheus scraping the agent."""
 from __future__ import annotations
 
 import json
@@ -17,23 +19,19 @@ from conftest import ROOT, AgentProcess, needs_root
 from otlp_data import metrics
 
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
-_UNIT_SUFFIX = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds", "By": "bytes"}
 # Metrics that exist only when their event happens: a short loopback run has
 # no TCP retransmits. They are checked against the probe's declaration.
 EVENT_DRIVEN = {"otelbpf.tcp.retransmits": ("{segment}", "sum")}
 
 
 def prometheus_names(name: str, unit: str, kind: str) -> set:
-    """The series names Prometheus gives an OTLP metric (its translation:
-    dots to underscores, a unit suffix, _total for sums, histogram series)."""
-    base = name.replace(".", "_")
-    suffix = _UNIT_SUFFIX.get(unit, "")
-    if suffix and not base.endswith("_" + suffix):
-        base += "_" + suffix
+    """The series names of an OTLP metric in Prometheus: the agent's own
+    naming (collector/export/prometheus.py), so the demo stack (OTLP into
+    Prometheus) and a scrape of /metrics give the dashboards the same names."""
+    from collector.export.prometheus import prometheus_name
+    base = prometheus_name(name, unit, {"sum": "counter"}.get(kind, kind))
     if kind == "histogram":
         return {base + "_bucket", base + "_count", base + "_sum"}
-    if kind == "sum":
-        return {base + "_total"}
     return {base}
 
 
@@ -151,6 +149,10 @@ def test_event_driven_metrics_are_declared_as_assumed():
     ("http.server.request.duration", "s", "histogram", "http_server_request_duration_seconds_bucket"),
     ("otelbpf.network.io", "By", "sum", "otelbpf_network_io_bytes_total"),
     ("otelbpf.dropped", "{event}", "sum", "otelbpf_dropped_total"),
-    ("otelbpf.agent.memory.rss", "By", "gauge", "otelbpf_agent_memory_rss_bytes")])
+    ("otelbpf.agent.memory.rss", "By", "gauge", "otelbpf_agent_memory_rss_bytes"),
+    ("otelbpf.agent.cpu.time", "s", "sum", "otelbpf_agent_cpu_time_seconds_total"),
+    ("otelbpf.probe.up", "1", "gauge", "otelbpf_probe_up")])
 def test_prometheus_translation(name, unit, kind, want):
+    """What Prometheus's OTLP receiver names these (its translation with
+    unit suffixes), which the agent's naming must match."""
     assert want in prometheus_names(name, unit, kind)

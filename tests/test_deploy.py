@@ -68,10 +68,15 @@ def test_health_and_self_metrics_endpoint(agent_factory, tmp_path):
         assert r.status == 200 and r.read().decode().startswith("ok")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    assert "# TYPE otelbpf_dropped_total counter" in text
-    assert 'otelbpf_dropped_total{otelbpf_probe="syscall_latency",reason="slot_collision"}' in text
-    assert 'otelbpf_probe_up{otelbpf_probe="syscall_latency"} 1' in text
-    assert "otelbpf_agent_memory_rss" in text
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if not k.startswith("otel_scope_")))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert ("otelbpf_dropped_total", (("otelbpf_probe", "syscall_latency"), ("reason", "slot_collision"))) in samples
+    assert samples[("otelbpf_probe_up", (("otelbpf_probe", "syscall_latency"),))] == 1
+    assert samples[("otelbpf_agent_memory_rss_bytes", ())] > 1 << 20       # named with its unit, as the dashboards query
+    assert samples[("otelbpf_agent_cpu_time_seconds_total", ())] > 0
+    # without the prometheus exporter, /metrics is the agent's own telemetry only
+    assert not any(name.startswith("otelbpf_syscall_duration") for name, _l in samples)
     assert agent.stop() == 0
 
 

@@ -3,6 +3,7 @@ namespaces this test creates (veth pair), checked against the payload the
 programs sent, tshark's capture and the sockets' own tcp_info."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -29,8 +30,9 @@ def sh(*cmd, **kw):
     return subprocess.run(list(cmd), check=True, capture_output=True, text=True, **kw)
 
 
-@pytest.fixture
-def netns_pair():
+@contextlib.contextmanager
+def veth_namespaces():
+    """Two network namespaces joined by a veth pair (NS_S at IP_S, NS_C at IP_C)."""
     subprocess.run(["ip", "netns", "del", NS_S], capture_output=True)
     subprocess.run(["ip", "netns", "del", NS_C], capture_output=True)
     sh("ip", "netns", "add", NS_S)
@@ -47,6 +49,20 @@ def netns_pair():
     finally:
         subprocess.run(["ip", "netns", "del", NS_S], capture_output=True)
         subprocess.run(["ip", "netns", "del", NS_C], capture_output=True)
+
+
+@pytest.fixture
+def netns_pair():
+    with veth_namespaces():
+        yield
+
+
+def drop_some_on_server_ingress() -> None:
+    """Drop on the receiver's ingress: a drop at the sender's own egress is
+    reported back to TCP, which resends without counting a retransmission."""
+    sh(*in_ns(NS_S), "tc", "qdisc", "add", "dev", IF_S, "clsact")
+    sh(*in_ns(NS_S), "tc", "filter", "add", "dev", IF_S, "ingress", "bpf", "da", "obj",
+       str(ROOT / "tests" / "bpf" / "drop_some.bpf.o"), "sec", "tc")
 
 
 SERVER = textwrap.dedent("""
@@ -205,11 +221,7 @@ def test_bytes_match_payload_and_tshark(netns_pair, flows_agent, tmp_path):
 
 
 def test_retransmits_agree_with_tcp_info(netns_pair, flows_agent):
-    # Drop on the receiver's ingress: a drop at the sender's own egress is
-    # reported back to TCP, which resends without counting a retransmission.
-    sh(*in_ns(NS_S), "tc", "qdisc", "add", "dev", IF_S, "clsact")
-    sh(*in_ns(NS_S), "tc", "filter", "add", "dev", IF_S, "ingress", "bpf", "da", "obj",
-       str(ROOT / "tests" / "bpf" / "drop_some.bpf.o"), "sec", "tc")
+    drop_some_on_server_ingress()
     _got_server, _got_client, retrans = transfer(8_000_000, 1000)
     data = flows_agent()
     assert retrans > 10, "the drop program provoked too few retransmissions to compare"
