@@ -286,8 +286,9 @@ TOP_SCHEMA = {
                                  "the oldest batches are dropped and counted beyond it", minimum=64 << 10),
     "export_retry_max": Field("duration", 300.0, "how long one batch is retried before it is dropped and "
                               "counted (a backend that rejects it for good must not stall the rest)"),
-    "health": Field("str", "127.0.0.1:9464", "host:port for /healthz and /metrics (the agent's own telemetry; "
-                    "every metric with the prometheus exporter); empty to disable",
+    "health": Field("str", "127.0.0.1:9464", "host:port for /healthz, /metrics (the agent's own telemetry; "
+                    "every metric with the prometheus exporter) and /records (for otelbpf top); "
+                    "empty to disable",
                     check=lambda v, key: _check_listen(v, key) if v else v),
     "lock_file": Field("str", "/run/otelbpf/otelbpf.lock", "one agent per host: a second `otelbpf run` with "
                        "the same lock file exits with a clear message"),
