@@ -22,6 +22,7 @@ import struct
 import subprocess
 import threading
 import time
+from typing import Optional
 
 from collector import libbpf
 from collector.config import ConfigError, Field, check_power_of_two
@@ -438,8 +439,7 @@ class HttpProbe(BpfProbe):
                 if self._tick - changed >= IDLE_TICKS:
                     idle.append(kb)
                 continue
-            self._prev[kb] = (vb, self._tick)
-            self._add_delta(kb, vb, old)
+            self._prev[kb] = (self._add_delta(kb, vb, old), self._tick)
         self._retire(idle)
         self._reap_exited()
         if self._tick % 6 == 0:
@@ -486,7 +486,9 @@ class HttpProbe(BpfProbe):
             attrs["process.pid"] = tgid
         return attrs
 
-    def _add_delta(self, kb: bytes, vb: bytes, old) -> None:
+    def _add_delta(self, kb: bytes, vb: bytes, old) -> Optional[bytes]:
+        """Add what the kernel counted since `old` to the key's series; returns
+        the value now accounted for (what the next read is compared with)."""
         key = _KEY.unpack(kb)
         vals = _HIST.unpack(vb)
         ov = _HIST.unpack(old) if old is not None else None
@@ -496,7 +498,9 @@ class HttpProbe(BpfProbe):
         lo, end = 2, 2 + NBUCKETS + len(SEM_BOUNDS) + 1
         moved = vals[lo:end] if ov is None else tuple(a - b for a, b in zip(vals[lo:end], ov[lo:end]))
         if not any(moved):
-            return
+            # count or sum ahead of its bucket: take none of it now, or the
+            # sum would be passed over; the next read has the bucket too
+            return old
         count = sum(moved[:NBUCKETS])
         role = key[3]
         attrs = self._attributes(key, _cstr(vals[-1]))
@@ -516,6 +520,7 @@ class HttpProbe(BpfProbe):
             acc.log2[i] += moved[i]
         for i in range(len(SEM_BOUNDS) + 1):
             acc.sem[i] += moved[NBUCKETS + i]
+        return vb
 
     def _retire(self, keys: list) -> None:
         """Take keys out of the kernel map, adding what they counted since
