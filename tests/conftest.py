@@ -188,3 +188,14 @@ def run_sleepers(sleeps: dict, linger: float = 2.5) -> dict:
             if w.poll() is None:
                 w.kill()
                 w.wait()
+
+
+def every_form_config(tmp_path: Path, otlp_endpoint: str, otlp_form: str, file_form: str, probes: dict) -> dict:
+    """An agent config exporting each number in every form at once: OTLP gRPC
+    in one histogram form, the file exporter in the other, and the console
+    (every row), collecting every second."""
+    return {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
+            "exporters": {"otlp": {"endpoint": otlp_endpoint, "protocol": "grpc", "histogram": otlp_form},
+                          "file": {"path": str(tmp_path / "t.jsonl"), "histogram": file_form},
+                          "console": {"top": 10000, "clear": False}},
+            "probes": probes}

@@ -13,7 +13,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import ROOT, needs_root, wait_until
+from conftest import ROOT, every_form_config, needs_root, wait_until
 from otlp_data import check_histograms, last_point, points, read_jsonl
 
 pytestmark = needs_root
@@ -689,12 +689,8 @@ def test_rtt_buckets_hold_what_ss_shows(agent_factory, grpc_receiver, tmp_path, 
     holds that value, in every exported form and in the console."""
     from otlp_data import check_histograms, console_rows, parse_console_duration, populated_ranges
     jsonl = tmp_path / "t.jsonl"
-    agent = agent_factory({"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
-                           "exporters": {"otlp": {"endpoint": grpc_receiver.endpoint, "protocol": "grpc",
-                                                  "histogram": otlp_form},
-                                         "file": {"path": str(jsonl), "histogram": file_form},
-                                         "console": {"top": 10000, "clear": False}},
-                           "probes": {"net_flows": {}}})
+    agent = agent_factory(every_form_config(tmp_path, grpc_receiver.endpoint, otlp_form, file_form,
+                                            {"net_flows": {}}))
     agent.wait_for_log("collecting every")
     p = subprocess.Popen([sys.executable, "-c", PINGPONG], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import build_c, needs_root, run_sleepers
+from conftest import build_c, every_form_config, needs_root, run_sleepers
 from otlp_data import (assert_values_in_buckets, check_histograms, console_rows, exp_buckets, last_point,
                        parse_console_duration, points, populated_ranges, read_jsonl)
 
@@ -226,12 +226,8 @@ def test_known_sleeps_land_in_their_buckets(agent_factory, grpc_receiver, tmp_pa
     holding its true duration over OTLP and in the file, exponential and
     explicit, and in the console's p50/p99."""
     jsonl = tmp_path / "t.jsonl"
-    agent = agent_factory({"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
-                           "exporters": {"otlp": {"endpoint": grpc_receiver.endpoint, "protocol": "grpc",
-                                                  "histogram": otlp_form},
-                                         "file": {"path": str(jsonl), "histogram": file_form},
-                                         "console": {"top": 10000, "clear": False}},
-                           "probes": {"syscall_latency": {"syscalls": ["nanosleep"], "top_processes": 1000}}})
+    agent = agent_factory(every_form_config(tmp_path, grpc_receiver.endpoint, otlp_form, file_form,
+                                            {"syscall_latency": {"syscalls": ["nanosleep"], "top_processes": 1000}}))
     agent.wait_for_log("collecting every")
     truth = run_sleepers(SLEEPS)
     assert agent.stop() == 0, agent.stderr()
