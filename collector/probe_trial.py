@@ -52,8 +52,9 @@ def try_probe(entry: ProbeEntry, pcfg: dict, feats: dict, bpf_dir: str, btf_path
     log.addHandler(collect)
     ctx = ProbeContext(bpf_dir=bpf_dir, btf_path=btf_path, tracefs=tracefs, agent_pid=os.getpid(),
                        start_time_ns=time.time_ns(), log=log.parent)
-    probe = entry.cls(pcfg, ctx)
+    probe = None
     try:
+        probe = entry.cls(pcfg, ctx)
         probe.start()
     except libbpf.BpfError as e:
         return TrialResult(False, reason=e.reason())
@@ -62,8 +63,9 @@ def try_probe(entry: ProbeEntry, pcfg: dict, feats: dict, bpf_dir: str, btf_path
         return TrialResult(False, reason=lines[0] if lines else type(e).__name__)
     finally:
         try:
-            probe.stop()
-        except Exception:
+            if probe is not None:
+                probe.stop()
+        except Exception:  # the verdict is already decided; stop() is best effort here
             pass
         log.removeHandler(collect)
     return TrialResult(True, without=collect.lines, variant=getattr(probe, "variant_note", ""))
