@@ -18,7 +18,7 @@ from .. import __version__
 from ..records import Counter, Gauge as GaugeRecord, Log2Histogram
 
 CUMULATIVE = AggregationTemporality.CUMULATIVE
-_UNIT_TO_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3}
+UNIT_TO_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3}
 
 
 def exponential_point(h: Log2Histogram, now_ns: int) -> ExponentialHistogramDataPoint:
@@ -39,7 +39,7 @@ def exponential_point(h: Log2Histogram, now_ns: int) -> ExponentialHistogramData
 def explicit_point(h: Log2Histogram, now_ns: int) -> HistogramDataPoint:
     """The record's own explicit bounds when it has them; otherwise bounds
     2^e .. 2^(n-2+e) units (the last kernel bucket is the overflow)."""
-    factor = _UNIT_TO_SECONDS.get(h.instrument.unit, 1.0)
+    factor = UNIT_TO_SECONDS.get(h.instrument.unit, 1.0)
     if h.explicit_bounds is not None:
         bounds = [float(b) * factor for b in h.explicit_bounds]
         counts = list(h.explicit_counts)
@@ -57,7 +57,7 @@ def _metric_for(records: list, form: str, now_ns: int) -> Metric:
     inst = first.instrument
     if isinstance(first, Log2Histogram):
         if form == "explicit":
-            unit = "s" if inst.unit in _UNIT_TO_SECONDS else inst.unit
+            unit = "s" if inst.unit in UNIT_TO_SECONDS else inst.unit
             data = Histogram([explicit_point(r, now_ns) for r in records], CUMULATIVE)
         else:
             unit = inst.unit

@@ -32,16 +32,13 @@ from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 from ..records import Counter, Gauge, Log2Histogram
-from .metrics_data import explicit_point
+from .metrics_data import UNIT_TO_SECONDS, explicit_point
 
 log = logging.getLogger("otelbpf.export.prometheus")
 
-_TO_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3}
-
-
 def prometheus_unit(unit: str) -> str:
     """The unit suffix a metric's Prometheus name ends with ('' for none)."""
-    return map_unit("s" if unit in _TO_SECONDS else (unit or ""))
+    return map_unit("s" if unit in UNIT_TO_SECONDS else (unit or ""))
 
 
 def prometheus_name(name: str, unit: str, kind: str) -> str:
@@ -147,7 +144,7 @@ class MetricsSnapshot:
         rows = [(scope, _labels(scope, r.attributes), r) for scope, r in members]
         keys = sorted({k for _s, labels, _r in rows for k in labels})
         unit = prometheus_unit(inst.unit)
-        factor = _TO_SECONDS.get(inst.unit, 1.0)
+        factor = UNIT_TO_SECONDS.get(inst.unit, 1.0)
         if kind == "counter":
             fam = _family(CounterMetricFamily, name[:-len("_total")], inst.description, unit, keys)
         else:
