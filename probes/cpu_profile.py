@@ -11,7 +11,7 @@ import time
 
 from collector import perf
 from collector.config import Field
-from collector.metadata.process import ProcessCache, alive
+from collector.metadata.process import ProcessNames, alive
 from collector.probe import BpfProbe, ProbeError
 from collector.records import Frame, Profile, ProfileSample
 from collector.selftelemetry import dropped
@@ -76,7 +76,7 @@ class CpuProfileProbe(BpfProbe):
         if not self._ksyms.available:
             self.log.warning("/proc/kallsyms shows no addresses (kptr_restrict): kernel frames stay unnamed")
         self._usyms = UserSymbolizer()
-        self._procs = ProcessCache()
+        self._procs = ProcessNames()
         self.start_ns = self._last_ns = time.time_ns()
         self.period_ns = round(NS_PER_S / self.config["frequency"])   # ns between samples at frequency Hz
         self.truncated = 0
@@ -174,7 +174,6 @@ class CpuProfileProbe(BpfProbe):
         for pid in self._usyms.known_pids():
             if pid not in live and not alive(pid):
                 self._usyms.forget(pid)
-                self._procs.forget(pid)
         profile = Profile(samples, start_time_ns=self._last_ns, duration_ns=now - self._last_ns,
                           period_ns=self.period_ns)
         self._last_ns = now

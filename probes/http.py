@@ -26,7 +26,7 @@ from typing import Optional
 
 from collector import libbpf
 from collector.config import ConfigError, Field, check_power_of_two
-from collector.metadata.process import ProcessCache, alive
+from collector.metadata.process import ProcessNames, alive
 from collector.probe import BpfProbe
 from collector.records import Counter, Instrument, Log2Histogram, Span
 from collector.selftelemetry import dropped, overflow
@@ -247,7 +247,7 @@ class HttpProbe(BpfProbe):
         self._series: dict = {}
         self._path_names: dict = {}     # path hash -> path, for the active keys
         self._routes = RouteTable(cfg["routes"], cfg["max_routes"], cfg["learn_routes"])
-        self._procs = ProcessCache()
+        self._procs = ProcessNames()
         self._series_overflow = 0
         self._tick = 0
         self._pending = collections.deque()
@@ -545,9 +545,6 @@ class HttpProbe(BpfProbe):
         gone = [kb for kb in self._prev if dead.get(_KEY.unpack_from(kb)[0])]
         if gone:
             self._retire(gone)
-            for tgid, is_dead in dead.items():
-                if is_dead:
-                    self._procs.forget(tgid)
 
     def _reap_idle_connections(self) -> None:
         """Connections quiet for connection_idle lose their state (the LRU

@@ -19,7 +19,7 @@ from typing import Optional
 
 from collector import libbpf
 from collector.config import Field
-from collector.metadata.process import ProcessCache, alive
+from collector.metadata.process import ProcessNames, alive
 from collector.probe import BpfProbe, ProbeError
 from collector.records import Counter, Instrument, Log2Histogram
 from collector.selftelemetry import dropped, overflow
@@ -145,7 +145,7 @@ class NetFlowsProbe(BpfProbe):
         self._flows_seen: dict = {}   # flow attrs -> (last active tick, series keys)
         self._tick = 0
         self._series_overflow = 0
-        self._procs = ProcessCache()
+        self._procs = ProcessNames()
 
     @staticmethod
     def _seed_listeners(listeners) -> None:
@@ -338,8 +338,6 @@ class NetFlowsProbe(BpfProbe):
             last, old = self._flows.lookup_and_delete(kb), self._prev.pop(kb)
             if last is not None and last != old:
                 self._route(_KEY.unpack(kb), _value_delta(last, old))
-        for tgid in dead:
-            self._procs.forget(tgid)
 
     def _stat_records(self) -> list:
         vals = dict(zip(STATS, self._counters.counters(len(STATS))))

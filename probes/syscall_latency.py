@@ -15,7 +15,7 @@ import time
 
 from collector.config import ConfigError, Field, check_power_of_two
 from collector.metadata.cgroup import CgroupPaths
-from collector.metadata.process import ProcessCache, alive
+from collector.metadata.process import ProcessNames, alive
 from collector.probe import BpfProbe, ProbeError
 from collector.records import Counter, Instrument, Log2Histogram
 from collector.selftelemetry import dropped, overflow
@@ -130,7 +130,7 @@ class SyscallLatencyProbe(BpfProbe):
         self._series: dict = {}      # attribute tuple -> _Acc
         self._pid_series: dict = {}  # pids exported with process.pid -> last tick they were active
         self._tick = 0
-        self._procs = ProcessCache()
+        self._procs = ProcessNames()
         self._cgroups = CgroupPaths() if self.config["key_by"] == "cgroup" else None
         self._series_overflow = 0
 
@@ -261,7 +261,6 @@ class SyscallLatencyProbe(BpfProbe):
         if self._cgroups is not None:
             return
         for pid in dead:
-            self._procs.forget(pid)
             if self._pid_series.pop(pid, None) is not None:
                 self._retiring.add(pid)
 

@@ -12,7 +12,7 @@ from conftest import needs_root
 
 from collector.metadata.container import parse_cgroup
 from collector.metadata.enrich import ProcessEnricher
-from collector.metadata.process import ProcessCache
+from collector.metadata.process import ProcessNames
 from collector.records import Counter, Instrument
 
 CID = "3f4e5d6c7b8a99887766554433221100ffeeddccbbaa99887766554433221100"
@@ -97,14 +97,14 @@ def test_a_process_that_execs_is_named_by_its_new_program():
     child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         pid = int(child.stdout.readline())
-        cache = ProcessCache()
-        assert cache.executable_name(pid).startswith("python")
+        names = ProcessNames()
+        assert names.executable_name(pid).startswith("python")
         child.stdin.write("go\n")
         child.stdin.flush()
         deadline = time.monotonic() + 10
         while open(f"/proc/{pid}/comm").read().strip() != "sleep" and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert cache.executable_name(pid) == "sleep"
+        assert names.executable_name(pid) == "sleep"
     finally:
         child.kill()
         child.wait()

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 from collector.config import PROBE_COMMON, parse_section
-from collector.metadata.process import ProcessCache
+from collector.metadata.process import ProcessNames
 from probes.syscall_latency import IDLE_TICKS, NBUCKETS, SyscallLatencyProbe, syscall_table
 
 
@@ -19,7 +19,7 @@ def _probe(**cfg):
     p = SyscallLatencyProbe.__new__(SyscallLatencyProbe)
     p.config = parse_section(cfg, schema, "probes.syscall_latency")
     p._table = syscall_table()
-    p._procs = ProcessCache()
+    p._procs = ProcessNames()
     p._cgroups = None
     p._series, p._pid_series, p._retiring = {}, {}, set()
     p._series_overflow, p._tick, p._last_tick_ns = 0, 0, 0

@@ -10,7 +10,7 @@ import pwd
 
 from ..records import Profile
 from .container import container_of
-from .process import ProcessCache
+from .process import ProcessNames
 
 
 MAX_COMMAND_LINE = 1024
@@ -48,7 +48,7 @@ class ProcessEnricher:
         return self._owners[uid]
 
     def attributes(self, pid: int) -> dict:
-        ident = ProcessCache._identity(pid)   # (start time, comm): an exec is a new entry
+        ident = ProcessNames.identity(pid)   # (start time, comm): an exec is a new entry
         if ident is None:
             # exited: its last records keep the attributes its series had, so
             # the final export is the same series, not a new one
