@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -20,11 +21,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs: run as root (CI does)")
 
 
-def build_c(name: str, opt: str = "-O2") -> Path:
-    """Compile tests/workloads/<name>.c (once per session) and return the binary.
-    Frame pointers are kept; GCC 12 still leaves them out of small leaf
-    functions at -O1 and above, so profiling workloads build with -O0."""
-    src = ROOT / "tests" / "workloads" / f"{name}.c"
+def build_c(name: str, opt: str = "-O2", src: Optional[Path] = None) -> Path:
+    """Compile tests/workloads/<name>.c (or src) into tests/bin/<name>, when
+    it changed, and return the binary. Frame pointers are kept; GCC 12 still
+    leaves them out of small leaf functions at -O1 and above, so profiling
+    workloads build with -O0."""
+    src = src or ROOT / "tests" / "workloads" / f"{name}.c"
     out = BIN / name
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         BIN.mkdir(exist_ok=True)

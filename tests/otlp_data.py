@@ -48,6 +48,17 @@ def last_point(requests, name: str, **match):
     return max(pts, key=lambda p: p[1].time_unix_nano)
 
 
+def latest_per_series(pts) -> list:
+    """Of points() output, the last cumulative point of each attribute set:
+    summed, they are a total across series (per pid, per executable...)."""
+    latest: dict = {}
+    for m, dp, a in pts:
+        key = tuple(sorted(a.items()))
+        if key not in latest or dp.time_unix_nano > latest[key][1].time_unix_nano:
+            latest[key] = (m, dp, a)
+    return list(latest.values())
+
+
 def exp_buckets(dp) -> dict:
     """OTLP exponential bucket index -> count."""
     return {dp.positive.offset + i: c for i, c in enumerate(dp.positive.bucket_counts) if c}

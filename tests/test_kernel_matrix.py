@@ -13,9 +13,9 @@ Debian registry); CI always runs it.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import ExportProfilesServiceRequest
 
 from conftest import ROOT, build_c, needs_root
-from otlp_data import exp_buckets, points, profile_samples
+from otlp_data import exp_buckets, latest_per_series, points, profile_samples
 
 sys.path.insert(0, str(ROOT / "tools"))
 import kernel_vm  # noqa: E402
@@ -75,7 +75,9 @@ class Guest:
         assert "error" not in data, f"{self.series}: {data['error']}\n{self.context()}"
         return data
 
+    @functools.cached_property
     def telemetry(self):
+        """(metrics requests, profiles requests) the agent wrote, parsed once."""
         metrics, profiles = [], []
         for line in self.file("telemetry.jsonl").splitlines():
             if line.startswith('{"resourceMetrics"'):
@@ -94,20 +96,13 @@ class Guest:
 def guests(tmp_path_factory):
     missing = kernel_vm.missing_host_tools()
     assert not missing, f"the kernel matrix needs {missing}: `make setup` installs them"
-    bin_dir = ROOT / "tests" / "bin"
-    build_c("sc_workload")
-    subprocess_build(ROOT / "bench" / "cpu_work.c", bin_dir / "cpu_work")
+    bin_dir = build_c("sc_workload").parent
+    build_c("cpu_work", src=ROOT / "bench" / "cpu_work.c")
     base = tmp_path_factory.mktemp("matrix")
     # kernel packages first, one apt run for all three, before the boots
     kernel_vm.fetch_debs(KERNELS)
     return {k: Guest(k, base / k, bin_dir) for k in KERNELS}
 
-
-def subprocess_build(src: Path, out: Path) -> Path:
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        out.parent.mkdir(exist_ok=True)
-        subprocess.run(["gcc", "-O2", "-o", str(out), str(src)], check=True)
-    return out
 
 
 @pytest.mark.parametrize("series", KERNELS)
@@ -136,14 +131,14 @@ def test_every_probe_starts_and_stops_clean(guests, series):
 def test_http_counts_equal_the_server_log(guests, series):
     g = guests[series].wait()
     truth = g.truth()["http"]
-    metrics, _ = g.telemetry()
+    metrics, _ = g.telemetry
     port = truth["port"]
     server = collections.Counter()
-    for _m, dp, a in _latest_per_series(points(metrics, "http.server.request.duration", server__port=port)):
+    for _m, dp, a in latest_per_series(points(metrics, "http.server.request.duration", server__port=port)):
         server[str(a["http.response.status_code"])] += dp.count
     assert dict(server) == truth["server_logged"], f"{series}: exported {dict(server)}\n{g.context()}"
     client = collections.Counter()
-    for _m, dp, a in _latest_per_series(points(metrics, "http.client.request.duration", server__port=port)):
+    for _m, dp, a in latest_per_series(points(metrics, "http.client.request.duration", server__port=port)):
         if a.get("process.executable.name") == "curl":
             client[a["http.response.status_code"]] += dp.count
     assert dict(client) == dict(collections.Counter(truth["client_statuses"])), f"{series}: {dict(client)}"
@@ -153,13 +148,13 @@ def test_http_counts_equal_the_server_log(guests, series):
 def test_syscall_counts_and_durations(guests, series):
     g = guests[series].wait()
     truth = g.truth()["syscalls"]
-    metrics, _ = g.telemetry()
+    metrics, _ = g.telemetry
     # per pid only for the busiest processes, else per executable: both count
-    getppid = _latest_per_series(points(metrics, "otelbpf.syscall.duration", syscall__name="getppid",
+    getppid = latest_per_series(points(metrics, "otelbpf.syscall.duration", syscall__name="getppid",
                                         process__executable__name="sc_workload"))
     count = sum(dp.count for _m, dp, _a in getppid)
     assert truth["getppid"] <= count <= truth["getppid"] + 5, f"{series}: {count} getppid\n{g.context()}"
-    sleeps = _latest_per_series(points(metrics, "otelbpf.syscall.duration", syscall__name="nanosleep",
+    sleeps = latest_per_series(points(metrics, "otelbpf.syscall.duration", syscall__name="nanosleep",
                                        process__executable__name="sc_workload"))
     assert len(sleeps) == 1, sleeps
     _m, dp, _a = sleeps[0]
@@ -175,13 +170,13 @@ def test_syscall_counts_and_durations(guests, series):
 def test_tcp_bytes_equal_what_both_ends_moved(guests, series):
     g = guests[series].wait()
     truth = g.truth()["tcp"]
-    metrics, _ = g.telemetry()
+    metrics, _ = g.telemetry
     port = truth["port"]
 
     def value(direction, **match):
         pts = points(metrics, "otelbpf.network.io", network__io__direction=direction, **match)
         assert pts, f"{series}: no otelbpf.network.io {direction} {match}\n{g.context()}"
-        return sum(dp.as_int for _m, dp, _a in _latest_per_series(pts))
+        return sum(dp.as_int for _m, dp, _a in latest_per_series(pts))
 
     assert value("transmit", otelbpf__tcp__role="client", network__peer__port=port) == truth["client_sent"]
     assert value("receive", otelbpf__tcp__role="server", network__local__port=port) == truth["server_received"]
@@ -191,19 +186,10 @@ def test_tcp_bytes_equal_what_both_ends_moved(guests, series):
 def test_cpu_profile_samples_follow_cpu_time(guests, series):
     g = guests[series].wait()
     truth = g.truth()["cpu"]
-    _metrics, profiles = g.telemetry()
+    _metrics, profiles = g.telemetry
     samples = sum(n for attrs, _names, _k, n in profile_samples(profiles) if attrs.get("process.pid") == truth["pid"])
     expected = truth["cpu_seconds"] * 99
     # cpu-clock at 99 Hz on a software-emulated CPU: the count follows the
     # process's CPU time, within the sampling's jitter
     assert 0.5 * expected <= samples <= 1.5 * expected, f"{series}: {samples} samples for {truth['cpu_seconds']:.2f} s"
 
-
-def _latest_per_series(pts):
-    """The last cumulative point of each attribute set."""
-    latest = {}
-    for m, dp, a in pts:
-        key = tuple(sorted(a.items()))
-        if key not in latest or dp.time_unix_nano > latest[key][1].time_unix_nano:
-            latest[key] = (m, dp, a)
-    return list(latest.values())

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from conftest import ROOT, every_form_config, needs_root, wait_until
-from otlp_data import check_histograms, last_point, points, read_jsonl
+from otlp_data import check_histograms, last_point, latest_per_series, points, read_jsonl
 
 pytestmark = needs_root
 
@@ -396,15 +396,8 @@ def test_dns_queries_and_answers_by_type_and_rcode(netns_pair, flows_agent):
     time.sleep(1.5)
     data = flows_agent()
 
-    def dns(**match):
-        pts = points(data, "otelbpf.dns.messages", **match)
-        # one series per executable: sum the latest point of each
-        latest = {}
-        for _m, dp, a in pts:
-            key = tuple(sorted(a.items()))
-            if key not in latest or dp.time_unix_nano > latest[key].time_unix_nano:
-                latest[key] = dp
-        return sum(dp.as_int for dp in latest.values())
+    def dns(**match):   # one series per executable: sum the latest point of each
+        return _series_total(data, "otelbpf.dns.messages", **match)
     # the client's side: queries out, answers in
     assert dns(otelbpf__dns__kind="query", dns__question__type="A", network__io__direction="transmit") == 3
     assert dns(otelbpf__dns__kind="query", dns__question__type="AAAA", network__io__direction="transmit") == 2
@@ -477,12 +470,7 @@ UDP_SPRAY = textwrap.dedent("""
 
 def _series_total(data, name, **match) -> int:
     """Sum over series of each one's latest cumulative value."""
-    latest = {}
-    for _m, dp, a in points(data, name, **match):
-        key = tuple(sorted(a.items()))
-        if key not in latest or dp.time_unix_nano > latest[key].time_unix_nano:
-            latest[key] = dp
-    return sum(dp.as_int for dp in latest.values())
+    return sum(dp.as_int for _m, dp, _a in latest_per_series(points(data, name, **match)))
 
 
 @needs_root
@@ -687,7 +675,7 @@ def test_rtt_buckets_hold_what_ss_shows(agent_factory, grpc_receiver, tmp_path, 
     RTT stays where `ss -ti` shows it, and every RTT the agent sampled in
     the idle window, client side and server side, sits in the bucket that
     holds that value, in every exported form and in the console."""
-    from otlp_data import check_histograms, console_rows, parse_console_duration, populated_ranges
+    from otlp_data import console_rows, parse_console_duration
     jsonl = tmp_path / "t.jsonl"
     agent = agent_factory(every_form_config(tmp_path, grpc_receiver.endpoint, otlp_form, file_form,
                                             {"net_flows": {}}))
