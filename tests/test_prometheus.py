@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 import yaml
-from conftest import ROOT, AgentProcess, curl, needs_root, wait_until
+from conftest import ROOT, AgentProcess, curl, needs_root, run_sleepers, wait_until
 from opentelemetry.sdk.resources import Resource
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -288,6 +288,7 @@ def stack(tmp_path_factory):
             curl(*([f"{base}/old"] * 15 + [f"{base}/boom"] * 10))
             curl("-X", "POST", "-d", "x=1", *([f"{base}/"] * 5))
             truth = _timed_requests(timed_ports)
+            sleeps = run_sleepers(SLEEPS)
             drop_some_on_server_ingress()
             retrans = 0
             for _ in range(5):   # the drop program drops a share at random: retry until enough
@@ -295,7 +296,7 @@ def stack(tmp_path_factory):
                 if retrans > 5:
                     break
             subprocess.run([sys.executable, "-c", TRAFFIC], check=True, timeout=60, cwd=d)
-            yield {"prom": prom, "agent": agent, "nginx": nginx, "port": PORTS["count"], "timed": truth,
+            yield {"prom": prom, "agent": agent, "nginx": nginx, "port": PORTS["count"], "timed": truth, "sleeps": sleeps,
                    "retransmits": retrans}
     finally:
         if prom is not None:
@@ -350,6 +351,32 @@ def test_known_durations_fall_in_their_le_bucket(stack):
     for le in les:
         k = math.log2(le / 1e-9)
         assert abs(k - round(k)) < 1e-9 and 0 <= k <= 38, le
+
+
+SLEEPS = {20_000_000: 3}   # nanosleep ns -> calls (one sc_workload)
+
+
+@needs_root
+def test_known_sleeps_fall_in_their_le_bucket(stack):
+    """nanosleeps of known length, through the real syscall_latency program
+    and the scrape: the first le bucket that holds them all has a bound at
+    least the requested time, and the bound below it is under the longest
+    they can have taken (an ns value left unconverted, or converted twice,
+    lands elsewhere). The workload has exited, its series gone stale: read
+    the last value each series had (per pid or per executable)."""
+    prom = stack["prom"]
+    (_pid, n, lo_ns, hi_ns), = stack["sleeps"].values()
+
+    def buckets():
+        rows = prom.query('sum by (le) (max_over_time(otelbpf_syscall_duration_seconds_bucket'
+                          '{syscall_name="nanosleep", process_executable_name="sc_workload"}[5m]))')
+        return sorted((float(r["metric"]["le"]), float(r["value"][1])) for r in rows)
+    rows = wait_until(lambda: (b := buckets()) and b[-1][1] == n and b, timeout=20) or buckets()
+    assert rows and rows[-1] == (math.inf, float(n)), rows
+    first = next(i for i, (_le, v) in enumerate(rows) if v >= n)
+    upper, lower = rows[first][0], (rows[first - 1][0] if first else 0.0)
+    assert upper >= lo_ns * 1e-9 and lower < hi_ns * 1e-9, \
+        f"true durations in [{lo_ns}, {hi_ns}] ns, bucket ({lower}, {upper}] s"
 
 
 def dashboard_queries() -> list:
