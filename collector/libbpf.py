@@ -138,6 +138,7 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_program__name": (S, [P]),
         "bpf_program__section_name": (S, [P]),
         "bpf_program__set_autoload": (I, [P, ctypes.c_bool]),
+        "bpf_program__autoload": (ctypes.c_bool, [P]),
         "bpf_program__fd": (I, [P]),
         "bpf_program__attach": (P, [P]),
         "bpf_program__attach_raw_tracepoint": (P, [P, S]),
@@ -537,6 +538,11 @@ class Program:
         ret = lib().bpf_program__set_autoload(self._ptr, enabled)
         if ret < 0:
             raise BpfError(-ret, f"{self._obj.name}: program {self.name}: set_autoload")
+
+    @property
+    def autoload(self) -> bool:
+        """Whether load() loads it (programs set not to are never attachable)."""
+        return bool(lib().bpf_program__autoload(self._ptr))
 
     @property
     def fd(self) -> int:
