@@ -112,6 +112,7 @@ const volatile __u8 parent_based = 1;		/* a traceparent's sampled flag decides *
 const volatile __u8 capture_query = 0;
 const volatile __u64 max_spans_per_second = 1000;
 const volatile __u32 overflow_tgid = 0xFFFFFFFF;
+const volatile __u32 ring_bytes = 4 << 20;	/* http_events' size */
 const volatile __u32 io_slot_mask = 65535;	/* http_io's size - 1 (a power of two) */
 #define MAX_EXCLUDED 4
 const volatile __u64 excluded_comm[MAX_EXCLUDED][2] = {};	/* thread names not traced (zero-padded) */
@@ -454,11 +455,32 @@ struct io_src {
 	__u8 vec;
 };
 
-/* Copy the first bytes of the message (from its first segment) into s;
- * returns how many. */
-static __always_inline __u32 copy_head(struct scratch *s, const struct io_src *src, __u64 len, __u32 cap)
+/* Which message starts copy_head lets through, by their first 8 bytes. */
+enum head_kind { HEAD_REQUEST = 1, HEAD_RESPONSE = 2 };
+
+/* Whether 8 bytes (little-endian) can start a request line ("GET /",
+ * "POST /"...) or a status line ("HTTP/1."): the test that keeps bulk data
+ * and other protocols from costing a head copy and a parse. */
+static __always_inline bool head_plausible(__u64 w, __u8 kinds)
 {
-	__u64 base = src->buf, seg = len;
+	__u32 lo = (__u32)w;
+
+	if ((kinds & HEAD_RESPONSE) && (w & 0x00ffffffffffffffULL) == 0x002e312f50545448ULL)	/* "HTTP/1." */
+		return true;
+	if (!(kinds & HEAD_REQUEST))
+		return false;
+	return lo == 0x20544547 /* "GET " */ || lo == 0x54534f50 /* "POST" */ || lo == 0x20545550 /* "PUT " */ ||
+	       lo == 0x44414548 /* "HEAD" */ || lo == 0x454c4544 /* "DELE" */ || lo == 0x43544150 /* "PATC" */ ||
+	       lo == 0x4954504f /* "OPTI" */ || lo == 0x4e4e4f43 /* "CONN" */ || lo == 0x43415254 /* "TRAC" */;
+}
+
+/* Copy the first bytes of the message (from its first segment) into s,
+ * when its first 8 bytes can start a message of the kinds asked for;
+ * returns how many (0: not such a message). */
+static __always_inline __u32 copy_head(struct scratch *s, const struct io_src *src, __u64 len, __u32 cap,
+				       __u8 kinds)
+{
+	__u64 base = src->buf, seg = len, first = 0;
 
 	if (src->vec) {
 		struct iovec iov;
@@ -470,6 +492,10 @@ static __always_inline __u32 copy_head(struct scratch *s, const struct io_src *s
 	}
 	if (seg > cap)
 		seg = cap;
+	/* 12 bytes at least: a status line's code, or a request line's
+	 * method, a one-byte target and a version */
+	if (seg < 12 || bpf_probe_read_user(&first, sizeof(first), (void *)base) || !head_plausible(first, kinds))
+		return 0;
 	__u32 n = hide((__u32)seg);
 	if (n > SCRATCH)
 		n = SCRATCH;
@@ -988,6 +1014,14 @@ static __always_inline bool span_allowed(__u64 now)
 	return true;
 }
 
+/* Whether a span starting now could still be sent: checked before any
+ * header is parsed, so requests past the cap cost no parsing (finish()'s
+ * span_allowed() still enforces the cap) */
+static __always_inline bool span_budget_left(__u64 now)
+{
+	return rl_window != now / NS_PER_S || rl_used < max_spans_per_second;
+}
+
 /* The transaction on c ended at end_ns: count it, and send its span if
  * sampled. */
 OTB_VERIFY_ONCE int finish(__u64 sk, struct http_conn *c, __u64 end_ns)
@@ -1013,7 +1047,12 @@ OTB_VERIFY_ONCE int finish(__u64 sk, struct http_conn *c, __u64 end_ns)
 		return 0;
 	ev->end_ns = end_ns;
 	ev->status = c->status;
-	if (bpf_ringbuf_output(&http_events, ev, sizeof(*ev), 0))
+	/* no wake-up per span (user space drains on a timer), unless the ring
+	 * is filling up */
+	__u64 wake = bpf_ringbuf_query(&http_events, BPF_RB_AVAIL_DATA) > ring_bytes / 8 ?
+		     BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+
+	if (bpf_ringbuf_output(&http_events, ev, sizeof(*ev), wake))
 		otb_count(&http_stats, HS_RINGBUF_FULL);
 	return 0;
 }
@@ -1092,6 +1131,10 @@ OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 
 	if (!spans_enabled)
 		return 0;
+	if (!span_budget_left(start)) {
+		otb_count(&http_stats, HS_RATE_LIMITED);
+		return 0;
+	}
 	by_ratio = bpf_get_prandom_u32() <= sample_threshold;
 	if (!by_ratio && !parent_based) {
 		otb_count(&http_stats, HS_SAMPLED_OUT);
@@ -1237,7 +1280,7 @@ static __noinline void on_data(struct data_ev *e)
 			/* ST_REQUEST: the response head */
 			if (nodata || !(s = bpf_map_lookup_elem(&http_scratch, &z)))
 				return;
-			n = copy_head(s, src, len, head_bytes);
+			n = copy_head(s, src, len, head_bytes, HEAD_RESPONSE);
 			if (!is_response_start(s, n))
 				return;
 			if (on_response_head(c, s, n, src, len)) {
@@ -1254,7 +1297,7 @@ static __noinline void on_data(struct data_ev *e)
 	}
 	if (nodata || !(s = bpf_map_lookup_elem(&http_scratch, &z)))
 		return;
-	n = copy_head(s, src, len, head_bytes);
+	n = copy_head(s, src, len, head_bytes, HEAD_REQUEST | HEAD_RESPONSE);
 	method = parse_method(s, n, &skip);
 	if (method == 0xff) {
 		if (is_response_start(s, n))
@@ -1501,6 +1544,125 @@ int BPF_PROG(http_sock_state, struct sock *sk, int oldstate, int newstate)
 	conn_gone(key);
 	return 0;
 }
+
+/* The sock is freed: whatever state it still has (a server's request whose
+ * peer left, and that was never answered) goes, counted. */
+SEC("raw_tp/tcp_destroy_sock")
+int BPF_PROG(http_sock_destroy, struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+
+	if (bpf_map_lookup_elem(&http_conns, &key))
+		conn_gone(key);
+	return 0;
+}
+
+/* ------------------------------------------------ socket-layer capture */
+
+#ifndef OTB_NO_RDONLY_CAST
+/* Kernels with the sock:sock_send_length/sock_recv_length tracepoints
+ * (6.3+; user space attaches these instead of the sys_enter/sys_exit pair
+ * when they exist). They fire once per socket send/receive, after it
+ * completed, with the struct sock and the byte count: no program runs for
+ * the host's other syscalls, and no fd table walk finds the socket. What
+ * the call's buffer was comes from its syscall's saved registers.
+ *
+ * One thing is lost: without an enter hook there is no time for the start
+ * of a write, so a client request starts when the write that sent it
+ * returned (a few microseconds later on loopback). */
+
+#define PF_IO_WORKER 0x00000010
+#define PF_KTHREAD 0x00200000
+#define MSG_PEEK 2
+
+/* Where the bytes of the current syscall are, from its registers; false
+ * when it is not a call whose user buffer we know (sendfile and splice move
+ * bytes without one: src->vec and buf stay 0, and on_data counts them only). */
+static __always_inline bool io_src_of_syscall(struct io_src *src, __u8 *nodata)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct pt_regs *regs;
+	long nr;
+
+	if (task->flags & (PF_KTHREAD | PF_IO_WORKER))
+		return false;	/* no user syscall behind this socket call */
+	regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	nr = SYSCALL_NR(regs);
+	src->vec = 0;
+	src->iovcnt = 0;
+	*nodata = 0;
+	if (nr == nr_read || nr == nr_write || nr == nr_recvfrom || nr == nr_sendto) {
+		src->buf = PT_REGS_PARM2_SYSCALL(regs);
+	} else if (nr == nr_readv || nr == nr_writev) {
+		src->buf = PT_REGS_PARM2_SYSCALL(regs);
+		src->iovcnt = PT_REGS_PARM3_SYSCALL(regs);
+		src->vec = 1;
+	} else if (nr == nr_recvmsg || nr == nr_sendmsg) {
+		struct user_msghdr msg;
+
+		if (bpf_probe_read_user(&msg, sizeof(msg), (void *)PT_REGS_PARM2_SYSCALL(regs)))
+			return false;
+		src->buf = (__u64)msg.msg_iov;
+		src->iovcnt = msg.msg_iovlen;
+		src->vec = 1;
+	} else {
+		src->buf = 0;	/* sendfile, splice, sendmmsg...: count the bytes only */
+		*nodata = 1;
+	}
+	return true;
+}
+
+static __always_inline int sock_io(struct sock *sk, int ret, int flags, __u8 dir)
+{
+	__u64 id, skp = (__u64)sk;
+	struct ssl_args *ssl;
+	struct data_ev *e;
+
+	/* cheapest tests first: most socket calls of a host are not TCP
+	 * payload (unix sockets, UDP, EAGAIN) */
+	if (ret <= 0 || sk->sk_protocol != IPPROTO_TCP || sk->sk_type != SOCK_STREAM)
+		return 0;
+	if (dir == DIR_IN && (flags & MSG_PEEK))
+		return 0;	/* the same bytes are read again */
+	id = bpf_get_current_pid_tgid();
+	if ((id >> 32) == self_tgid || excluded())
+		return 0;
+	ssl = bpf_map_lookup_elem(&http_ssl_calls, &id);
+	if (ssl) {
+		/* ciphertext under an SSL_read/SSL_write: only learn the socket */
+		if (ssl->sk != skp) {
+			struct ssl_key k = ssl_key_of(ssl->ssl);
+
+			ssl->sk = skp;
+			bpf_map_update_elem(&http_ssl_socks, &k, &skp, BPF_ANY);
+		}
+		return 0;
+	}
+	e = data_ev_slot();
+	if (!e || !io_src_of_syscall(&e->src, &e->nodata))
+		return 0;
+	e->sk = skp;
+	e->len = ret;
+	e->t1 = bpf_ktime_get_ns();
+	e->t0 = e->t1;
+	e->dir = dir;
+	e->tls = 0;
+	on_data(e);
+	return 0;
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(http_sock_send, struct sock *sk, int ret, int flags)
+{
+	return sock_io(sk, ret, flags, DIR_OUT);
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(http_sock_recv, struct sock *sk, int ret, int flags)
+{
+	return sock_io(sk, ret, flags, DIR_IN);
+}
+#endif
 
 /* ---------------------------------------------------------------- TLS */
 

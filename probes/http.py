@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Optional
 
-from collector import libbpf
+from collector import features, libbpf
 from collector.config import ConfigError, Field, check_power_of_two
 from collector.metadata.process import ProcessNames, alive
 from collector.probe import BpfProbe
@@ -70,6 +70,9 @@ MAX_EXCLUDED = 4          # MAX_EXCLUDED in the .bpf.c
 MAX_TLS_LIBRARIES = 64   # distinct libssl files probed at most
 IDLE_TICKS = 3           # kernel histogram keys unchanged this many collections are retired
 UPROBE_WARN_NS = 3000   # above this per uprobe hit, TLS tracing costs TLS servers dearly: say so
+SPAN_DRAIN_MS = 200      # how often the span ring is drained (the kernel does not wake us per span)
+SOCK_CAPTURE = {"http_sock_send", "http_sock_recv"}    # one of these two paths is loaded
+SYSCALL_CAPTURE = {"http_sys_enter", "http_sys_exit"}
 SSL_LIFECYCLE = (("SSL_set_fd", "http_ssl_set_fd"), ("SSL_free", "http_ssl_free"))   # entry only
 
 SERVER_DURATION = Instrument("http.server.request.duration", "s",
@@ -230,13 +233,15 @@ class HttpProbe(BpfProbe):
         obj.map("http_io").set_max_entries(cfg["inflight_slots"])
         obj.set_global("io_slot_mask", struct.pack("=I", cfg["inflight_slots"] - 1))
         obj.map("http_events").set_max_entries(cfg["ring_buffer_bytes"])
+        obj.set_global("ring_bytes", struct.pack("=I", cfg["ring_buffer_bytes"]))
+        self.capture = self._choose_capture(obj)
         obj.load()
         self._hist = obj.map("http_hist")
         self._paths = obj.map("http_paths")
         self._conns = obj.map("http_conns")
         self._stats = obj.map("http_stats")
         for prog in obj.programs():
-            if prog.section.startswith(("tp_btf/", "raw_tp/")):
+            if prog.autoload and prog.section.startswith(("tp_btf/", "raw_tp/")):
                 prog.attach()
         self._tls_usable = cfg["tls"]
         self.tls_libraries = self._attach_tls(obj) if cfg["tls"] else []
@@ -357,10 +362,33 @@ class HttpProbe(BpfProbe):
                     self.log.info("TLS: probing %s (mapped by pid %s)", parts[5].strip(), pid)
 
     # ------------------------------------------------------------- spans
+    def _choose_capture(self, obj) -> str:
+        """Socket-layer tracepoints where the kernel has them (one program per
+        socket send/receive, none for other syscalls), else the sys_enter/
+        sys_exit pair; the other path's programs are not loaded."""
+        names = {p.name for p in obj.programs()}
+        sock_path = SOCK_CAPTURE <= names and not features.missing(("sock_length_tp",), features.program_features())
+        for name in (SOCK_CAPTURE if not sock_path else SYSCALL_CAPTURE):
+            if name in names:
+                obj.program(name).set_autoload(False)
+        if sock_path:
+            note = "capture: sock_send_length/sock_recv_length tracepoints"
+        else:
+            note = "capture: sys_enter/sys_exit (" + ("this kernel lacks sock:sock_send_length, 6.3+" if
+                                                      SOCK_CAPTURE <= names else "this build has no socket-layer "
+                                                      "capture") + ")"
+        self.variant_note = "; ".join(x for x in (self.variant_note, note) if x)
+        self.log.info("%s", note)
+        return "sock" if sock_path else "syscalls"
+
     def _poll(self) -> None:
+        # The kernel adds spans without waking us (a wake-up per span costs the
+        # traced host a context switch), except when the ring fills past an
+        # eighth: so drain on a timer, and early when woken.
         while not self._stop.is_set():
             try:
-                self._ring.poll(200)
+                self._ring.poll(SPAN_DRAIN_MS)
+                self._ring.consume()
             except libbpf.BpfError as e:
                 self.log.error("span ring buffer: %s", e)
                 return
