@@ -55,3 +55,39 @@ def start_otlp_sink(keep_metrics: bool = False):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     store.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     return server, store
+
+
+def _attrs(kvs) -> dict:
+    out = {}
+    for kv in kvs:
+        v = kv.value
+        out[kv.key] = getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+    return out
+
+
+def latest(sink, name: str, **match) -> dict:
+    """series attributes -> latest cumulative value, for metric `name`."""
+    want = {k.replace("__", "."): v for k, v in match.items()}
+    out: dict = {}
+    with sink.lock:
+        reqs = list(sink.metrics)
+    for req in reqs:
+        for rm in req.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name != name:
+                        continue
+                    kind = m.WhichOneof("data")
+                    for dp in getattr(m, kind).data_points:
+                        a = _attrs(dp.attributes)
+                        if all(a.get(k) == v for k, v in want.items()):
+                            key = tuple(sorted(a.items()))
+                            val = dp.count if kind in ("histogram", "exponential_histogram") else \
+                                (dp.as_int or dp.as_double)
+                            if key not in out or dp.time_unix_nano >= out[key][0]:
+                                out[key] = (dp.time_unix_nano, val)
+    return {k: v for k, (_t, v) in out.items()}
+
+
+def total(sink, name: str, **match) -> int:
+    return int(sum(latest(sink, name, **match).values()))

@@ -1,41 +1,53 @@
 #!/usr/bin/env python3
-"""What the http probe costs nginx, and whether it misses anything, in one run.
+"""What the agent costs a busy nginx, and whether it misses a request, in one run.
 
-wrk drives Debian's nginx (`return 200`, plain HTTP on loopback) as hard as
-this machine allows, in interleaved rounds: without the probe, with it as
-configured by default (metrics + spans capped at max_spans_per_second), and
-with spans off. The probe is loaded the way the agent loads it; a thread
-collects every second as the agent does (export not included).
+wrk drives Debian's nginx (`return 200`, on loopback) as hard as this machine
+allows, in interleaved rounds so drift on a shared machine hits every setup
+alike:
 
-Per setup it prints wrk's requests/s (median, and as a ratio of the
-no-probe rounds: target >= 97%), the probe process's CPU as % of one core,
-the requests nginx answered (access log lines with bytes sent) versus those
-in the exported histograms (target: 0 missing), and the spans dropped by the rate cap or a full buffer.
+  none            nothing attached (plain HTTP, and again over TLS)
+  floor           empty raw_tp sys_enter/sys_exit programs: what any design
+                  that hooks every syscall pays before doing anything
+  http            the real agent (`otelbpf run`) with only the http probe,
+                  exporting OTLP/HTTP to a local sink (plain, and TLS)
+  default         the real agent with its default configuration: every probe
+                  on, as `make run` starts it (plain HTTP)
 
-Usage: python bench/http_overhead.py [--rounds 5] [--seconds 5] [--conns 32] [--tls]
+Per setup it prints wrk's requests/s (median of rounds) and its ratio to
+`none` of the same scheme (targets: http plain >= 92%, http TLS >= 75%,
+default >= 90%), the agent's CPU as % of one core, what one getppid() costs
+more than bare (the syscall hooks' toll on every syscall of the host), and
+the requests nginx answered (access log lines with bytes sent) against those
+in the exported http.server.request.duration (target: 0 missing).
+
+Then where the time goes: each BPF program's run count and average run time
+from the kernel's own statistics (kernel.bpf_stats_enabled) in the last
+round, per request; and what one uprobe hit costs at each placement the http
+probe chose for libssl.
+
+Usage: python bench/http_overhead.py [--rounds 5] [--seconds 5] [--conns 32]
 """
 from __future__ import annotations
 
 import argparse
-import logging
+import json
 import os
 import re
-import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-import common  # noqa: F401  (puts the checkout on sys.path)
+import psutil
+import yaml
 
-from collector.config import PROBE_COMMON, parse_section  # noqa: E402
-from collector.features import ensure_tracefs  # noqa: E402
-from collector.probe import ProbeContext, default_bpf_dir  # noqa: E402
-from probes.http import SERVER_DURATION, STATS, HttpProbe  # noqa: E402
+from common import ROOT, build, start_otlp_sink, total  # noqa: E402  (puts the checkout on sys.path)
+
+from collector import libbpf  # noqa: E402
 
 NGINX_CONF = """
 user root;
@@ -44,7 +56,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log;
 events {{ worker_connections 4096; }}
 http {{
-  log_format sent '$bytes_sent';
+  log_format sent '$server_port $bytes_sent';
   access_log {d}/access.log sent;
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
   uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
@@ -58,6 +70,8 @@ http {{
 }}
 """
 
+TARGETS = {"http (plain)": 92.0, "http (TLS)": 75.0, "default config (plain)": 90.0}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -65,11 +79,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def log_lines(path: str) -> int:
-    """Requests nginx answered: it also logs requests whose client hung up
-    before the response could be written (0 bytes sent)."""
-    with open(path, "rb") as f:
-        return sum(1 for line in f if int(line) > 0)
+def answered(path: str, port: int) -> int:
+    """Requests nginx answered on port: it also logs requests whose client
+    hung up before the response could be written (0 bytes sent)."""
+    n = 0
+    with open(path) as f:
+        for line in f:
+            p, sent = line.split()
+            n += p == str(port) and int(sent) > 0
+    return n
 
 
 def wrk(url: str, seconds: int, conns: int) -> float:
@@ -78,60 +96,91 @@ def wrk(url: str, seconds: int, conns: int) -> float:
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
-class Collector:
-    """Calls probe.collect() every second, as the agent's loop does."""
-
-    def __init__(self, probe):
-        self.probe, self.records, self._stop = probe, [], threading.Event()
-        self.spans = 0
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self):
-        while not self._stop.wait(1.0):
-            self._take(self.probe.collect())
-
-    def _take(self, records: list) -> list:
-        self.spans += sum(1 for x in records if type(x).__name__ == "Span")
-        return records
-
-    def stop(self) -> list:
-        self._stop.set()
-        self._t.join()
-        return self._take(self.probe.collect())
+def getppid_ns(loop: str, calls: int) -> float:
+    out = subprocess.run(["taskset", "-c", "0", loop, str(calls)], capture_output=True, text=True, check=True)
+    return float(out.stdout)
 
 
-def agent_round(url: str, seconds: int, conns: int, receiver, d: str) -> dict:
-    """One wrk run with the real agent exporting to receiver."""
-    import psutil
-    import yaml
-    cfg = {"interval": "1s", "health": "127.0.0.1:0", "lock_file": f"{d}/agent.lock",
-           "exporters": {"otlp": {"endpoint": receiver.endpoint, "protocol": "grpc"}}, "probes": {"http": {}}}
-    with open(f"{d}/agent.yaml", "w") as f:
-        yaml.safe_dump(cfg, f)
-    err = open(f"{d}/agent.log", "w+")
-    agent = subprocess.Popen([sys.executable, "-m", "collector.cli", "run", "--config", f"{d}/agent.yaml"],
-                             cwd=str(common.ROOT), stderr=err, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while "collecting every" not in open(f"{d}/agent.log").read():
-        if agent.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("agent did not start: " + open(f"{d}/agent.log").read())
-        time.sleep(0.1)
-    proc = psutil.Process(agent.pid)
-    spans_before = receiver_spans(receiver)
-    c0, t0 = proc.cpu_times(), time.monotonic()
-    rps = wrk(url, seconds, conns)
-    c1, t1 = proc.cpu_times(), time.monotonic()
-    agent.send_signal(2)
-    agent.wait(timeout=60)
-    return {"rps": rps, "cpu": 100 * (c1.user + c1.system - c0.user - c0.system) / (t1 - t0),
-            "spans": receiver_spans(receiver) - spans_before}
+def prog_stats() -> dict:
+    """id -> (name, run_cnt, run_time_ns) of every loaded BPF program."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return {p["id"]: (p.get("name", "?"), p.get("run_cnt", 0), p.get("run_time_ns", 0)) for p in json.loads(out)}
 
 
-def receiver_spans(receiver) -> int:
-    with receiver.rx.lock:
-        return sum(len(ss.spans) for req in receiver.rx.traces for rs in req.resource_spans
-                   for ss in rs.scope_spans)
+def prog_ids_of(pid: int) -> set:
+    """Ids of the BPF programs a process holds (its fds' fdinfo names them)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                m = re.search(r"^prog_id:\s+(\d+)", f.read(), re.M)
+        except OSError:
+            continue
+        if m:
+            ids.add(int(m.group(1)))
+    return ids
+
+
+class Floor:
+    """The empty raw_tp pair, loaded in this process."""
+
+    def __init__(self):
+        self.obj = None
+
+    def start(self):
+        self.obj = libbpf.BpfObject(str(ROOT / "bench" / "bpf" / "empty_raw_tp.bpf.o"))
+        self.obj.load()
+        for p in self.obj.programs():
+            p.attach()
+
+    def stop(self, _port: int) -> dict:
+        self.obj.close()
+        return {}
+
+
+class Agent:
+    """`otelbpf run` with a config, exporting to a fresh OTLP/HTTP sink."""
+
+    def __init__(self, probes, d: str):
+        self.probes, self.d = probes, d
+
+    def start(self):
+        self.sink, self.store = start_otlp_sink(keep_metrics=True)
+        cfg = {"interval": "1s", "health": "", "lock_file": f"{self.d}/agent.lock",
+               "exporters": {"otlp": {"endpoint": self.store.endpoint, "protocol": "http/protobuf"}}}
+        if self.probes is not None:
+            cfg["probes"] = self.probes
+        with open(f"{self.d}/agent.yaml", "w") as f:
+            yaml.safe_dump(cfg, f)
+        self.log = open(f"{self.d}/agent.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "run", "--config",
+                                      f"{self.d}/agent.yaml"], cwd=str(ROOT), stderr=self.log,
+                                     stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        while "collecting every" not in open(f"{self.d}/agent.log").read():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("agent did not start: " + open(f"{self.d}/agent.log").read())
+            time.sleep(0.1)
+        self.ps = psutil.Process(self.proc.pid)
+        mine = prog_ids_of(self.proc.pid)
+        self.progs0 = {k: v for k, v in prog_stats().items() if k in mine}
+
+    def cpu(self) -> float:
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def stop(self, port: int) -> dict:
+        progs = {k: v for k, v in prog_stats().items() if k in self.progs0}
+        self.proc.send_signal(signal.SIGINT)    # a final collection and export, then exit
+        self.proc.wait(timeout=60)
+        self.sink.shutdown()
+        counted = total(self.store, "http.server.request.duration", server__port=port)
+        runs = {}
+        for k, (name, cnt, ns) in progs.items():
+            n0, c0, t0 = self.progs0[k]
+            if cnt > c0:
+                runs[name] = (cnt - c0, ns - t0)
+        return {"counted": counted, "progs": runs}
 
 
 def main() -> int:
@@ -139,15 +188,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--conns", type=int, default=32)
-    ap.add_argument("--tls", action="store_true", help="https (OpenSSL uprobes) instead of plain HTTP")
-    ap.add_argument("--agent", action="store_true", help="also run the real agent with OTLP export")
+    ap.add_argument("--getppid", type=int, default=500_000, help="getppid calls per setup and round")
     args = ap.parse_args()
-    for tool in ("nginx", "wrk", "openssl"):
+    for tool in ("nginx", "wrk", "openssl", "bpftool"):
         if not shutil.which(tool):
             print(f"{tool} is not installed (make setup installs it)", file=sys.stderr)
             return 2
-    tracefs = ensure_tracefs()
-    logging.getLogger("bench").setLevel(logging.ERROR)   # the TLS cost warning, once per round, is noise here
+    loop = build("getppid_loop")
     d = tempfile.mkdtemp(prefix="otelbpf-bench-")
     port, tls_port = free_port(), free_port()
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/key.pem", "-out",
@@ -155,76 +202,84 @@ def main() -> int:
     with open(f"{d}/nginx.conf", "w") as f:
         f.write(NGINX_CONF.format(d=d, port=port, tls_port=tls_port))
     subprocess.run(["nginx", "-c", f"{d}/nginx.conf"], check=True)
-    url = f"https://127.0.0.1:{tls_port}/" if args.tls else f"http://127.0.0.1:{port}/"
-    target = tls_port if args.tls else port
-    setups = {"none": None, "http (default: metrics + spans)": {}, "http, spans: false": {"spans": False}}
-    receiver = None
-    if args.agent:
-        sys.path.insert(0, str(common.ROOT / "tests"))
-        from otlp_receiver import GrpcReceiver
-        receiver = GrpcReceiver()
-        setups["agent process, OTLP/gRPC export"] = "agent"
-    res = {name: {"rps": [], "cpu": [], "missing": [], "logged": [], "spans_dropped": [], "spans": []}
+    plain, tls = f"http://127.0.0.1:{port}/", f"https://127.0.0.1:{tls_port}/"
+    http_only = {"http": {}}
+    setups = {  # name -> (url, port, setup or None)
+        "none (plain)": (plain, port, None),
+        "floor: empty sys_enter/sys_exit pair (plain)": (plain, port, Floor()),
+        "http (plain)": (plain, port, Agent(http_only, d)),
+        "default config (plain)": (plain, port, Agent(None, d)),
+        "none (TLS)": (tls, tls_port, None),
+        "http (TLS)": (tls, tls_port, Agent(http_only, d)),
+    }
+    res = {name: {"rps": [], "cpu": [], "ns": [], "logged": 0, "missing": 0, "progs": {}, "requests": 0}
            for name in setups}
+    stats_was = open("/proc/sys/kernel/bpf_stats_enabled").read().strip()
     try:
+        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+            f.write("1")
         time.sleep(0.3)
-        wrk(url, 1, args.conns)  # warm up
+        wrk(plain, 1, args.conns)  # warm up
+        wrk(tls, 1, args.conns)
         for _ in range(args.rounds):
-            for name, overrides in setups.items():
-                probe = coll = None
-                if overrides == "agent":
-                    out = agent_round(url, args.seconds, args.conns, receiver, d)
-                    for k in ("rps", "cpu", "spans"):
-                        res[name][k].append(out[k])
-                    continue
-                if overrides is not None:
-                    cfg = parse_section(overrides, {**PROBE_COMMON, **HttpProbe.config_schema}, "probes.http")
-                    ctx = ProbeContext(default_bpf_dir(), None, tracefs, os.getpid(), time.time_ns(),
-                                       logging.getLogger("bench"))
-                    probe = HttpProbe(cfg, ctx)
-                    probe.start()
-                    coll = Collector(probe)
-                before = log_lines(f"{d}/access.log")
-                cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-                t0 = time.monotonic()
-                rps = wrk(url, args.seconds, args.conns)
-                elapsed = time.monotonic() - t0
+            for name, (url, target, setup) in setups.items():
                 r = res[name]
-                r["rps"].append(rps)
-                if probe is not None:
-                    time.sleep(0.3)   # let the last responses' writes return
-                    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-                    records = coll.stop()
-                    r["cpu"].append(100 * (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / elapsed)
-                    logged = log_lines(f"{d}/access.log") - before
-                    counted = sum(sum(x.buckets) for x in records if getattr(x, "instrument", None) is SERVER_DURATION
-                                  and x.attributes.get("server.port") == target)
-                    stats = dict(zip(STATS, probe.obj.map("http_stats").counters(len(STATS))))
-                    r["logged"].append(logged)
-                    r["missing"].append(logged - counted)
-                    r["spans_dropped"].append(stats["rate_limited"] + stats["ringbuf_full"] + probe._queue_full)
-                    r["spans"].append(coll.spans)
-                    probe.stop()
+                if setup is not None:
+                    setup.start()
+                try:
+                    r["ns"].append(getppid_ns(loop, args.getppid))
+                    before = answered(f"{d}/access.log", target)
+                    cpu0 = setup.cpu() if isinstance(setup, Agent) else 0.0
+                    t0 = time.monotonic()
+                    r["rps"].append(wrk(url, args.seconds, args.conns))
+                    elapsed = time.monotonic() - t0
+                    if isinstance(setup, Agent):
+                        r["cpu"].append(100 * (setup.cpu() - cpu0) / elapsed)
+                        time.sleep(0.5)   # let the last responses' writes return
+                    logged = answered(f"{d}/access.log", target) - before
+                finally:
+                    out = setup.stop(target) if setup is not None else {}
+                if "counted" in out:
+                    r["logged"] += logged
+                    r["missing"] += logged - out["counted"]
+                    r["progs"], r["requests"] = out["progs"], logged
     finally:
+        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+            f.write(stats_was)
         subprocess.run(["nginx", "-c", f"{d}/nginx.conf", "-s", "stop"], capture_output=True)
         shutil.rmtree(d, ignore_errors=True)
-        if receiver is not None:
-            receiver.stop()
-    base = statistics.median(res["none"]["rps"])
-    print(f"wrk -t2 -c{args.conns} -d{args.seconds}s {url} against nginx, {args.rounds} interleaved rounds")
-    for name, r in res.items():
-        med = statistics.median(r["rps"])
-        line = f"  {name:34s} {med:9.0f} req/s  ({100 * med / base:5.1f}% of none; rounds " \
-               f"{min(r['rps']):.0f}-{max(r['rps']):.0f})"
-        if name.startswith("agent"):
-            line += (f"\n  {'':34s} agent CPU {statistics.median(r['cpu']):.1f}% of a core (export included); spans "
-                     f"received {sum(r['spans'])}")
-        elif r["cpu"]:
-            line += (f"\n  {'':34s} probe CPU {statistics.median(r['cpu']):.1f}% of a core; requests logged by nginx "
-                     f"{sum(r['logged'])}, missing from the metrics {sum(r['missing'])}; spans exported "
-                     f"{sum(r['spans'])}, dropped {sum(r['spans_dropped'])}")
-        print(line)
+    report(args, res)
     return 0
+
+
+def report(args, res: dict) -> None:
+    base = {"plain": statistics.median(res["none (plain)"]["rps"]),
+            "TLS": statistics.median(res["none (TLS)"]["rps"])}
+    ns0 = statistics.median(res["none (plain)"]["ns"] + res["none (TLS)"]["ns"])
+    print(f"wrk -t2 -c{args.conns} -d{args.seconds}s against nginx (return 200) on loopback, {args.rounds} "
+          f"interleaved rounds; medians\n")
+    print(f"{'setup':46} {'req/s':>8} {'vs none':>8} {'target':>7} {'agent CPU':>9} {'+ns/syscall':>11} "
+          f"{'answered':>9} {'missing':>7}")
+    for name, r in res.items():
+        scheme = "TLS" if name.endswith("(TLS)") else "plain"
+        med = statistics.median(r["rps"])
+        target = f">={TARGETS[name]:.0f}%" if name in TARGETS else ""
+        cpu = f"{statistics.median(r['cpu']):.1f}%" if r["cpu"] else "-"
+        counts = (f"{r['logged']:>9} {r['missing']:>7}" if r["logged"] else f"{'-':>9} {'-':>7}")
+        print(f"{name:46} {med:8.0f} {100 * med / base[scheme]:7.1f}% {target:>7} {cpu:>9} "
+              f"{statistics.median(r['ns']) - ns0:11.0f} {counts}")
+    print("\n(+ns/syscall: a getppid() loop on CPU 0 in each setup, against the no-agent rounds; agent CPU: "
+          "its user + system time over the wrk run, export included)")
+    print("\nwhere the time goes: BPF programs run in the last round (kernel.bpf_stats_enabled), per request "
+          "nginx answered")
+    for name, r in res.items():
+        if not r["progs"] or not r["requests"]:
+            continue
+        print(f"  {name}:")
+        rows = sorted(r["progs"].items(), key=lambda kv: -kv[1][1])
+        for prog, (cnt, ns) in rows:
+            print(f"    {prog:24} {cnt / r['requests']:7.2f} runs/request {ns / cnt:8.0f} ns/run "
+                  f"{ns / r['requests']:8.0f} ns/request")
 
 
 if __name__ == "__main__":
