@@ -27,7 +27,7 @@ from typing import Optional
 from collector import features, libbpf
 from collector.config import ConfigError, Field, check_power_of_two
 from collector.metadata.process import ProcessNames, alive
-from collector.probe import BpfProbe
+from collector.probe import BpfProbe, ProbeError
 from collector.records import Counter, Instrument, Log2Histogram, Span
 from collector.selftelemetry import dropped, overflow
 
@@ -166,6 +166,9 @@ class HttpProbe(BpfProbe):
                     ("http.noloop.bpf.o", ()))
     requires = ("btf", "cap_bpf", "cap_perfmon", "raw_tracepoint", "ringbuf")
     config_schema = {
+        "capture": Field("str", "auto", "how reads and writes are seen: auto (socket-layer tracepoints where the "
+                         "kernel has them, 6.3+, else the sys_enter/sys_exit pair), sockets, syscalls",
+                         choices=("auto", "sockets", "syscalls")),
         "spans": Field("bool", True, "export a span per sampled request (metrics count every request anyway)"),
         "sample_ratio": Field("float", 1.0, "share of requests without a traceparent that become spans",
                               minimum=0.0, maximum=1.0),
@@ -367,12 +370,19 @@ class HttpProbe(BpfProbe):
         socket send/receive, none for other syscalls), else the sys_enter/
         sys_exit pair; the other path's programs are not loaded."""
         names = {p.name for p in obj.programs()}
-        sock_path = SOCK_CAPTURE <= names and not features.missing(("sock_length_tp",), features.program_features())
+        lacking = features.missing(("sock_length_tp",), features.program_features())
+        wanted = self.config["capture"]
+        if wanted == "sockets" and (lacking or not SOCK_CAPTURE <= names):
+            why = "; ".join(lacking) or f"{self.variant_note.split(':')[0]} is loaded: no socket-layer capture"
+            raise ProbeError(f"probes.http.capture: sockets cannot run here ({why}); use auto")
+        sock_path = wanted != "syscalls" and SOCK_CAPTURE <= names and not lacking
         for name in (SOCK_CAPTURE if not sock_path else SYSCALL_CAPTURE):
             if name in names:
                 obj.program(name).set_autoload(False)
         if sock_path:
             note = "capture: sock_send_length/sock_recv_length tracepoints"
+        elif wanted == "syscalls":
+            note = "capture: sys_enter/sys_exit (capture: syscalls)"
         else:
             note = "capture: sys_enter/sys_exit (" + ("this kernel lacks sock:sock_send_length, 6.3+" if
                                                       SOCK_CAPTURE <= names else "this build has no socket-layer "

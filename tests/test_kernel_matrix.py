@@ -33,6 +33,8 @@ import kernel_vm  # noqa: E402
 
 KERNELS = ["5.10", "6.1", "6.12"]
 PROBES = ("cpu_profile", "http", "net_flows", "syscall_latency")
+HTTP_CAPTURE = {"5.10": "capture: sys_enter/sys_exit", "6.1": "capture: sys_enter/sys_exit",
+                "6.12": "capture: sock_send_length/sock_recv_length"}
 GUEST_TIMEOUT_S = 1200
 
 pytestmark = [needs_root, pytest.mark.skipif(os.environ.get("OTELBPF_KERNEL_MATRIX") == "off",
@@ -112,6 +114,9 @@ def test_check_says_every_probe_runs(guests, series):
     for probe in PROBES:
         line = next((ln for ln in check.splitlines() if ln.strip().startswith(f"{probe}:")), "")
         assert line.strip().startswith(f"{probe}: runs"), f"{series}: {line or probe + ' missing'}\n{g.context()}"
+    # the http probe says how it captures: socket tracepoints from 6.3, else the syscall pair
+    http = next(ln for ln in check.splitlines() if ln.strip().startswith("http:"))
+    assert HTTP_CAPTURE[series] in http, f"{series}: {http}"
 
 
 @pytest.mark.parametrize("series", KERNELS)
