@@ -95,7 +95,6 @@ enum http_stat {
 	HS_RINGBUF_FULL,	/* spans lost: user space too slow */
 	HS_NO_RESPONSE,		/* connection closed while a request waited for its response */
 	HS_UNPAIRED_RESPONSE,	/* a response with no request in flight (pipelining, or older than us) */
-	HS_SLOT_COLLISION,	/* two threads in flight shared a slot: the older call is lost */
 	HS_TLS_NO_SOCKET,	/* TLS plaintext whose socket was never seen */
 	HS_DETAIL_FULL,		/* a sampled request's details could not be kept */
 	HS_DETAIL_LOST,		/* ...or were gone when it ended (evicted, or another request's) */
@@ -113,7 +112,6 @@ const volatile __u8 capture_query = 0;
 const volatile __u64 max_spans_per_second = 1000;
 const volatile __u32 overflow_tgid = 0xFFFFFFFF;
 const volatile __u32 ring_bytes = 4 << 20;	/* http_events' size */
-const volatile __u32 io_slot_mask = 65535;	/* http_io's size - 1 (a power of two) */
 #define MAX_EXCLUDED 4
 const volatile __u64 excluded_comm[MAX_EXCLUDED][2] = {};	/* thread names not traced (zero-padded) */
 const volatile __u8 n_excluded = 0;
@@ -196,18 +194,6 @@ struct http_event {
 	char host[HOST_CAP];
 };
 
-/* Arguments of a read/write in flight, in the calling thread's slot. */
-struct io_args {
-	__u64 buf;		/* the buffer, or the iovec array when vec */
-	__u64 ts;
-	__u32 tid;		/* owner of the slot; 0: free */
-	__u32 fd;
-	__u32 iovcnt;
-	__u8 dir;
-	__u8 vec;
-	__u8 nodata;		/* sendfile: bytes without a user buffer */
-};
-
 /* An SSL_read/SSL_write call in flight, per thread. */
 struct ssl_args {
 	__u64 ssl;
@@ -249,15 +235,6 @@ struct {
 	__type(key, __u64);
 	__type(value, struct http_path);
 } http_paths SEC(".maps");
-
-/* Per-thread slots (tid & io_slot_mask), not a hash: an array lookup is
- * inlined and nothing is inserted or freed on every read and write. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 65536);
-	__type(key, __u32);
-	__type(value, struct io_args);
-} http_io SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -1334,7 +1311,21 @@ static __noinline void on_data(struct data_ev *e)
 	on_request(r, c);
 }
 
-/* ------------------------------------------------------------ syscalls */
+/* ------------------------------------------------------------- capture */
+
+/* Reads and writes are seen when they return, by one of two paths chosen
+ * at load (user space sets the other's programs not to load):
+ *  - 6.3+: the sock:sock_send_length/sock_recv_length tracepoints, which
+ *    fire once per socket send or receive, after it completed, with the
+ *    struct sock and the byte count. No program runs for the host's other
+ *    syscalls, and no fd table walk finds the socket.
+ *  - before: sys_exit, for every syscall; the socket comes from the fd.
+ * Either way the call's buffer comes from its syscall's saved registers,
+ * which the kernel keeps untouched until the return to user space: there is
+ * no program on sys_enter, and nothing kept per thread in between. One
+ * thing is lost with the enter hook: the time a write started, so a client
+ * request starts when the write that sent it returned (microseconds later
+ * on loopback). */
 
 static __always_inline bool skip_self(void)
 {
@@ -1358,57 +1349,64 @@ static __always_inline bool excluded(void)
 	return false;
 }
 
-static __always_inline int enter_io(__u64 fd, __u64 buf, __u32 iovcnt, __u8 dir, __u8 vec, __u8 nodata)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)id, slot = tid & io_slot_mask;
-	struct io_args *a;
+/* Syscall numbers of this architecture, set by user space from its tables;
+ * -1 never matches. */
+const volatile long nr_read = -1, nr_write = -1, nr_recvfrom = -1, nr_sendto = -1, nr_readv = -1,
+	nr_writev = -1, nr_recvmsg = -1, nr_sendmsg = -1, nr_sendfile = -1;
 
-	if ((id >> 32) == self_tgid || !tid || excluded())
-		return 0;
-	a = bpf_map_lookup_elem(&http_io, &slot);
-	if (!a)
-		return 0;
-	if (a->tid && a->tid != tid)
-		otb_count(&http_stats, HS_SLOT_COLLISION);
-	a->buf = buf;
-	/* a write's start time is a client request's first byte; a read's
-	 * data is seen at its exit, so it needs no clock read here */
-	a->ts = dir == DIR_OUT ? bpf_ktime_get_ns() : 0;
-	a->tid = tid;
-	a->fd = fd;
-	a->iovcnt = iovcnt;
-	a->dir = dir;
-	a->vec = vec;
-	a->nodata = nodata;
-	return 0;
+#if defined(__TARGET_ARCH_x86)
+#define SYSCALL_NR(regs) ((regs)->orig_ax)
+#elif defined(__TARGET_ARCH_arm64)
+#define SYSCALL_NR(regs) ((regs)->syscallno)
+#endif
+
+/* Where the bytes of syscall nr are, from its registers, and their
+ * direction; DIR_NONE when it is not a read or write of ours. sendfile has
+ * no user buffer: its bytes are counted only (nodata). */
+static __always_inline __u8 syscall_io(struct pt_regs *regs, long nr, struct io_src *src, __u8 *nodata)
+{
+	__u8 dir;
+
+	src->buf = PT_REGS_PARM2_SYSCALL(regs);
+	src->iovcnt = 0;
+	src->vec = 0;
+	*nodata = 0;
+	if (nr == nr_read || nr == nr_recvfrom)
+		return DIR_IN;
+	if (nr == nr_write || nr == nr_sendto)
+		return DIR_OUT;
+	if (nr == nr_readv || nr == nr_writev) {
+		src->iovcnt = PT_REGS_PARM3_SYSCALL(regs);
+		src->vec = 1;
+		return nr == nr_readv ? DIR_IN : DIR_OUT;
+	}
+	if (nr == nr_recvmsg || nr == nr_sendmsg) {
+		struct user_msghdr msg;
+
+		dir = nr == nr_recvmsg ? DIR_IN : DIR_OUT;
+		/* the iovec array is in the user's msghdr */
+		if (bpf_probe_read_user(&msg, sizeof(msg), (void *)src->buf)) {
+			src->buf = 0;
+			*nodata = 1;
+			return dir;
+		}
+		src->buf = (__u64)msg.msg_iov;
+		src->iovcnt = msg.msg_iovlen;
+		src->vec = 1;
+		return dir;
+	}
+	src->buf = 0;
+	*nodata = 1;
+	return nr == nr_sendfile ? DIR_OUT : DIR_NONE;
 }
 
-static __always_inline int exit_io(long ret)
+/* len bytes moved on socket sk by the current thread, in e->src: TLS
+ * ciphertext only teaches which socket an SSL object uses; the rest is
+ * looked at as HTTP. */
+static __always_inline int capture(struct data_ev *e, __u64 sk, long len, __u8 dir, __u64 id)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)id, slot = tid & io_slot_mask;
-	struct io_args *a = bpf_map_lookup_elem(&http_io, &slot);
-	struct ssl_args *ssl;
-	struct io_src src;
-	__u64 sk, t0;
-	__u8 dir, nodata;
+	struct ssl_args *ssl = bpf_map_lookup_elem(&http_ssl_calls, &id);
 
-	if (!a || a->tid != tid || !tid)
-		return 0;
-	a->tid = 0;
-	if (ret <= 0)
-		return 0;
-	src.buf = a->buf;
-	src.iovcnt = a->iovcnt;
-	src.vec = a->vec;
-	t0 = a->ts;
-	dir = a->dir;
-	nodata = a->nodata;
-	sk = tcp_sock_of_fd(a->fd);
-	if (!sk)
-		return 0;
-	ssl = bpf_map_lookup_elem(&http_ssl_calls, &id);
 	if (ssl) {
 		/* ciphertext under an SSL_read/SSL_write: only learn the socket */
 		if (ssl->sk != sk) {
@@ -1419,31 +1417,95 @@ static __always_inline int exit_io(long ret)
 		}
 		return 0;
 	}
-	struct data_ev *e = data_ev_slot();
-
-	if (!e)
-		return 0;
 	e->sk = sk;
-	e->src = src;
-	e->len = ret;
-	e->t0 = t0;
+	e->len = len;
 	e->t1 = bpf_ktime_get_ns();
+	e->t0 = e->t1;
 	e->dir = dir;
 	e->tls = 0;
-	e->nodata = nodata;
 	on_data(e);
 	return 0;
 }
 
-/* recvmsg/sendmsg: the iovec array is in the user's msghdr */
-static __always_inline int enter_msg(__u64 fd, __u64 msgp, __u8 dir)
+/* One typed raw tracepoint for every syscall (kernels before 6.3): the
+ * syscalls that are not socket I/O leave after a few compares. */
+SEC("tp_btf/sys_exit")
+int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 {
-	struct user_msghdr msg;
+	long nr = SYSCALL_NR(regs);
+	struct data_ev *e;
+	__u64 id, sk;
+	__u8 dir;
 
-	if (bpf_probe_read_user(&msg, sizeof(msg), (void *)msgp))
+	if (nr != nr_read && nr != nr_write && nr != nr_recvfrom && nr != nr_sendto && nr != nr_readv &&
+	    nr != nr_writev && nr != nr_recvmsg && nr != nr_sendmsg && nr != nr_sendfile)
 		return 0;
-	return enter_io(fd, (__u64)msg.msg_iov, msg.msg_iovlen, dir, 1, 0);
+	if (ret <= 0)
+		return 0;
+	id = bpf_get_current_pid_tgid();
+	if ((id >> 32) == self_tgid || excluded())
+		return 0;
+	sk = tcp_sock_of_fd(PT_REGS_PARM1_SYSCALL(regs));
+	e = data_ev_slot();
+	if (!sk || !e)
+		return 0;
+	dir = syscall_io(regs, nr, &e->src, &e->nodata);
+	if (dir == DIR_NONE)
+		return 0;
+	return capture(e, sk, ret, dir, id);
 }
+
+#ifndef OTB_NO_RDONLY_CAST
+#define PF_IO_WORKER 0x00000010
+#define PF_KTHREAD 0x00200000
+#define MSG_PEEK 2
+
+static __always_inline int sock_io(struct sock *sk, int ret, int flags, __u8 dir)
+{
+	struct task_struct *task;
+	struct pt_regs *regs;
+	struct data_ev *e;
+	__u64 id;
+
+	/* cheapest tests first: most socket calls of a host are not TCP
+	 * payload (unix sockets, UDP, EAGAIN) */
+	if (ret <= 0 || sk->sk_protocol != IPPROTO_TCP || sk->sk_type != SOCK_STREAM)
+		return 0;
+	if (dir == DIR_IN && (flags & MSG_PEEK))
+		return 0;	/* the same bytes are read again */
+	id = bpf_get_current_pid_tgid();
+	if ((id >> 32) == self_tgid || excluded())
+		return 0;
+	task = bpf_get_current_task_btf();
+	if (task->flags & (PF_KTHREAD | PF_IO_WORKER))
+		return 0;	/* no user syscall behind this socket call */
+	e = data_ev_slot();
+	if (!e)
+		return 0;
+	/* a call we do not know the buffer of (splice, sendmmsg, io_uring
+	 * inline): its bytes still count towards a body */
+	regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	if (syscall_io(regs, SYSCALL_NR(regs), &e->src, &e->nodata) == DIR_NONE) {
+		e->src.buf = 0;
+		e->nodata = 1;
+	}
+	return capture(e, (__u64)sk, ret, dir, id);
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(http_sock_send, struct sock *sk, int ret, int flags)
+{
+	return sock_io(sk, ret, flags, DIR_OUT);
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(http_sock_recv, struct sock *sk, int ret, int flags)
+{
+	return sock_io(sk, ret, flags, DIR_IN);
+}
+#endif
+
+/* ------------------------------------------------------- connection ends */
 
 /* The connection ends: a response without a length ends with it; its state
  * goes, so a struct sock reused for a new connection starts clean. */
@@ -1461,68 +1523,8 @@ static __always_inline void conn_gone(__u64 sk)
 	bpf_map_delete_elem(&http_drafts, &sk);
 }
 
-/* Syscall numbers of this architecture, set by user space from its tables;
- * -1 never matches. */
-const volatile long nr_read = -1, nr_write = -1, nr_recvfrom = -1, nr_sendto = -1, nr_readv = -1,
-	nr_writev = -1, nr_recvmsg = -1, nr_sendmsg = -1, nr_sendfile = -1, nr_close = -1;
-
-#if defined(__TARGET_ARCH_x86)
-#define SYSCALL_NR(regs) ((regs)->orig_ax)
-#elif defined(__TARGET_ARCH_arm64)
-#define SYSCALL_NR(regs) ((regs)->syscallno)
-#endif
-
-/* One typed raw tracepoint for every syscall: on this kernel an empty
- * sys_enter/sys_exit pair costs loopback nginx ~3% of its request rate where
- * ten per-syscall tracepoints (perf's buffer path) cost ~13%. The other
- * syscalls leave after a few compares. */
-SEC("tp_btf/sys_enter")
-int BPF_PROG(http_sys_enter, struct pt_regs *regs, long id)
-{
-	if (id == nr_read || id == nr_recvfrom)
-		return enter_io(PT_REGS_PARM1_SYSCALL(regs), PT_REGS_PARM2_SYSCALL(regs), 0, DIR_IN, 0, 0);
-	if (id == nr_write || id == nr_sendto)
-		return enter_io(PT_REGS_PARM1_SYSCALL(regs), PT_REGS_PARM2_SYSCALL(regs), 0, DIR_OUT, 0, 0);
-	if (id == nr_readv)
-		return enter_io(PT_REGS_PARM1_SYSCALL(regs), PT_REGS_PARM2_SYSCALL(regs),
-				PT_REGS_PARM3_SYSCALL(regs), DIR_IN, 1, 0);
-	if (id == nr_writev)
-		return enter_io(PT_REGS_PARM1_SYSCALL(regs), PT_REGS_PARM2_SYSCALL(regs),
-				PT_REGS_PARM3_SYSCALL(regs), DIR_OUT, 1, 0);
-	if (id == nr_recvmsg || id == nr_sendmsg) {
-		if (skip_self())
-			return 0;
-		return enter_msg(PT_REGS_PARM1_SYSCALL(regs), PT_REGS_PARM2_SYSCALL(regs),
-				 id == nr_recvmsg ? DIR_IN : DIR_OUT);
-	}
-	if (id == nr_sendfile)	/* out_fd: bytes without a user buffer */
-		return enter_io(PT_REGS_PARM1_SYSCALL(regs), 0, 0, DIR_OUT, 0, 1);
-	if (id == nr_close) {	/* close() by the process: the usual end */
-		__u64 sk;
-
-		if (skip_self())
-			return 0;
-		sk = tcp_sock_of_fd(PT_REGS_PARM1_SYSCALL(regs));
-		if (sk)
-			conn_gone(sk);
-	}
-	return 0;
-}
-
-SEC("tp_btf/sys_exit")
-int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
-{
-	long id = SYSCALL_NR(regs);
-
-	if (id == nr_read || id == nr_recvfrom || id == nr_write || id == nr_sendto || id == nr_readv ||
-	    id == nr_writev || id == nr_recvmsg || id == nr_sendmsg || id == nr_sendfile)
-		return exit_io(ret);
-	return 0;
-}
-
-/* TCP_CLOSE without close(): the process exited, or the socket was reset
- * while shared. Exit does not call close(), and the freed sock's address is
- * soon reused by another connection. */
+/* TCP_CLOSE: the process closed it, exited, or the socket was reset. The
+ * freed sock's address is soon reused by another connection. */
 SEC("raw_tp/inet_sock_set_state")
 int BPF_PROG(http_sock_state, struct sock *sk, int oldstate, int newstate)
 {
@@ -1536,7 +1538,8 @@ int BPF_PROG(http_sock_state, struct sock *sk, int oldstate, int newstate)
 		return 0;
 	/* A peer that resets while the server holds a request: the server's
 	 * write may still succeed, and that answer counts. Keep the state,
-	 * marked; the close(), the answer or a reused sock clears it. */
+	 * marked; the answer, a reused sock or the sock's destruction clears
+	 * it. */
 	if (c->state == ST_REQUEST && c->role == ROLE_SERVER) {
 		c->closed = 1;
 		return 0;
@@ -1556,113 +1559,6 @@ int BPF_PROG(http_sock_destroy, struct sock *sk)
 		conn_gone(key);
 	return 0;
 }
-
-/* ------------------------------------------------ socket-layer capture */
-
-#ifndef OTB_NO_RDONLY_CAST
-/* Kernels with the sock:sock_send_length/sock_recv_length tracepoints
- * (6.3+; user space attaches these instead of the sys_enter/sys_exit pair
- * when they exist). They fire once per socket send/receive, after it
- * completed, with the struct sock and the byte count: no program runs for
- * the host's other syscalls, and no fd table walk finds the socket. What
- * the call's buffer was comes from its syscall's saved registers.
- *
- * One thing is lost: without an enter hook there is no time for the start
- * of a write, so a client request starts when the write that sent it
- * returned (a few microseconds later on loopback). */
-
-#define PF_IO_WORKER 0x00000010
-#define PF_KTHREAD 0x00200000
-#define MSG_PEEK 2
-
-/* Where the bytes of the current syscall are, from its registers; false
- * when it is not a call whose user buffer we know (sendfile and splice move
- * bytes without one: src->vec and buf stay 0, and on_data counts them only). */
-static __always_inline bool io_src_of_syscall(struct io_src *src, __u8 *nodata)
-{
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct pt_regs *regs;
-	long nr;
-
-	if (task->flags & (PF_KTHREAD | PF_IO_WORKER))
-		return false;	/* no user syscall behind this socket call */
-	regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	nr = SYSCALL_NR(regs);
-	src->vec = 0;
-	src->iovcnt = 0;
-	*nodata = 0;
-	if (nr == nr_read || nr == nr_write || nr == nr_recvfrom || nr == nr_sendto) {
-		src->buf = PT_REGS_PARM2_SYSCALL(regs);
-	} else if (nr == nr_readv || nr == nr_writev) {
-		src->buf = PT_REGS_PARM2_SYSCALL(regs);
-		src->iovcnt = PT_REGS_PARM3_SYSCALL(regs);
-		src->vec = 1;
-	} else if (nr == nr_recvmsg || nr == nr_sendmsg) {
-		struct user_msghdr msg;
-
-		if (bpf_probe_read_user(&msg, sizeof(msg), (void *)PT_REGS_PARM2_SYSCALL(regs)))
-			return false;
-		src->buf = (__u64)msg.msg_iov;
-		src->iovcnt = msg.msg_iovlen;
-		src->vec = 1;
-	} else {
-		src->buf = 0;	/* sendfile, splice, sendmmsg...: count the bytes only */
-		*nodata = 1;
-	}
-	return true;
-}
-
-static __always_inline int sock_io(struct sock *sk, int ret, int flags, __u8 dir)
-{
-	__u64 id, skp = (__u64)sk;
-	struct ssl_args *ssl;
-	struct data_ev *e;
-
-	/* cheapest tests first: most socket calls of a host are not TCP
-	 * payload (unix sockets, UDP, EAGAIN) */
-	if (ret <= 0 || sk->sk_protocol != IPPROTO_TCP || sk->sk_type != SOCK_STREAM)
-		return 0;
-	if (dir == DIR_IN && (flags & MSG_PEEK))
-		return 0;	/* the same bytes are read again */
-	id = bpf_get_current_pid_tgid();
-	if ((id >> 32) == self_tgid || excluded())
-		return 0;
-	ssl = bpf_map_lookup_elem(&http_ssl_calls, &id);
-	if (ssl) {
-		/* ciphertext under an SSL_read/SSL_write: only learn the socket */
-		if (ssl->sk != skp) {
-			struct ssl_key k = ssl_key_of(ssl->ssl);
-
-			ssl->sk = skp;
-			bpf_map_update_elem(&http_ssl_socks, &k, &skp, BPF_ANY);
-		}
-		return 0;
-	}
-	e = data_ev_slot();
-	if (!e || !io_src_of_syscall(&e->src, &e->nodata))
-		return 0;
-	e->sk = skp;
-	e->len = ret;
-	e->t1 = bpf_ktime_get_ns();
-	e->t0 = e->t1;
-	e->dir = dir;
-	e->tls = 0;
-	on_data(e);
-	return 0;
-}
-
-SEC("tp_btf/sock_send_length")
-int BPF_PROG(http_sock_send, struct sock *sk, int ret, int flags)
-{
-	return sock_io(sk, ret, flags, DIR_OUT);
-}
-
-SEC("tp_btf/sock_recv_length")
-int BPF_PROG(http_sock_recv, struct sock *sk, int ret, int flags)
-{
-	return sock_io(sk, ret, flags, DIR_IN);
-}
-#endif
 
 /* ---------------------------------------------------------------- TLS */
 

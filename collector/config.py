@@ -161,6 +161,13 @@ class Field:
 Schema = Mapping[str, "Field | Mapping"]  # a Field, or a nested schema
 
 
+# Keys earlier versions had: a config that still sets one is told what to do.
+REMOVED_KEYS = {
+    "probes.http.inflight_slots": "delete it: reads and writes are now captured when they return, with nothing "
+                                  "kept per thread in between",
+}
+
+
 def parse_section(raw: Any, schema: Schema, key: str) -> dict:
     """Validate a mapping against a schema, filling defaults. Nested schemas
     are plain dicts of Fields."""
@@ -170,6 +177,8 @@ def parse_section(raw: Any, schema: Schema, key: str) -> dict:
         raise ConfigError(key or "(top level)", f"expected a mapping, got {_type_name(raw)}",
                           "write it as key: value lines")
     for k in raw:
+        if _join(key, str(k)) in REMOVED_KEYS:
+            raise ConfigError(_join(key, str(k)), "is no longer used", REMOVED_KEYS[_join(key, str(k))])
         if k not in schema:
             raise ConfigError(_join(key, str(k)), "unknown key", _suggest(str(k), schema))
     out = {}

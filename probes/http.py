@@ -54,7 +54,7 @@ _PATH = struct.Struct("=I256s")                              # struct http_path
 _EVENT = struct.Struct("=QQII16s16sHHB3sHHBBBB16sI256s56s128s64s")
 _CONN_LAST_NS = struct.Struct("=56xQ")                       # struct http_conn: last_ns
 STATS = ("conn_table_full", "agg_full", "sampled_out", "rate_limited", "ringbuf_full", "no_response",
-         "unpaired_response", "slot_collision", "tls_no_socket", "detail_full", "detail_lost")  # enum http_stat
+         "unpaired_response", "tls_no_socket", "detail_full", "detail_lost")  # enum http_stat
 METHODS = {0: "_OTHER", 1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "HEAD", 6: "PATCH", 7: "OPTIONS",
            8: "CONNECT", 9: "TRACE"}
 ROLE_SERVER, ROLE_CLIENT = 1, 2
@@ -65,14 +65,14 @@ SSL_FUNCS = (("SSL_read", "http_ssl_read"), ("SSL_read_ex", "http_ssl_read_ex"),
 # bpf globals -> syscall names (the first this architecture has)
 SYSCALLS = {"nr_read": ("read",), "nr_write": ("write",), "nr_recvfrom": ("recvfrom",), "nr_sendto": ("sendto",),
             "nr_readv": ("readv",), "nr_writev": ("writev",), "nr_recvmsg": ("recvmsg",),
-            "nr_sendmsg": ("sendmsg",), "nr_sendfile": ("sendfile", "sendfile64"), "nr_close": ("close",)}
+            "nr_sendmsg": ("sendmsg",), "nr_sendfile": ("sendfile", "sendfile64")}
 MAX_EXCLUDED = 4          # MAX_EXCLUDED in the .bpf.c
 MAX_TLS_LIBRARIES = 64   # distinct libssl files probed at most
 IDLE_TICKS = 3           # kernel histogram keys unchanged this many collections are retired
 UPROBE_WARN_NS = 3000   # above this per uprobe hit, TLS tracing costs TLS servers dearly: say so
 SPAN_DRAIN_MS = 200      # how often the span ring is drained (the kernel does not wake us per span)
 SOCK_CAPTURE = {"http_sock_send", "http_sock_recv"}    # one of these two paths is loaded
-SYSCALL_CAPTURE = {"http_sys_enter", "http_sys_exit"}
+SYSCALL_CAPTURE = {"http_sys_exit"}
 SSL_LIFECYCLE = (("SSL_set_fd", "http_ssl_set_fd"), ("SSL_free", "http_ssl_free"))   # entry only
 
 SERVER_DURATION = Instrument("http.server.request.duration", "s",
@@ -192,9 +192,6 @@ class HttpProbe(BpfProbe):
         "max_keys": Field("int", 16384, "kernel histogram entries; beyond it an overflow series, counted",
                           minimum=64),
         "max_connections": Field("int", 65536, "connections tracked at once in the kernel (LRU)", minimum=256),
-        "inflight_slots": Field("int", 65536, "per-thread slots for reads and writes in flight (a power of "
-                                "two, 40 bytes each); threads whose ids collide lose a call, counted",
-                                minimum=1024, check=check_power_of_two),
         "connection_idle": Field("duration", 300.0, "a connection without traffic this long loses its state"),
         "tls": Field("bool", True, "uprobes on OpenSSL's SSL_read/SSL_write for TLS plaintext"),
         "tls_discovery": Field("duration", 30.0, "how often running processes are searched for libssl copies "
@@ -233,8 +230,6 @@ class HttpProbe(BpfProbe):
             obj.set_global(var, struct.pack("=q", nr))
         obj.map("http_hist").set_max_entries(cfg["max_keys"])
         obj.map("http_conns").set_max_entries(cfg["max_connections"])
-        obj.map("http_io").set_max_entries(cfg["inflight_slots"])
-        obj.set_global("io_slot_mask", struct.pack("=I", cfg["inflight_slots"] - 1))
         obj.map("http_events").set_max_entries(cfg["ring_buffer_bytes"])
         obj.set_global("ring_bytes", struct.pack("=I", cfg["ring_buffer_bytes"]))
         self.capture = self._choose_capture(obj)
@@ -602,7 +597,7 @@ class HttpProbe(BpfProbe):
                                      explicit_counts=list(acc.sem)))
         stats = dict(zip(STATS, self._stats.counters(len(STATS))))
         s = self.start_ns
-        out += [dropped(self.name, r, stats[r], s) for r in ("conn_table_full", "slot_collision", "ringbuf_full",
+        out += [dropped(self.name, r, stats[r], s) for r in ("conn_table_full", "ringbuf_full",
                                                              "rate_limited", "tls_no_socket", "detail_full",
                                                              "detail_lost")]
         out += [Counter(UNSAMPLED, {}, stats["sampled_out"], s),
