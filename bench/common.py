@@ -10,11 +10,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def build(name: str) -> str:
-    """Compile bench/<name>.c into bench/bin/<name> (-O2) and return its path."""
+def build(name: str, libs=()) -> str:
+    """Compile bench/<name>.c into bench/bin/<name> (-O2, linked with libs) and return its path."""
     out = ROOT / "bench" / "bin" / name
     out.parent.mkdir(exist_ok=True)
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "bench" / f"{name}.c")], check=True)
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "bench" / f"{name}.c"), *libs], check=True)
     return str(out)
 
 

@@ -1590,10 +1590,13 @@ static __always_inline int ssl_exit(long ret)
 
 	if (!a)
 		return 0;
-	if (a->len_ptr) {	/* _ex: 1 on success, the count in *len_ptr */
+	if (a->len_ptr) {
+		/* _ex (1 on success) or the internal function SSL_read/SSL_read_ex
+		 * both call, where user space may put the probes (> 0 on success):
+		 * the count in *len_ptr */
 		size_t done = 0;
 
-		if (ret != 1 || bpf_probe_read_user(&done, sizeof(done), (void *)a->len_ptr))
+		if (ret <= 0 || bpf_probe_read_user(&done, sizeof(done), (void *)a->len_ptr))
 			done = 0;
 		len = done;
 	} else if (ret <= 0) {

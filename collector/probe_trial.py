@@ -24,12 +24,14 @@ class TrialResult:
     without: List[str] = field(default_factory=list)
     variant: str = ""        # the build chosen for this kernel, if not the best one
     reason: str = ""         # why it cannot run
+    notes: List[str] = field(default_factory=list)   # what the probe chose, one line each (probe.check_notes)
 
     def verdict(self) -> str:
         if not self.runs:
             return f"cannot run: {self.reason}"
         out = "runs" + (f" ({self.variant})" if self.variant else "")
-        return out + (", but: " + "; ".join(self.without) if self.without else "")
+        out += (", but: " + "; ".join(self.without)) if self.without else ""
+        return out + "".join(f"\n    {n}" for n in self.notes)
 
 
 class _Collect(logging.Handler):
@@ -68,4 +70,5 @@ def try_probe(entry: ProbeEntry, pcfg: dict, feats: dict, bpf_dir: str, btf_path
         except Exception:  # the verdict is already decided; stop() is best effort here
             pass
         log.removeHandler(collect)
-    return TrialResult(True, without=collect.lines, variant=getattr(probe, "variant_note", ""))
+    return TrialResult(True, without=collect.lines, variant=getattr(probe, "variant_note", ""),
+                       notes=list(getattr(probe, "check_notes", [])))

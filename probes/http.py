@@ -33,6 +33,7 @@ from collector.selftelemetry import dropped, overflow
 
 from .http_routes import OVERFLOW_ROUTE, RouteTable, check_patterns
 from .syscall_latency import syscall_table
+from .uprobe_placement import place
 
 NBUCKETS = 40                      # OTB_LOG2_BUCKETS
 NS_PER_S = 1_000_000_000           # kernel times are bpf_ktime_get_ns() ns; metrics are in s
@@ -59,9 +60,16 @@ METHODS = {0: "_OTHER", 1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "HEAD", 6
            8: "CONNECT", 9: "TRACE"}
 ROLE_SERVER, ROLE_CLIENT = 1, 2
 AF_INET = 2
-SSL_FUNCS = (("SSL_read", "http_ssl_read"), ("SSL_read_ex", "http_ssl_read_ex"),
-             ("SSL_write", "http_ssl_write"), ("SSL_write_ex", "http_ssl_write_ex"),
-             ("SSL_do_handshake", "http_ssl_handshake"))
+# uprobe_placement's site groups -> entry programs (each but the lifecycle
+# ones has a "<name>_ret" return program too). "read"/"write" are the internal
+# functions both SSL_read and SSL_read_ex call: the _ex convention (a count
+# pointer; > 0 on success).
+SSL_PROGRAMS = {"read": "http_ssl_read_ex", "write": "http_ssl_write_ex",
+                "SSL_read": "http_ssl_read", "SSL_read_ex": "http_ssl_read_ex",
+                "SSL_write": "http_ssl_write", "SSL_write_ex": "http_ssl_write_ex",
+                "SSL_do_handshake": "http_ssl_handshake",
+                "SSL_set_fd": "http_ssl_set_fd", "SSL_free": "http_ssl_free"}
+SSL_LIFECYCLE_FUNCS = ("SSL_set_fd", "SSL_free")   # entry only
 # bpf globals -> syscall names (the first this architecture has)
 SYSCALLS = {"nr_read": ("read",), "nr_write": ("write",), "nr_recvfrom": ("recvfrom",), "nr_sendto": ("sendto",),
             "nr_readv": ("readv",), "nr_writev": ("writev",), "nr_recvmsg": ("recvmsg",),
@@ -73,7 +81,6 @@ UPROBE_WARN_NS = 3000   # above this per uprobe hit, TLS tracing costs TLS serve
 SPAN_DRAIN_MS = 200      # how often the span ring is drained (the kernel does not wake us per span)
 SOCK_CAPTURE = {"http_sock_send", "http_sock_recv"}    # one of these two paths is loaded
 SYSCALL_CAPTURE = {"http_sys_exit"}
-SSL_LIFECYCLE = (("SSL_set_fd", "http_ssl_set_fd"), ("SSL_free", "http_ssl_free"))   # entry only
 
 SERVER_DURATION = Instrument("http.server.request.duration", "s",
                              "Duration of HTTP server requests, first request byte read to last response "
@@ -242,7 +249,9 @@ class HttpProbe(BpfProbe):
             if prog.autoload and prog.section.startswith(("tp_btf/", "raw_tp/")):
                 prog.attach()
         self._tls_usable = cfg["tls"]
+        self.tls_placements: list = []  # one line per libssl: where its uprobes went (`otelbpf check`)
         self.tls_libraries = self._attach_tls(obj) if cfg["tls"] else []
+        self.check_notes = list(self.tls_placements)
         self._tls_scanned = 0.0   # the first collection looks for other libssl copies
         self.start_ns = self._last_tick_ns = time.time_ns()
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
@@ -294,11 +303,7 @@ class HttpProbe(BpfProbe):
                              "plain HTTP is", str(e).splitlines()[0])
             self._tls_usable = False
             return []
-        self.uprobe_cost_ns = cost
-        if cost > UPROBE_WARN_NS:
-            self.log.warning("TLS: a uprobe hit costs %.1f us on this machine, and every SSL_read/SSL_write "
-                             "pays it (bench/uprobe_cost.py measures it); set probes.http.tls: false if TLS "
-                             "servers' speed matters more than their spans and metrics", cost / NS_PER_US)
+        self.uprobe_cost_ns = cost      # getppid starts with a mov: what a single-stepped hit costs
         attached = []
         for lib in self.config["tls_libraries"] or find_libssl():
             if not os.path.exists(lib):
@@ -313,25 +318,35 @@ class HttpProbe(BpfProbe):
         return attached
 
     def _probe_libssl(self, obj, path: str, ident: tuple) -> bool:
-        """Uprobes on one libssl file (they fire in every process mapping it)."""
+        """Uprobes on one libssl file (they fire in every process mapping it),
+        each where uprobe_placement found it cheapest."""
         if ident in self._tls_seen:
             return False
         self._tls_seen.add(ident)
+        placement = place(path)
+        self.log.info("%s", placement.summary())
+        self.tls_placements.append(placement.summary())
         n = 0
-        for func, prog in SSL_FUNCS:
+        for group, site in placement.sites.items():
+            prog = SSL_PROGRAMS[group]
+            func = None if site.offset is not None else site.covers[0]
+            offset = site.offset or 0
             try:
-                obj.program(prog).attach_uprobe(path, func)
-                obj.program(prog + "_ret").attach_uprobe(path, func, retprobe=True)
-                n += 1
+                obj.program(prog).attach_uprobe(path, func, offset)
+                if group not in SSL_LIFECYCLE_FUNCS:
+                    obj.program(prog + "_ret").attach_uprobe(path, func, offset, retprobe=True)
+                    n += 1
             except libbpf.BpfError as e:  # e.g. a libssl 1.1 without the _ex calls
-                self.log.debug("TLS: %s:%s not probed: %s", path, func, str(e).splitlines()[0])
-        for func, prog in SSL_LIFECYCLE:
-            try:
-                obj.program(prog).attach_uprobe(path, func)
-            except libbpf.BpfError as e:
-                self.log.debug("TLS: %s:%s not probed: %s", path, func, str(e).splitlines()[0])
+                self.log.debug("TLS: %s:%s not probed: %s", path, site.describe(), str(e).splitlines()[0])
         if not n:
             self.log.warning("TLS: no SSL_read/SSL_write in %s; its plaintext is not seen", path)
+        stepped = [f for g, s in placement.sites.items() if g not in SSL_LIFECYCLE_FUNCS and not s.emulated
+                   for f in s.covers]
+        if n and stepped and self.uprobe_cost_ns > UPROBE_WARN_NS:
+            self.log.warning("TLS: %s: %s probed where the kernel single-steps: a hit costs %.1f us on this "
+                             "machine, paid by every call (bench/uprobe_cost.py measures it); set "
+                             "probes.http.tls: false if TLS servers' speed matters more than their spans and "
+                             "metrics", path, "/".join(stepped), self.uprobe_cost_ns / NS_PER_US)
         return n > 0
 
     def _discover_libssl(self) -> None:
