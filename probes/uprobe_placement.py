@@ -118,19 +118,23 @@ class _Code:
 
 
 def function_symbols(path: str, names) -> Dict[str, int]:
-    """Addresses (ELF virtual) of the named functions, read through bcc's
-    symbol reader (the one the profiler's symbolizer uses). Raises OSError
-    (or a bcc load error) when they cannot be read."""
-    import bcc  # python3-bpfcc, through the venv's system site-packages
-    wanted, found = set(names), {}
+    """Addresses (ELF virtual) of the named functions, from the dynamic and
+    full symbol tables (pyelftools: a stripped libssl keeps .dynsym). Raises
+    OSError or ELFError when the file cannot be read as ELF."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
 
-    def cb(name, addr):
-        n = name.decode(errors="replace")
-        if n in wanted and addr and n not in found:
-            found[n] = addr
-        return 0
-    if bcc.lib.bcc_foreach_function_symbol(path.encode(), bcc._SYM_CB_TYPE(cb)) < 0:
-        raise OSError(f"no ELF symbol table could be read from {path}")
+    wanted, found = set(names), {}
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        for sec in elf.iter_sections():
+            if not isinstance(sec, SymbolTableSection):
+                continue
+            for sym in sec.iter_symbols():
+                # versioned names (SSL_read@@OPENSSL_3.0.0) are the bare name here
+                if (sym.name in wanted and sym.name not in found and sym["st_value"] and
+                        sym["st_info"]["type"] in ("STT_FUNC", "STT_GNU_IFUNC")):
+                    found[sym.name] = sym["st_value"]
     return found
 
 
@@ -288,7 +292,7 @@ def place(path: str, kernel: Optional[Tuple[int, int]] = None,
         if not code.segments:
             return _fallback(path, "no ELF program headers")
         return _place(dec, code)
-    except Exception as e:  # a corrupt file, a bcc failure: the entries by name still work
+    except Exception as e:  # a corrupt file (ELFError, struct.error...): the entries by name still work
         first = (str(e).splitlines() or [type(e).__name__])[0]
         return _fallback(path, f"not decoded: {first}")
 
