@@ -98,6 +98,7 @@ enum http_stat {
 	HS_TLS_NO_SOCKET,	/* TLS plaintext whose socket was never seen */
 	HS_DETAIL_FULL,		/* a sampled request's details could not be kept */
 	HS_DETAIL_LOST,		/* ...or were gone when it ended (evicted, or another request's) */
+	HS_TLS_SLOT_COLLISION,	/* two threads in SSL calls shared a slot: the older call is lost */
 	HS_MAX,
 };
 
@@ -194,13 +195,14 @@ struct http_event {
 	char host[HOST_CAP];
 };
 
-/* An SSL_read/SSL_write call in flight, per thread. */
+/* An SSL_read/SSL_write call in flight, in its thread's slot. */
 struct ssl_args {
 	__u64 ssl;
 	__u64 buf;
 	__u64 len_ptr;		/* _ex: where the byte count is written */
 	__u64 ts;
 	__u64 sk;		/* the socket its syscalls used, once seen */
+	__u32 tid;		/* the slot's owner; 0: free */
 	__u8 dir;
 };
 
@@ -236,12 +238,23 @@ struct {
 	__type(value, struct http_path);
 } http_paths SEC(".maps");
 
+/* Per-thread slots (tid & (SSL_SLOTS - 1)), not a hash: every socket read
+ * and write asks whether its thread is inside an SSL call, and an array
+ * lookup is inlined, with nothing inserted or freed per call. */
+#define SSL_SLOTS 16384
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);	/* pid_tgid */
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SSL_SLOTS);
+	__type(key, __u32);
 	__type(value, struct ssl_args);
 } http_ssl_calls SEC(".maps");
+
+static __always_inline struct ssl_args *ssl_slot(__u32 tid)
+{
+	__u32 slot = tid & (SSL_SLOTS - 1);
+
+	return bpf_map_lookup_elem(&http_ssl_calls, &slot);
+}
 
 /* An SSL object's address is only unique within its process: forked
  * workers (nginx) allocate theirs at the same addresses, and one worker's
@@ -1405,9 +1418,9 @@ static __always_inline __u8 syscall_io(struct pt_regs *regs, long nr, struct io_
  * looked at as HTTP. */
 static __always_inline int capture(struct data_ev *e, __u64 sk, long len, __u8 dir, __u64 id)
 {
-	struct ssl_args *ssl = bpf_map_lookup_elem(&http_ssl_calls, &id);
+	struct ssl_args *ssl = ssl_slot((__u32)id);
 
-	if (ssl) {
+	if (ssl && ssl->tid == (__u32)id) {
 		/* ciphertext under an SSL_read/SSL_write: only learn the socket */
 		if (ssl->sk != sk) {
 			struct ssl_key k = ssl_key_of(ssl->ssl);
@@ -1565,30 +1578,39 @@ int BPF_PROG(http_sock_destroy, struct sock *sk)
 static __always_inline int ssl_enter(__u64 ssl, __u64 buf, __u64 len_ptr, __u8 dir)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct ssl_args a = { .ssl = ssl, .buf = buf, .len_ptr = len_ptr, .dir = dir };
+	__u32 tid = (__u32)id;
+	struct ssl_args *a;
 	__u64 *sk;
 
-	if ((id >> 32) == self_tgid || excluded())
+	if ((id >> 32) == self_tgid || !tid || excluded())
 		return 0;
+	a = ssl_slot(tid);
+	if (!a)
+		return 0;
+	if (a->tid && a->tid != tid)
+		otb_count(&http_stats, HS_TLS_SLOT_COLLISION);
 	struct ssl_key k = ssl_key_of(ssl);
 
-	a.ts = bpf_ktime_get_ns();
+	a->ssl = ssl;
+	a->buf = buf;
+	a->len_ptr = len_ptr;
+	a->dir = dir;
+	a->ts = bpf_ktime_get_ns();
 	sk = bpf_map_lookup_elem(&http_ssl_socks, &k);
-	if (sk)
-		a.sk = *sk;
-	bpf_map_update_elem(&http_ssl_calls, &id, &a, BPF_ANY);
+	a->sk = sk ? *sk : 0;
+	a->tid = tid;
 	return 0;
 }
 
 static __always_inline int ssl_exit(long ret)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct ssl_args *a = bpf_map_lookup_elem(&http_ssl_calls, &id);
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct ssl_args *a = ssl_slot(tid);
 	struct io_src src = {};
 	__u64 len = ret, sk, t0;
 	__u8 dir;
 
-	if (!a)
+	if (!a || a->tid != tid || !tid)
 		return 0;
 	if (a->len_ptr) {
 		/* _ex (1 on success) or the internal function SSL_read/SSL_read_ex
@@ -1606,7 +1628,7 @@ static __always_inline int ssl_exit(long ret)
 	sk = a->sk;
 	t0 = a->ts;
 	dir = a->dir;
-	bpf_map_delete_elem(&http_ssl_calls, &id);
+	a->tid = 0;
 	if (!len || dir == DIR_NONE)
 		return 0;
 	if (!sk) {

@@ -55,7 +55,7 @@ _PATH = struct.Struct("=I256s")                              # struct http_path
 _EVENT = struct.Struct("=QQII16s16sHHB3sHHBBBB16sI256s56s128s64s")
 _CONN_LAST_NS = struct.Struct("=56xQ")                       # struct http_conn: last_ns
 STATS = ("conn_table_full", "agg_full", "sampled_out", "rate_limited", "ringbuf_full", "no_response",
-         "unpaired_response", "tls_no_socket", "detail_full", "detail_lost")  # enum http_stat
+         "unpaired_response", "tls_no_socket", "detail_full", "detail_lost", "tls_slot_collision")  # enum http_stat
 METHODS = {0: "_OTHER", 1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "HEAD", 6: "PATCH", 7: "OPTIONS",
            8: "CONNECT", 9: "TRACE"}
 ROLE_SERVER, ROLE_CLIENT = 1, 2
@@ -614,7 +614,7 @@ class HttpProbe(BpfProbe):
         s = self.start_ns
         out += [dropped(self.name, r, stats[r], s) for r in ("conn_table_full", "ringbuf_full",
                                                              "rate_limited", "tls_no_socket", "detail_full",
-                                                             "detail_lost")]
+                                                             "detail_lost", "tls_slot_collision")]
         out += [Counter(UNSAMPLED, {}, stats["sampled_out"], s),
                 dropped(self.name, "span_queue_full", self._queue_full, s),
                 dropped(self.name, "span_undecodable", self._bad_events + self._ring_callback_errors(), s),
