@@ -464,9 +464,9 @@ static __always_inline bool head_plausible(__u64 w, __u8 kinds)
 	       lo == 0x4954504f /* "OPTI" */ || lo == 0x4e4e4f43 /* "CONN" */ || lo == 0x43415254 /* "TRAC" */;
 }
 
-/* Copy the first bytes of the message (from its first segment) into s,
- * when its first 8 bytes can start a message of the kinds asked for;
- * returns how many (0: not such a message). */
+/* Copy the first bytes of the message (from its first segment) into s;
+ * returns how many. With kinds (on a connection not known to be HTTP), only
+ * when its first 8 bytes can start a message of those kinds (0 if not). */
 static __always_inline __u32 copy_head(struct scratch *s, const struct io_src *src, __u64 len, __u32 cap,
 				       __u8 kinds)
 {
@@ -484,7 +484,9 @@ static __always_inline __u32 copy_head(struct scratch *s, const struct io_src *s
 		seg = cap;
 	/* 12 bytes at least: a status line's code, or a request line's
 	 * method, a one-byte target and a version */
-	if (seg < 12 || bpf_probe_read_user(&first, sizeof(first), (void *)base) || !head_plausible(first, kinds))
+	if (seg < 12)
+		return 0;
+	if (kinds && (bpf_probe_read_user(&first, sizeof(first), (void *)base) || !head_plausible(first, kinds)))
 		return 0;
 	__u32 n = hide((__u32)seg);
 	if (n > SCRATCH)
@@ -586,7 +588,7 @@ struct path_ctx {
 
 /* One byte of the request target: hashed up to the query, copied up to
  * path_bytes (the query only when capture_query), stopped at the space. */
-static long path_step(__u32 i, void *data)
+static __always_inline long path_step(__u32 i, void *data)
 {
 	struct path_ctx *p = data;
 	__u32 pos = p->start + i;
@@ -616,8 +618,9 @@ static long path_step(__u32 i, void *data)
 	return 0;
 }
 
+#define PATH_CHUNK 8	/* target bytes per loop step: one callback per 8 bytes, not per byte */
+
 #ifdef OTB_NO_BPF_LOOP
-#define PATH_CHUNK 8
 
 /* Home of scan_path's context while path_chunk_g runs. */
 struct {
@@ -660,6 +663,19 @@ __noinline int path_chunk_g(__u32 i)
 }
 #endif
 
+#ifndef OTB_NO_BPF_LOOP
+/* bpf_loop's step: path_step over target bytes i * PATH_CHUNK and on */
+static long path_chunk(__u32 i, void *data)
+{
+#pragma unroll
+	for (__u32 j = 0; j < PATH_CHUNK; j++) {
+		if (path_step(i * PATH_CHUNK + j, data))
+			return 1;
+	}
+	return 0;
+}
+#endif
+
 /* The request target: path_step over up to SCRATCH bytes. */
 static __always_inline void scan_path(struct path_ctx *p)
 {
@@ -681,7 +697,7 @@ static __always_inline void scan_path(struct path_ctx *p)
 	p->s = s;
 	p->ev = ev;
 #else
-	bpf_loop(SCRATCH, path_step, p, 0);
+	bpf_loop(SCRATCH / PATH_CHUNK, path_chunk, p, 0);
 #endif
 }
 
@@ -1270,7 +1286,7 @@ static __noinline void on_data(struct data_ev *e)
 			/* ST_REQUEST: the response head */
 			if (nodata || !(s = bpf_map_lookup_elem(&http_scratch, &z)))
 				return;
-			n = copy_head(s, src, len, head_bytes, HEAD_RESPONSE);
+			n = copy_head(s, src, len, head_bytes, 0);	/* an HTTP connection */
 			if (!is_response_start(s, n))
 				return;
 			if (on_response_head(c, s, n, src, len)) {
@@ -1287,7 +1303,7 @@ static __noinline void on_data(struct data_ev *e)
 	}
 	if (nodata || !(s = bpf_map_lookup_elem(&http_scratch, &z)))
 		return;
-	n = copy_head(s, src, len, head_bytes, HEAD_REQUEST | HEAD_RESPONSE);
+	n = copy_head(s, src, len, head_bytes, c ? 0 : HEAD_REQUEST | HEAD_RESPONSE);
 	method = parse_method(s, n, &skip);
 	if (method == 0xff) {
 		if (is_response_start(s, n))
