@@ -172,6 +172,7 @@ struct http_conn {
 	__u8 tls;
 	__u8 sampled;
 	__u8 closed;		/* TCP closed while a request was open: the process may still answer */
+	__u8 path_known;	/* path_hash is in http_paths (as far as this connection knows) */
 };
 
 /* One finished, sampled transaction (also the per-connection draft while it runs). */
@@ -1113,7 +1114,10 @@ OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 	zero = bpf_map_lookup_elem(&http_zero_event, &z);
 	if (!ev || !zero)
 		return 0;
-	bpf_probe_read_kernel(ev, sizeof(*ev), zero);
+	/* only the path is parsed for every request: the rest of ev is
+	 * cleared below if this request is sampled, and bytes past path_len
+	 * (another request's path) are never read */
+	ev->path_len = 0;
 	ev->route_len = path_bytes;
 	p.ev = ev;
 	scan_path(&p);
@@ -1126,14 +1130,18 @@ OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 	c->state = ST_REQUEST;
 	c->method = method;
 	c->status = 0;
-	c->path_hash = p.hash;
 	c->req_start_ns = start;
 	c->body = BODY_UNKNOWN;
 	c->sampled = 0;
 
-	/* the route table learns this path */
-	if (!bpf_map_lookup_elem(&http_paths, &p.hash))
-		bpf_map_update_elem(&http_paths, &p.hash, (struct http_path *)&ev->route_len, BPF_NOEXIST);
+	/* the route table learns this path (a keep-alive connection asking
+	 * for the same path again needs no lookup) */
+	if (c->path_hash != p.hash || !c->path_known) {
+		if (!bpf_map_lookup_elem(&http_paths, &p.hash))
+			bpf_map_update_elem(&http_paths, &p.hash, (struct http_path *)&ev->route_len, BPF_NOEXIST);
+		c->path_known = 1;
+	}
+	c->path_hash = p.hash;
 
 	if (!spans_enabled)
 		return 0;
@@ -1146,6 +1154,14 @@ OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 		otb_count(&http_stats, HS_SAMPLED_OUT);
 		return 0;
 	}
+	/* a sampled request's fields start empty (not another request's);
+	 * path_len, just set by scan_path, is kept */
+	__u16 path_len = ev->path_len;
+
+	bpf_probe_read_kernel(ev, offsetof(struct http_event, route_len), zero);
+	ev->path_len = path_len;
+	bpf_probe_read_kernel(ev->traceparent, sizeof(ev->traceparent) + sizeof(ev->user_agent) + sizeof(ev->host),
+			      zero->traceparent);
 	struct hdr_ctx h = { .s = s, .n = n, .content_length = -1,
 			     .want = H_TRACEPARENT | H_USER_AGENT | H_HOST };
 	scan_headers(&h);
