@@ -1445,23 +1445,27 @@ static __always_inline __u8 syscall_io(struct pt_regs *regs, long nr, struct io_
 	return nr == nr_sendfile ? DIR_OUT : DIR_NONE;
 }
 
-/* len bytes moved on socket sk by the current thread, in e->src: TLS
- * ciphertext only teaches which socket an SSL object uses; the rest is
- * looked at as HTTP. */
-static __always_inline int capture(struct data_ev *e, __u64 sk, long len, __u8 dir, __u64 id)
+/* Whether the current thread is inside an SSL_read/SSL_write, so that what
+ * it moves on socket sk is ciphertext: that only teaches which socket the
+ * SSL object uses. */
+static __always_inline bool tls_ciphertext(__u64 sk, __u32 tid)
 {
-	struct ssl_args *ssl = ssl_slot((__u32)id);
+	struct ssl_args *ssl = ssl_slot(tid);
 
-	if (ssl && ssl->tid == (__u32)id) {
-		/* ciphertext under an SSL_read/SSL_write: only learn the socket */
-		if (ssl->sk != sk) {
-			struct ssl_key k = ssl_key_of(ssl->ssl);
+	if (!ssl || ssl->tid != tid)
+		return false;
+	if (ssl->sk != sk) {
+		struct ssl_key k = ssl_key_of(ssl->ssl);
 
-			ssl->sk = sk;
-			bpf_map_update_elem(&http_ssl_socks, &k, &sk, BPF_ANY);
-		}
-		return 0;
+		ssl->sk = sk;
+		bpf_map_update_elem(&http_ssl_socks, &k, &sk, BPF_ANY);
 	}
+	return true;
+}
+
+/* len bytes of plaintext moved on socket sk, in e->src: looked at as HTTP */
+static __always_inline int capture(struct data_ev *e, __u64 sk, long len, __u8 dir)
+{
 	e->sk = sk;
 	e->len = len;
 	e->t1 = bpf_ktime_get_ns();
@@ -1491,13 +1495,15 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 	if ((id >> 32) == self_tgid || excluded())
 		return 0;
 	sk = tcp_sock_of_fd(PT_REGS_PARM1_SYSCALL(regs));
+	if (!sk || tls_ciphertext(sk, (__u32)id))
+		return 0;
 	e = data_ev_slot();
-	if (!sk || !e)
+	if (!e)
 		return 0;
 	dir = syscall_io(regs, nr, &e->src, &e->nodata);
 	if (dir == DIR_NONE)
 		return 0;
-	return capture(e, sk, ret, dir, id);
+	return capture(e, sk, ret, dir);
 }
 
 #ifndef OTB_NO_RDONLY_CAST
@@ -1519,7 +1525,7 @@ static __always_inline int sock_io(struct sock *sk, int ret, int flags, __u8 dir
 	if (dir == DIR_IN && (flags & MSG_PEEK))
 		return 0;	/* the same bytes are read again */
 	id = bpf_get_current_pid_tgid();
-	if ((id >> 32) == self_tgid || excluded())
+	if ((id >> 32) == self_tgid || excluded() || tls_ciphertext((__u64)sk, (__u32)id))
 		return 0;
 	task = bpf_get_current_task_btf();
 	if (task->flags & (PF_KTHREAD | PF_IO_WORKER))
@@ -1534,7 +1540,7 @@ static __always_inline int sock_io(struct sock *sk, int ret, int flags, __u8 dir
 		e->src.buf = 0;
 		e->nodata = 1;
 	}
-	return capture(e, (__u64)sk, ret, dir, id);
+	return capture(e, (__u64)sk, ret, dir);
 }
 
 SEC("tp_btf/sock_send_length")
@@ -1627,7 +1633,9 @@ static __always_inline int ssl_enter(__u64 ssl, __u64 buf, __u64 len_ptr, __u8 d
 	a->buf = buf;
 	a->len_ptr = len_ptr;
 	a->dir = dir;
-	a->ts = bpf_ktime_get_ns();
+	/* a write's start is a client request's first byte; what a read
+	 * returns is seen at its return, which reads the clock then */
+	a->ts = dir == DIR_OUT ? bpf_ktime_get_ns() : 0;
 	sk = bpf_map_lookup_elem(&http_ssl_socks, &k);
 	a->sk = sk ? *sk : 0;
 	a->tid = tid;
