@@ -249,7 +249,30 @@ def main() -> int:
         subprocess.run(["nginx", "-c", f"{d}/nginx.conf", "-s", "stop"], capture_output=True)
         shutil.rmtree(d, ignore_errors=True)
     report(args, res)
+    uprobe_costs(args)
     return 0
+
+
+def uprobe_costs(args) -> None:
+    """What one hit costs at each place the http probe put its libssl probes,
+    and at the exported entry it falls back to (SSL_read_ex() in a loop)."""
+    from probes.uprobe_placement import place
+    from uprobe_cost import LIBSSL, pair_cost
+    if not os.path.exists(LIBSSL):
+        return
+    placement = place(LIBSSL)
+    print(f"\nuprobe hits on {LIBSSL} (SSL_read_ex() in a loop, ns added per call, best of 3):")
+    print(f"  placement: {placement.summary()}")
+    loop = build("ssl_read_loop", ["-lssl", "-lcrypto"])
+    read = placement.sites.get("read")
+    places = [("exported entry SSL_read_ex (the fallback)", "SSL_read_ex", 0)]
+    if read is not None and read.offset is not None:
+        places.insert(0, (f"{read.where} ({read.kind}), used here", None, read.offset))
+    with libbpf.BpfObject(str(ROOT / "bench" / "bpf" / "empty_uprobe.bpf.o")) as obj:
+        obj.load()
+        for label, func, offset in places:
+            bare, up, both = pair_cost(obj, loop, 100_000, 3, LIBSSL, func, offset)
+            print(f"  {label:52} uprobe +{up - bare:6.0f}   uretprobe +{both - up:6.0f}")
 
 
 def report(args, res: dict) -> None:

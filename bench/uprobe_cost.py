@@ -7,7 +7,7 @@
 2. The real libssl, per kind of place the http probe may use: SSL_read_ex()
    in a loop (bench/ssl_read_loop.c) with the empty pair on SSL_read_ex's
    entry (`sub`: single-stepped, the fallback) or on the internal function
-   it calls (`push`: emulated since 6.9, where probes/uprobe_placement.py
+   it calls (`push`: emulated since 5.9, where probes/uprobe_placement.py
    puts it).
 3. Hits per TLS request: wrk against nginx over TLS with counting programs
    (bench/bpf/count_hits.bpf.c) on the places uprobe_placement chose, per
