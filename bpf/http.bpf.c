@@ -793,6 +793,7 @@ static __always_inline long header_line(struct hdr_ctx *h, __u32 q)
 	return 0;
 }
 
+#ifdef OTB_NO_BPF_LOOP
 /* Eight bytes per step: most words hold no '\n' and cost a few ALU ops
  * (the classic has-zero-byte test on w ^ "\n\n\n\n\n\n\n\n"); a word with
  * newlines looks at the lines they start. */
@@ -815,6 +816,65 @@ static long header_word(__u32 i, void *data)
 	}
 	return 0;
 }
+#endif
+
+#ifndef OTB_NO_BPF_LOOP
+/* Where header_line_step's search goes on, between its steps. In a map, not
+ * in hdr_ctx: the verifier would follow every value it takes across the
+ * steps (a position it must keep precise), and never finish. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} http_line_pos SEC(".maps");
+
+#define LINE_WORDS 8	/* words one step searches for a line's end (longer lines take more steps) */
+
+/* One line per bpf_loop step, not one word: find the '\n' ending the line
+ * that h->q is in, 8 bytes at a time, then look at the line after it. A
+ * head's lines are 20-40 bytes: a third of the steps (each a call through
+ * bpf_loop) of a word per step. No branch per byte: the first '\n' of a
+ * word is the lowest flag of the has-zero-byte test (borrows only run
+ * upwards), and its byte index comes from a multiply. */
+static long header_line_step(__u32 i, void *data)
+{
+	struct hdr_ctx *h = data;
+	__u32 z = 0, *qp = bpf_map_lookup_elem(&http_line_pos, &z);
+	__u32 q, base, p, next;
+	__u64 m = 0;
+
+	if (!qp)
+		return 1;
+	q = *qp;
+	base = q & ~7U;
+	p = base;
+
+#pragma unroll
+	for (__u32 k = 0; k < LINE_WORDS; k++) {
+		__u64 w, x;
+
+		p = base + k * 8;
+		if (p >= h->n)
+			return 1;
+		w = *(__u64 *)&h->s->buf[p & (SCRATCH_MASK & ~7)];
+		x = w ^ 0x0a0a0a0a0a0a0a0aULL;
+		m = (x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL;
+		if (k == 0)	/* bytes before q belong to the line already looked at */
+			m &= ~0ULL << (8 * (q & 7));
+		if (m)
+			break;
+	}
+	if (!m) {
+		*qp = base + LINE_WORDS * 8;	/* a long line: its end in the next step */
+		return 0;
+	}
+	/* the lowest flag is bit 8b+7: (2^(8b) * 0x0706050403020100) >> 56 = 7 - b */
+	next = p + 8 - ((((m & -m) >> 7) * 0x0706050403020100ULL) >> 56);
+	*qp = next;
+	return header_line(h, next);
+}
+#endif
 
 #ifdef OTB_NO_BPF_LOOP
 /* Home of scan_headers' context while header_word_g runs. */
@@ -865,7 +925,12 @@ static __always_inline void scan_headers(struct hdr_ctx *h)
 	*h = *g;
 	h->s = s;
 #else
-	bpf_loop(SCRATCH / 8, header_word, h, 0);
+	__u32 z = 0, *qp = bpf_map_lookup_elem(&http_line_pos, &z);
+
+	if (!qp)
+		return;
+	*qp = 0;
+	bpf_loop(SCRATCH / 8, header_line_step, h, 0);
 #endif
 }
 
