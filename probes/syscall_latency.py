@@ -29,6 +29,7 @@ MAX_SYSCALLS = 1024    # MAX_SYSCALLS in the .bpf.c
 _WORDS = 4 + NBUCKETS + 2
 _COMM = struct.Struct("=QQ")
 _ENTRY_BYTES = _WORDS * 8
+_ZERO_ENTRY = bytes(_ENTRY_BYTES)
 _INDEX = struct.Struct("=I")
 STATS = ("overflow", "slot_collision", "no_enter")  # enum sc_stat order
 IDLE_TICKS = 6         # a per-pid series idle this many intervals frees its top_processes slot
@@ -151,7 +152,9 @@ class SyscallLatencyProbe(BpfProbe):
         for pid in self._retiring:  # exited last tick; their final values went out then
             self._retire_pid(pid)
         self._retiring = set()
-        deltas = self._read_deltas(self._hist_words.taken(), self._prev)
+        # every taken entry is claimed first: the claims name the entries to read
+        claimed = [_INDEX.unpack(k)[0] for k, _v in self._claims.items()]
+        deltas = self._read_deltas(self._hist_words.taken(claimed), self._prev)
         self._route(deltas, now)
         self._collect_overflow()
         self._reap_exited(now)
@@ -244,6 +247,8 @@ class SyscallLatencyProbe(BpfProbe):
         """Events whose key did not fit in the kernel map."""
         items = []
         for k, v in self._ovf.items():
+            if v == _ZERO_ENTRY:  # most syscalls never overflow
+                continue
             nr = _INDEX.unpack(k)[0]  # indexed by syscall nr; the key words stay 0
             items.append((nr, (0, nr) + _words(v)[2:]))
         for _o, nr, _c, db, s, e in self._read_deltas(items, self._prev_ovf):
@@ -266,10 +271,9 @@ class SyscallLatencyProbe(BpfProbe):
         late = self._read_deltas(((i, self._hist_words.entry(i)) for i in freed), self._prev)
         if late:
             self._route(late, now)
-        zero = bytes(_ENTRY_BYTES)
         for i in freed:
             key = _INDEX.pack(i)
-            self._hist.update(key, zero)  # free before the claim goes, so no CPU sees a stale key
+            self._hist.update(key, _ZERO_ENTRY)  # free before the claim goes, so no CPU sees a stale key
             self._claims.delete(key)
             del self._prev[i]
         if self._cgroups is not None:
@@ -318,9 +322,8 @@ def _words(value: bytes) -> tuple:
 
 
 class _HistView:
-    """sc_lat_hist (BPF_F_MMAPABLE) mapped read-only: one read of the owner
-    words finds the taken entries, with no syscall per entry. Values are read
-    as aligned u64 words, so no counter is seen torn."""
+    """sc_lat_hist (BPF_F_MMAPABLE) mapped read-only: entries are read with
+    no syscall each, as aligned u64 words, so no counter is seen torn."""
 
     def __init__(self, m):
         self.n = m.max_entries
@@ -331,9 +334,10 @@ class _HistView:
     def entry(self, i: int) -> tuple:
         return tuple(self._words[i * _WORDS:(i + 1) * _WORDS])
 
-    def taken(self) -> list:
-        owners = self._words[0::_WORDS].tolist()
-        return [(i, self.entry(i)) for i, o in enumerate(owners) if o]
+    def taken(self, indices) -> list:
+        """(index, words) of those entries that hold a key (owner set)."""
+        w = self._words
+        return [(i, self.entry(i)) for i in indices if 0 <= i < self.n and w[i * _WORDS]]
 
     def close(self) -> None:
         self._words.release()
