@@ -14,8 +14,8 @@ interleaved rounds so drift on a shared machine hits every setup alike:
   syscount-style  syscount -L's kernel logic rebuilt with libbpf (always runs)
 
 Prints ns/call (median of rounds), the added cost over `none`, and the
-ratios the targets are stated in: otelbpf / floor <= 1.5 and
-otelbpf / syscount <= 0.5 (added costs).
+ratios the targets are stated in: otelbpf / floor <= 1.5,
+otelbpf / clock floor <= 1.25 and otelbpf / syscount <= 0.5 (added costs).
 
 Usage: python bench/syscall_overhead.py [--calls N] [--rounds R]
 """
@@ -123,6 +123,14 @@ class BccSyscount:
         self.proc.wait()
 
 
+def bpf_stats_enabled() -> bool:
+    try:
+        with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2_000_000)
@@ -159,14 +167,18 @@ def main() -> int:
         print(f"{k:<16} {v:8.1f} {added[k]:8.1f} {spread:>14}")
     if why_not:
         print(f"{'syscount -L':<16} {'-':>8} {'-':>8}   not run: {why_not}")
+    if bpf_stats_enabled():
+        print("note: kernel.bpf_stats_enabled=1 (someone measures run_time_ns): every program run also reads "
+              "the clock twice, so each setup's added cost includes that and the ratios are diluted")
     print()
     ours = added["otelbpf"]
     floor = added["floor"]
     print(f"otelbpf added / floor added          = {ours / floor:.2f}  (target <= 1.5)")
     print(f"clock floor added / floor added      = {added['clock floor'] / floor:.2f}  "
           f"(the part of that no latency probe can avoid)")
+    print(f"otelbpf added / clock floor added    = {ours / added['clock floor']:.2f}  (target <= 1.25)")
     print(f"otelbpf added beyond the clock floor = {ours - added['clock floor']:.1f} ns "
-          f"(slot, hash lookup, bucket, atomic adds)")
+          f"(slot, histogram lookup, bucket, atomic adds)")
     if "syscount -L" in added:
         print(f"otelbpf added / syscount -L added    = {ours / added['syscount -L']:.2f}  (target <= 0.5)")
     print(f"otelbpf added / syscount-style added = {ours / added['syscount-style']:.2f}  "

@@ -9,6 +9,7 @@ explode the series count.
 from __future__ import annotations
 
 import difflib
+import mmap
 import platform
 import struct
 import time
@@ -24,8 +25,12 @@ from .syscall_tables import TABLES
 
 NBUCKETS = 40          # OTB_LOG2_BUCKETS in bpf/log2_hist.h
 MAX_SYSCALLS = 1024    # MAX_SYSCALLS in the .bpf.c
-_KEY = struct.Struct("=QII")                       # struct sc_key
-_VALUE = struct.Struct(f"=16s{NBUCKETS}QQQ")       # struct sc_hist
+# struct sc_hist as u64 words: owner, nr (+pad), comm (2 words), buckets, sum_ns, errors
+_WORDS = 4 + NBUCKETS + 2
+_COMM = struct.Struct("=QQ")
+_ENTRY_BYTES = _WORDS * 8
+_ZERO_ENTRY = bytes(_ENTRY_BYTES)
+_INDEX = struct.Struct("=I")
 STATS = ("overflow", "slot_collision", "no_enter")  # enum sc_stat order
 IDLE_TICKS = 6         # a per-pid series idle this many intervals frees its top_processes slot
 
@@ -88,8 +93,10 @@ class SyscallLatencyProbe(BpfProbe):
                                "per executable name", minimum=0),
         "max_series": Field("int", 2000, "(syscall, process/executable) series exported at most; the rest "
                             "go to an overflow series and are counted", minimum=1),
-        "max_keys": Field("int", 16384, "kernel map entries (syscall, process); beyond it events go to a "
-                          "per-syscall overflow histogram and are counted", minimum=64),
+        "max_keys": Field("int", 16384, "kernel map entries (syscall, process), open addressing: a key takes one "
+                          "of 16 entries from its hashed position, so some keys find none before the map is "
+                          "full (about 1% at 3/4 full); their events go to a per-syscall overflow histogram "
+                          "and are counted", minimum=64),
         "inflight_slots": Field("int", 262144, "per-thread slots for in-flight syscalls (power of two); "
                                 "threads whose tids collide lose a measurement, counted",
                                 minimum=1024, check=check_power_of_two),
@@ -106,6 +113,8 @@ class SyscallLatencyProbe(BpfProbe):
         obj.set_global("slot_mask", struct.pack("=I", slots - 1))
         obj.map("sc_lat_slots").set_max_entries(slots)
         obj.map("sc_lat_hist").set_max_entries(self.config["max_keys"])
+        obj.map("sc_lat_claims").set_max_entries(self.config["max_keys"])
+        obj.set_global("hist_entries", struct.pack("=I", self.config["max_keys"]))
         obj.set_global("key_by_cgroup", struct.pack("=?", self.config["key_by"] == "cgroup"))
         if self.config["syscalls"]:
             enabled = bytearray(MAX_SYSCALLS)
@@ -118,13 +127,15 @@ class SyscallLatencyProbe(BpfProbe):
                 obj.set_global(f"nr_{name}", struct.pack("=i", by_name[name]))
         obj.load()
         self._hist = obj.map("sc_lat_hist")
+        self._claims = obj.map("sc_lat_claims")
         self._ovf = obj.map("sc_lat_ovf")
+        self._hist_words = _HistView(self._hist)
         self._stats = obj.map("sc_lat_stats")
         for prog in obj.programs():
             prog.attach()
         self.start_ns = time.time_ns()
         self._last_tick_ns = self.start_ns
-        self._prev: dict = {}        # kernel key -> raw value last read
+        self._prev: dict = {}        # sc_lat_hist index -> entry (u64 words) last read
         self._prev_ovf: dict = {}    # same, for the overflow histograms
         self._retiring: set = set()  # pids whose series go after one last export
         self._series: dict = {}      # attribute tuple -> _Acc
@@ -141,7 +152,9 @@ class SyscallLatencyProbe(BpfProbe):
         for pid in self._retiring:  # exited last tick; their final values went out then
             self._retire_pid(pid)
         self._retiring = set()
-        deltas = self._read_deltas(self._hist.items(), self._prev)
+        # every taken entry is claimed first: the claims name the entries to read
+        claimed = [_INDEX.unpack(k)[0] for k, _v in self._claims.items()]
+        deltas = self._read_deltas(self._hist_words.taken(claimed), self._prev)
         self._route(deltas, now)
         self._collect_overflow()
         self._reap_exited(now)
@@ -149,27 +162,25 @@ class SyscallLatencyProbe(BpfProbe):
         return self._records()
 
     @staticmethod
-    def _read_deltas(items, prev: dict) -> list:
-        """(owner, nr, comm, delta buckets, delta sum, delta errors) per key
-        that moved. prev keeps each key's raw value: an unchanged entry costs
-        one bytes comparison."""
+    def _read_deltas(entries, prev: dict) -> list:
+        """(owner, nr, comm, delta buckets, delta sum, delta errors) per entry
+        (index, u64 words) that moved. prev keeps each entry's words last read:
+        an unchanged entry costs one tuple comparison."""
         out = []
-        for kb, vb in items:
-            old = prev.get(kb)
-            if old == vb:
+        for ident, vals in entries:
+            old = prev.get(ident)
+            if old == vals:
                 continue
-            prev[kb] = vb
-            owner, nr, _ = _KEY.unpack(kb)
-            vals = _VALUE.unpack(vb)
-            comm = vals[0].split(b"\0", 1)[0].decode(errors="replace")
-            buckets, s, errs = vals[1:1 + NBUCKETS], vals[1 + NBUCKETS], vals[2 + NBUCKETS]
-            if old is None:
+            prev[ident] = vals
+            owner, nr = vals[0], vals[1] & 0xFFFFFFFF
+            comm = _COMM.pack(vals[2], vals[3]).split(b"\0", 1)[0].decode(errors="replace")
+            buckets, s, errs = vals[4:4 + NBUCKETS], vals[4 + NBUCKETS], vals[5 + NBUCKETS]
+            if old is None or old[:2] != vals[:2]:  # new, or an entry now holding another key
                 if any(buckets):
                     out.append((owner, nr, comm, buckets, s, errs))
                 continue
-            ovals = _VALUE.unpack(old)
-            db = [a - b for a, b in zip(buckets, ovals[1:1 + NBUCKETS])]
-            out.append((owner, nr, comm, db, s - ovals[1 + NBUCKETS], errs - ovals[2 + NBUCKETS]))
+            db = [a - b for a, b in zip(buckets, old[4:4 + NBUCKETS])]
+            out.append((owner, nr, comm, db, s - old[4 + NBUCKETS], errs - old[5 + NBUCKETS]))
         return out
 
     def _route(self, deltas: list, now: int) -> None:
@@ -234,15 +245,19 @@ class SyscallLatencyProbe(BpfProbe):
 
     def _collect_overflow(self) -> None:
         """Events whose key did not fit in the kernel map."""
-        # Re-key the array (u32 syscall nr) like the hash map so one decoder serves both.
-        items = ((_KEY.pack(0, struct.unpack("=I", k)[0], 0), v) for k, v in self._ovf.items())
+        items = []
+        for k, v in self._ovf.items():
+            if v == _ZERO_ENTRY:  # most syscalls never overflow
+                continue
+            nr = _INDEX.unpack(k)[0]  # indexed by syscall nr; the key words stay 0
+            items.append((nr, (0, nr) + _words(v)[2:]))
         for _o, nr, _c, db, s, e in self._read_deltas(items, self._prev_ovf):
             self._add({"syscall.name": self._table.get(nr, f"syscall_{nr}"), "otelbpf.overflow": True}, db, s, e)
 
     def _reap_exited(self, now: int) -> None:
         """Free kernel entries of processes (or cgroups) that are gone, after
         their last counts were read above, and retire their per-pid series."""
-        owners = {_KEY.unpack(kb)[0] for kb in self._prev}
+        owners = {vals[0] for vals in self._prev.values()}
         if self._cgroups is not None:
             paths = self._cgroups.resolve_all(owners)  # rewalks the tree for unknown ids
             dead = {o for o in owners if paths.get(o) is None}
@@ -250,14 +265,17 @@ class SyscallLatencyProbe(BpfProbe):
             dead = {o for o in owners if o and not alive(o)}
         if not dead:
             return
-        # each key goes with its last value, so nothing counted since the read
-        # above is lost
-        last = [(kb, self._hist.lookup_and_delete(kb)) for kb in self._prev if _KEY.unpack(kb)[0] in dead]
-        late = self._read_deltas([(kb, vb) for kb, vb in last if vb is not None], self._prev)
+        # Each entry's last value is read just before it is zeroed and
+        # released, so nothing counted since the read above is lost.
+        freed = [i for i, vals in self._prev.items() if vals[0] in dead]
+        late = self._read_deltas(((i, self._hist_words.entry(i)) for i in freed), self._prev)
         if late:
             self._route(late, now)
-        for kb, _vb in last:
-            del self._prev[kb]
+        for i in freed:
+            key = _INDEX.pack(i)
+            self._hist.update(key, _ZERO_ENTRY)  # free before the claim goes, so no CPU sees a stale key
+            self._claims.delete(key)
+            del self._prev[i]
         if self._cgroups is not None:
             return
         for pid in dead:
@@ -290,3 +308,37 @@ class SyscallLatencyProbe(BpfProbe):
 
     def _kernel_stats(self) -> dict:
         return dict(zip(STATS, self._stats.counters(len(STATS))))
+
+    def stop(self) -> None:
+        view = getattr(self, "_hist_words", None)
+        if view is not None:
+            view.close()  # the mapping holds the map: release it first
+            self._hist_words = None
+        super().stop()
+
+
+def _words(value: bytes) -> tuple:
+    return tuple(memoryview(value).cast("Q"))
+
+
+class _HistView:
+    """sc_lat_hist (BPF_F_MMAPABLE) mapped read-only: entries are read with
+    no syscall each, as aligned u64 words, so no counter is seen torn."""
+
+    def __init__(self, m):
+        self.n = m.max_entries
+        size = -(-self.n * _ENTRY_BYTES // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._mm = mmap.mmap(m.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._words = memoryview(self._mm).cast("Q")[:self.n * _WORDS]
+
+    def entry(self, i: int) -> tuple:
+        return tuple(self._words[i * _WORDS:(i + 1) * _WORDS])
+
+    def taken(self, indices) -> list:
+        """(index, words) of those entries that hold a key (owner set)."""
+        w = self._words
+        return [(i, self.entry(i)) for i in indices if 0 <= i < self.n and w[i * _WORDS]]
+
+    def close(self) -> None:
+        self._words.release()
+        self._mm.close()

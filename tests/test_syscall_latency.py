@@ -255,3 +255,58 @@ def test_known_sleeps_land_in_their_buckets(agent_factory, grpc_receiver, tmp_pa
                 assert edge, f"{label}: console {q}, buckets' upper edges {edges} ns"
                 # ... of a bucket that can hold the truth
                 assert edge / 2 < hi and edge >= lo, f"{label}: console {q}, true [{lo}, {hi}] ns"
+
+
+def test_entries_of_exited_processes_are_taken_again(tmp_path):
+    """The kernel keeps histograms in an array of max_keys entries; those of
+    exited processes are freed at collection and taken by new keys. 3 x 30
+    short processes (one getppid key each, 90 in all) fit in 64 entries only
+    through that: none goes to the overflow, and every call is counted."""
+    import logging
+    import shutil
+
+    from collector.config import PROBE_COMMON, parse_section
+    from collector.probe import ProbeContext, default_bpf_dir
+    from probes.syscall_latency import SyscallLatencyProbe
+
+    # a name of its own, so no other process's getppid calls share its series
+    exe = f"screuse{os.getpid()}"[:15]
+    binary = tmp_path / exe
+    shutil.copy(build_c("sc_workload"), binary)
+
+    def start(n: int) -> subprocess.Popen:
+        w = subprocess.Popen([str(binary), str(n), "0", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+        w.pid_seen = int(w.stdout.readline())
+        w.stdin.write("go\n")
+        w.stdin.flush()
+        assert w.stdout.readline().strip() == "done"
+        return w
+
+    def finish(w: subprocess.Popen) -> None:
+        w.stdin.write("exit\n")
+        w.stdin.close()
+        assert w.wait(timeout=10) == 0
+
+    schema = dict(PROBE_COMMON)
+    schema.update(SyscallLatencyProbe.config_schema)
+    cfg = parse_section({"syscalls": ["getppid"], "max_keys": 64}, schema, "probes.syscall_latency")
+    probe = SyscallLatencyProbe(cfg, ProbeContext(default_bpf_dir(), None, None, os.getpid(), time.time_ns(),
+                                                  logging.getLogger("test")))
+    probe.start()
+    try:
+        for _ in range(3):
+            for _ in range(30):
+                finish(start(10))
+            probe.collect()  # reads the exited processes' counts, then frees their entries
+        w = start(5000)
+        records = probe.collect()  # still alive: a series of its own
+        finish(w)
+    finally:
+        probe.stop()
+    assert not [r for r in records if r.attributes.get("otelbpf.overflow")], "keys went to the overflow"
+    assert [r.value for r in records if r.attributes.get("reason") == "kernel_map_full"] == [0]
+    mine = [r for r in records if r.instrument.name == "otelbpf.syscall.duration"
+            and r.attributes.get("process.executable.name") == exe]
+    assert sum(sum(r.buckets) for r in mine if r.attributes.get("process.pid") == w.pid_seen) == 5000
+    assert sum(sum(r.buckets) for r in mine if "process.pid" not in r.attributes) == 90 * 10
