@@ -157,6 +157,7 @@ class CpuProfileProbe(BpfProbe):
         return list(addrs[:n])
 
     def collect(self) -> list:
+        self._procs.begin_pass()
         self._attach_cpus()
         now = time.time_ns()
         counts, stacks = self._drain()

@@ -477,6 +477,7 @@ class HttpProbe(BpfProbe):
 
     # ------------------------------------------------------------- metrics
     def collect(self) -> list:
+        self._procs.begin_pass()
         now = time.time_ns()
         self._tick += 1
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()

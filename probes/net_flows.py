@@ -188,6 +188,7 @@ class NetFlowsProbe(BpfProbe):
 
     # ------------------------------------------------------------- collect
     def collect(self) -> list:
+        self._procs.begin_pass()
         self._tick += 1
         self._retire_idle_flows()
         if self._iter is not None:

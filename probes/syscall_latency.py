@@ -147,6 +147,7 @@ class SyscallLatencyProbe(BpfProbe):
 
     # ------------------------------------------------------------- collect
     def collect(self) -> list:
+        self._procs.begin_pass()
         now = time.time_ns()
         self._tick += 1
         for pid in self._retiring:  # exited last tick; their final values went out then

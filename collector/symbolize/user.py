@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
+import os
 from typing import Optional
 
 from ..records import Frame
@@ -103,7 +104,12 @@ class UserSymbolizer:
                         self._binaries.popitem(last=False)
                 maps.append(info)
             if maps:
-                self._maps[pid] = ProcessMaps(maps)
+                pm = self._maps[pid] = ProcessMaps(maps)
+                # bcc is asked about addresses outside every file mapping only
+                # where a JIT wrote a perf map: elsewhere they are garbage from
+                # a frame-pointer walk of code built without frame pointers,
+                # and each bcc lookup of one costs more than the sample
+                pm.perf_map = os.path.exists(f"/proc/{pid}/root/tmp/perf-{pid}.map")
 
     def forget(self, pid: int) -> None:
         """A process exited (and its last samples were resolved): drop its maps."""
@@ -127,7 +133,7 @@ class UserSymbolizer:
             return Frame(name, addr, mapping)
         # anonymous/JIT code: bcc reads /tmp/perf-PID.map (live processes only)
         name = None
-        if self._bcc is not None and pm is not None:
+        if self._bcc is not None and pm is not None and pm.perf_map:
             raw = self._bcc.BPF.sym(addr, pid)
             if raw and raw != b"[unknown]":
                 name = raw.decode(errors="replace")
