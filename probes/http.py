@@ -1,7 +1,7 @@
 """HTTP/1.x RED metrics and spans, server and client side, TLS included.
 
 Kernel side: bpf/http.bpf.c pairs requests with responses and times them
-(the sys_enter/sys_exit raw tracepoints; uprobes on OpenSSL for TLS
+(socket-layer tracepoints, or the sys_exit raw tracepoint before 6.3; uprobes on OpenSSL for TLS
 plaintext). It counts every
 transaction in a histogram per (process, role, method, status, port, path
 hash), and sends sampled ones as span records through a ring buffer.
@@ -174,7 +174,7 @@ class HttpProbe(BpfProbe):
     requires = ("btf", "cap_bpf", "cap_perfmon", "raw_tracepoint", "ringbuf")
     config_schema = {
         "capture": Field("str", "auto", "how reads and writes are seen: auto (socket-layer tracepoints where the "
-                         "kernel has them, 6.3+, else the sys_enter/sys_exit pair), sockets, syscalls",
+                         "kernel has them, 6.3+, else sys_exit), sockets, syscalls",
                          choices=("auto", "sockets", "syscalls")),
         "spans": Field("bool", True, "export a span per sampled request (metrics count every request anyway)"),
         "sample_ratio": Field("float", 1.0, "share of requests without a traceparent that become spans",
@@ -374,11 +374,10 @@ class HttpProbe(BpfProbe):
                     self.tls_libraries.append(path)
                     self.log.info("TLS: probing %s (mapped by pid %s)", parts[5].strip(), pid)
 
-    # ------------------------------------------------------------- spans
     def _choose_capture(self, obj) -> str:
         """Socket-layer tracepoints where the kernel has them (one program per
-        socket send/receive, none for other syscalls), else the sys_enter/
-        sys_exit pair; the other path's programs are not loaded."""
+        socket send/receive, none for other syscalls), else sys_exit; the
+        other path's programs are not loaded."""
         names = {p.name for p in obj.programs()}
         lacking = features.missing(("sock_length_tp",), features.program_features())
         wanted = self.config["capture"]
@@ -392,15 +391,15 @@ class HttpProbe(BpfProbe):
         if sock_path:
             note = "capture: sock_send_length/sock_recv_length tracepoints"
         elif wanted == "syscalls":
-            note = "capture: sys_enter/sys_exit (capture: syscalls)"
+            note = "capture: sys_exit (capture: syscalls)"
         else:
-            note = "capture: sys_enter/sys_exit (" + ("this kernel lacks sock:sock_send_length, 6.3+" if
-                                                      SOCK_CAPTURE <= names else "this build has no socket-layer "
-                                                      "capture") + ")"
+            note = "capture: sys_exit (" + ("this kernel lacks sock:sock_send_length, 6.3+" if
+                                            SOCK_CAPTURE <= names else "this build has no socket-layer capture") + ")"
         self.variant_note = "; ".join(x for x in (self.variant_note, note) if x)
         self.log.info("%s", note)
         return "sock" if sock_path else "syscalls"
 
+    # ------------------------------------------------------------- spans
     def _poll(self) -> None:
         # The kernel adds spans without waking us (a wake-up per span costs the
         # traced host a context switch), except when the ring fills past an

@@ -40,6 +40,8 @@ def _one_clear_line(proc, *needles):
     ("probes: {syscall_latency: {syscalls: [getppid, opnat]}}\n",
      ["probes.syscall_latency.syscalls[1]", "unknown syscall 'opnat'", "did you mean"]),
     ("probes: {syscall_latency: {inflight_slots: 5000}}\n", ["inflight_slots", "power of two", "8192"]),
+    ("probes: {http: {inflight_slots: 65536}}\n", ["probes.http.inflight_slots: is no longer used", "delete it"]),
+    ("probes: {http: {capture: syscall}}\n", ["probes.http.capture", "auto, sockets, syscalls"]),
     ("exporters: {otlp: {protocol: grpcc}}\n", ["exporters.otlp.protocol", "grpc, http/protobuf"]),
     ("exporters: {otlp: {endpont: x}}\n", ["exporters.otlp.endpont: unknown key", "did you mean 'endpoint'"]),
     ("exporters: {kafka: {}}\n", ["exporters.kafka: unknown exporter"]),

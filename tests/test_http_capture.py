@@ -1,6 +1,6 @@
 """Both ways the http probe sees reads and writes, on every kind of socket
 call a server or client makes: the socket-layer tracepoints (this kernel's
-default) and the sys_enter/sys_exit pair (what kernels before 6.3 run).
+default) and the sys_exit tracepoint (what kernels before 6.3 run).
 
 A Python server and a Python client, each in its own process, talk HTTP/1.1
 over one keep-alive connection, each request sent and answered with a
@@ -116,7 +116,7 @@ def test_every_socket_call_family_counts_exactly(tmp_path, capture):
     srv = None
     try:
         agent.wait_for_log("collecting every", timeout=60)
-        expected_line = ("capture: sock_send_length" if capture == "auto" else "capture: sys_enter/sys_exit")
+        expected_line = ("capture: sock_send_length" if capture == "auto" else "capture: sys_exit")
         assert expected_line in agent.stderr(), agent.stderr()
         srv = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
         port = int(srv.stdout.readline())

@@ -33,7 +33,7 @@ import kernel_vm  # noqa: E402
 
 KERNELS = ["5.10", "6.1", "6.12"]
 PROBES = ("cpu_profile", "http", "net_flows", "syscall_latency")
-HTTP_CAPTURE = {"5.10": "capture: sys_enter/sys_exit", "6.1": "capture: sys_enter/sys_exit",
+HTTP_CAPTURE = {"5.10": "capture: sys_exit", "6.1": "capture: sys_exit",
                 "6.12": "capture: sock_send_length/sock_recv_length"}
 GUEST_TIMEOUT_S = 1200
 
