@@ -39,7 +39,7 @@ bench: setup
 	$(PY) bench/agent_cpu.py
 	$(PY) bench/profiler_overhead.py
 	$(PY) bench/net_overhead.py
-	$(PY) bench/http_overhead.py --agent
+	$(PY) bench/http_overhead.py
 	$(PY) bench/uprobe_cost.py
 	$(PY) bench/flood.py
 
