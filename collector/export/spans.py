@@ -40,7 +40,11 @@ class SpanConverter:
         self._max = max_resources
 
     def _resource(self, base: Resource, proc: dict) -> Resource:
-        key = (id(base), tuple(sorted(proc.items())))
+        # insertion order, not sorted: one probe builds a process's attributes
+        # in the same order every time (a different order costs a second,
+        # equal Resource, never a wrong one), and sorting per span was a
+        # twentieth of the agent's CPU at 1,000 spans/s
+        key = (id(base), tuple(proc.items()))
         res = self._resources.get(key)
         if res is None:
             if len(self._resources) >= self._max:
