@@ -200,3 +200,35 @@ def test_leaf_names_agree_with_perf_per_sample(variants, tmp_path, kind):
     ours = [usyms.resolve(pid, ip).function for ip, _ in leaves]
     agree = sum(1 for (_, p), o in zip(leaves, ours) if p == o)
     assert agree / len(leaves) >= 0.95, [(hex(ip), p, o) for (ip, p), o in zip(leaves, ours) if p != o][:10]
+
+
+@needs_root
+def test_frames_of_a_process_that_exited_mid_interval_still_resolve(variants):
+    """The profiler keeps an exited process's mappings until its last
+    samples were symbolized (UserSymbolizer.forget after collect)."""
+    import logging
+
+    from collector.config import PROBE_COMMON, parse_section
+    from collector.probe import ProbeContext, default_bpf_dir
+    from collector.records import Profile
+    from probes.cpu_profile import CpuProfileProbe
+    cfg = parse_section({}, {**PROBE_COMMON, **CpuProfileProbe.config_schema}, "probes.cpu_profile")
+    probe = CpuProfileProbe(cfg, ProbeContext(default_bpf_dir(), None, None, os.getpid(), time.time_ns(),
+                                              logging.getLogger("test")))
+    w = subprocess.Popen([str(variants["debuglink"]), "2"], stdout=subprocess.PIPE, text=True)
+    pid = int(w.stdout.readline())
+    try:
+        probe.start()
+        time.sleep(0.5)
+        probe.collect()           # the process is alive: its mappings are read here
+        w.wait(timeout=30)        # exits while the next interval's samples wait in the kernel
+        assert w.returncode == 0
+        records = probe.collect()
+    finally:
+        probe.stop()
+    leaves = [s.frames[0].function for r in records if isinstance(r, Profile) for s in r.samples
+              if s.attributes["process.pid"] == pid and s.frames for _ in range(s.count)]
+    assert len(leaves) > 50, len(leaves)
+    named = [n for n in leaves if n in ("hot_exported", "static_b.constprop.0", "static_c.constprop.0")]
+    assert len(named) / len(leaves) >= 0.95, leaves[:20]
+    assert pid not in probe._usyms.known_pids()   # then forgotten
