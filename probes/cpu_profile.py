@@ -1,6 +1,6 @@
 """Whole-host CPU profiler: perf_event sampling on every online CPU, stacks
 and counts aggregated in the kernel (bpf/cpu_profile.bpf.c), symbolized here
-(kallsyms for the kernel, bcc's symbol cache for user code), one profile per
+(kallsyms for the kernel, our own ELF symbol tables for user code), one profile per
 interval.
 """
 from __future__ import annotations

@@ -1,2 +1,2 @@
-"""Addresses -> frames: kernel (kallsyms), native user code (bcc's symbol
-cache, ELF build ids, /proc/PID/maps)."""
+"""Addresses -> frames: kernel (kallsyms), native user code (our own ELF
+symbol tables, debug files, perf-PID.map, ELF build ids, /proc/PID/maps)."""

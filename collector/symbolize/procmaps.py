@@ -32,7 +32,7 @@ def read_maps(pid: int) -> List[MappingInfo]:
                     continue
                 path = parts[5].strip()
                 if not path.startswith("/"):
-                    continue  # anonymous, [vdso], JIT: left to bcc (perf-PID.map)
+                    continue  # anonymous, [vdso], JIT: named from perf-PID.map if any
                 lo, hi = parts[0].split("-")
                 out.append(MappingInfo(int(lo, 16), int(hi, 16), int(parts[2], 16), path, int(parts[4]), parts[3]))
     except OSError:
