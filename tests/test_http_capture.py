@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 from conftest import AgentProcess, needs_root, wait_until
-from otlp_data import attrs_of, metrics, read_jsonl
+from otlp_data import latest_per_series, points, read_jsonl
 
 pytestmark = [needs_root]
 
@@ -93,17 +93,9 @@ CLIENT = textwrap.dedent(r"""
 
 def counts(requests, name: str, port: int) -> collections.Counter:
     """Latest cumulative count per (method, status) of the series of port."""
-    latest: dict = {}
-    for _res, _scope, m in metrics(requests, name):
-        for dp in m.exponential_histogram.data_points:
-            a = attrs_of(dp.attributes)
-            if a.get("server.port") == port:
-                key = tuple(sorted(a.items()))
-                if key not in latest or dp.time_unix_nano >= latest[key][0]:
-                    latest[key] = (dp.time_unix_nano, dp.count, a)
     out = collections.Counter()
-    for _t, n, a in latest.values():
-        out[(a["http.request.method"], a["http.response.status_code"])] += n
+    for _m, dp, a in latest_per_series(points(requests, name, server__port=port)):
+        out[(a["http.request.method"], a["http.response.status_code"])] += dp.count
     return out
 
 
