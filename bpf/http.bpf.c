@@ -173,6 +173,7 @@ struct http_conn {
 	__u8 sampled;
 	__u8 closed;		/* TCP closed while a request was open: the process may still answer */
 	__u8 path_known;	/* path_hash is in http_paths (as far as this connection knows) */
+	char comm[16];		/* tgid's thread name: a request may end in another task's context */
 };
 
 /* One finished, sampled transaction (also the per-connection draft while it runs). */
@@ -1031,7 +1032,9 @@ static __always_inline void count_request(struct http_conn *c, __u64 dur)
 
 		if (!zero)
 			return;
-		bpf_get_current_comm(zero->comm, sizeof(zero->comm));
+		/* the owner's name, not the current task's: a transaction that ends
+		 * at TCP_CLOSE ends in softirq, in whatever task runs then */
+		__builtin_memcpy(zero->comm, c->comm, sizeof(zero->comm));
 		if (bpf_map_update_elem(&http_hist, &k, zero, BPF_NOEXIST) == -7 /* E2BIG */) {
 			otb_count(&http_stats, HS_AGG_FULL);
 			__builtin_memset(&k, 0, sizeof(k));
@@ -1408,7 +1411,12 @@ static __noinline void on_data(struct data_ev *e)
 		read_tuple(sk, &c->t);
 		c->last_ns = t1;
 	}
-	c->tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	if (c->tgid != tgid || !c->comm[0]) {
+		c->tgid = tgid;
+		bpf_get_current_comm(c->comm, sizeof(c->comm));
+	}
 	c->tls = tls;
 	struct req_start *r = &e->req;
 

@@ -12,12 +12,13 @@ be exact on both sides, in both capture modes.
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from conftest import AgentProcess, needs_root, wait_until
+from conftest import AgentProcess, curl, needs_root, wait_until
 from otlp_data import latest_per_series, points, read_jsonl
 
 pytestmark = [needs_root]
@@ -126,6 +127,56 @@ def test_every_socket_call_family_counts_exactly(tmp_path, capture):
                     counts(reqs, "http.client.request.duration", port) == truth)
         assert wait_until(both), (counts(read_jsonl(out), "http.server.request.duration", port),
                                   counts(read_jsonl(out), "http.client.request.duration", port))
+        assert agent.stop() == 0 and "Traceback" not in agent.stderr(), agent.stderr()
+    finally:
+        agent.kill()
+        if srv is not None:
+            srv.kill()
+
+
+CLOSE_DELIMITED_SERVER = textwrap.dedent(r"""
+    import socket
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0)); s.listen(8)
+    print(s.getsockname()[1], flush=True)
+    for _ in range(5):
+        c, _ = s.accept()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += c.recv(65536)
+        c.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"z" * 3000)
+        c.close()                          # no length: the close ends the body
+""")
+
+
+def test_a_response_that_ends_at_the_close_is_named_by_its_own_process(tmp_path):
+    """A response without a length ends when its connection closes, which
+    the kernel sees in softirq, in whatever task runs then (often the peer):
+    the series still carry the process that made the request or served it."""
+    out = tmp_path / "telemetry.jsonl"
+    agent = AgentProcess(tmp_path, {"interval": "0.5s", "lock_file": str(tmp_path / "lock"), "health": "",
+                                    "exporters": {"file": {"path": str(out)}},
+                                    "probes": {"http": {"tls": False, "spans": False}}})
+    srv = None
+    try:
+        agent.wait_for_log("collecting every", timeout=60)
+        srv = subprocess.Popen([sys.executable, "-c", CLOSE_DELIMITED_SERVER], stdout=subprocess.PIPE, text=True)
+        port = int(srv.stdout.readline())
+        for _ in range(5):
+            assert curl("-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/x") == "200"
+        srv.wait(timeout=10)
+
+        def names(name):
+            reqs = read_jsonl(out) if out.exists() else []
+            got = collections.Counter()
+            for _m, dp, a in latest_per_series(points(reqs, name, server__port=port)):
+                got[a["process.executable.name"]] += dp.count
+            return got
+        assert wait_until(lambda: names("http.client.request.duration") == {"curl": 5}), \
+            names("http.client.request.duration")
+        server_name = os.path.basename(sys.executable)[:15]   # the comm exec gave the server
+        assert wait_until(lambda: names("http.server.request.duration") == {server_name: 5}), \
+            names("http.server.request.duration")
         assert agent.stop() == 0 and "Traceback" not in agent.stderr(), agent.stderr()
     finally:
         agent.kill()
