@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0
 /* HTTP/1.x transactions, paired and timed in the kernel.
  *
- * Hooks (all stable): the sys_enter/sys_exit raw tracepoints (typed, one
- * program each, picking socket reads and writes: read/write,
- * recvfrom/sendto, readv/writev, recvmsg/sendmsg, sendfile, close),
- * inet_sock_set_state for connections that end without close(), and uprobes
- * on OpenSSL (SSL_read/SSL_write and their _ex forms, SSL_do_handshake,
+ * Hooks (all stable): socket reads and writes when they return, from the
+ * sock_send_length/sock_recv_length tracepoints (6.3+) or else sys_exit
+ * (read/write, recvfrom/sendto, readv/writev, recvmsg/sendmsg, sendfile; see
+ * "capture" below); inet_sock_set_state and tcp_destroy_sock for the end of
+ * a connection; and uprobes on OpenSSL (its read/write functions, placed by
+ * user space where the kernel emulates the instruction; SSL_do_handshake,
  * SSL_set_fd, SSL_free) for TLS plaintext.
  *
  * Per TCP socket (keyed by its struct sock address) a small state machine
