@@ -1,6 +1,7 @@
 """Shared by the benchmarks: paths, and building their C workloads."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,44 @@ def latest(sink, name: str, **match) -> dict:
 
 def total(sink, name: str, **match) -> int:
     return int(sum(latest(sink, name, **match).values()))
+
+
+# Debian's nginx for the HTTP benchmarks: `return 200` on a plain and a TLS
+# port, an access log of "port bytes_sent" per request (the ground truth).
+NGINX_CONF = """
+user root;
+worker_processes 2;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+  log_format sent '$server_port $bytes_sent';
+  access_log {d}/access.log sent;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{tls_port} ssl;
+    ssl_certificate {d}/cert.pem;
+    ssl_certificate_key {d}/key.pem;
+    location / {{ return 200 "hello\\n"; }}
+  }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answered(path: str, port: int) -> int:
+    """Requests nginx answered on port: it also logs requests whose client
+    hung up before the response could be written (0 bytes sent)."""
+    n = 0
+    with open(path) as f:
+        for line in f:
+            p, sent = line.split()
+            n += p == str(port) and int(sent) > 0
+    return n

@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,49 +44,11 @@ import time
 import psutil
 import yaml
 
-from common import ROOT, build, start_otlp_sink, total  # noqa: E402  (puts the checkout on sys.path)
+from common import NGINX_CONF, ROOT, answered, build, free_port, start_otlp_sink, total  # noqa: E402
 
 from collector import libbpf  # noqa: E402
 
-NGINX_CONF = """
-user root;
-worker_processes 2;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 4096; }}
-http {{
-  log_format sent '$server_port $bytes_sent';
-  access_log {d}/access.log sent;
-  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
-  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  server {{
-    listen 127.0.0.1:{port};
-    listen 127.0.0.1:{tls_port} ssl;
-    ssl_certificate {d}/cert.pem;
-    ssl_certificate_key {d}/key.pem;
-    location / {{ return 200 "hello\\n"; }}
-  }}
-}}
-"""
-
 TARGETS = {"http (plain)": 92.0, "http (TLS)": 75.0, "default config (plain)": 90.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answered(path: str, port: int) -> int:
-    """Requests nginx answered on port: it also logs requests whose client
-    hung up before the response could be written (0 bytes sent)."""
-    n = 0
-    with open(path) as f:
-        for line in f:
-            p, sent = line.split()
-            n += p == str(port) and int(sent) > 0
-    return n
 
 
 def wrk(url: str, seconds: int, conns: int) -> float:

@@ -20,38 +20,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 
-from common import ROOT, build  # noqa: E402  (puts the checkout on sys.path)
+from common import NGINX_CONF, ROOT, answered, build, free_port  # noqa: E402  (puts the checkout on sys.path)
 
 from collector import libbpf  # noqa: E402
 from probes.http import SSL_LIFECYCLE_FUNCS, libc_path  # noqa: E402
 from probes.uprobe_placement import place  # noqa: E402
 
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
-NGINX_CONF = """
-user root;
-worker_processes 2;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log {d}/access.log;
-  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
-  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  server {{
-    listen 127.0.0.1:{port} ssl;
-    ssl_certificate {d}/cert.pem;
-    ssl_certificate_key {d}/key.pem;
-    location / {{ return 200 "hello\\n"; }}
-  }}
-}}
-"""
 
 
 def run(binary: str, calls: int) -> float:
@@ -87,13 +68,11 @@ def hits_per_request(seconds: int) -> None:
         return
     placement = place(LIBSSL)
     d = tempfile.mkdtemp(prefix="otelbpf-uprobe-")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, plain_port = free_port(), free_port()
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/key.pem", "-out",
                     f"{d}/cert.pem", "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
     with open(f"{d}/nginx.conf", "w") as f:
-        f.write(NGINX_CONF.format(d=d, port=port))
+        f.write(NGINX_CONF.format(d=d, port=plain_port, tls_port=port))
     subprocess.run(["nginx", "-c", f"{d}/nginx.conf"], check=True)
     try:
         time.sleep(0.3)
@@ -110,8 +89,7 @@ def hits_per_request(seconds: int) -> None:
                                       stdout=subprocess.DEVNULL)
             client.wait()
             per = {struct.unpack("=I", k)[0]: struct.unpack("=QQ", v) for k, v in obj.map("hits").items()}
-        with open(f"{d}/access.log") as f:
-            requests = sum(1 for _ in f)
+        requests = answered(f"{d}/access.log", port)
     finally:
         subprocess.run(["nginx", "-c", f"{d}/nginx.conf", "-s", "stop"], capture_output=True)
     print(placement.summary())

@@ -275,9 +275,9 @@ struct {
 	__type(value, __u64);	/* struct sock * */
 } http_ssl_socks SEC(".maps");
 
-static __always_inline struct ssl_key ssl_key_of(__u64 ssl)
+static __always_inline struct ssl_key ssl_key_of(__u32 tgid, __u64 ssl)
 {
-	struct ssl_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .ssl = ssl };
+	struct ssl_key k = { .tgid = tgid, .ssl = ssl };
 
 	return k;
 }
@@ -1529,7 +1529,7 @@ static __always_inline bool tls_ciphertext(__u64 sk, __u32 tid)
 	if (!ssl || ssl->tid != tid)
 		return false;
 	if (ssl->sk != sk) {
-		struct ssl_key k = ssl_key_of(ssl->ssl);
+		struct ssl_key k = ssl_key_of(bpf_get_current_pid_tgid() >> 32, ssl->ssl);
 
 		ssl->sk = sk;
 		bpf_map_update_elem(&http_ssl_socks, &k, &sk, BPF_ANY);
@@ -1701,7 +1701,7 @@ static __always_inline int ssl_enter(__u64 ssl, __u64 buf, __u64 len_ptr, __u8 d
 		return 0;
 	if (a->tid && a->tid != tid)
 		otb_count(&http_stats, HS_TLS_SLOT_COLLISION);
-	struct ssl_key k = ssl_key_of(ssl);
+	struct ssl_key k = ssl_key_of(id >> 32, ssl);	/* id is at hand: no second helper call */
 
 	a->ssl = ssl;
 	a->buf = buf;
@@ -1802,7 +1802,7 @@ int BPF_KRETPROBE(http_ssl_handshake_ret, int ret) { return ssl_exit(ret); }
 SEC("uprobe")
 int BPF_KPROBE(http_ssl_set_fd, void *ssl, int fd)
 {
-	struct ssl_key key = ssl_key_of((__u64)ssl);
+	struct ssl_key key = ssl_key_of(bpf_get_current_pid_tgid() >> 32, (__u64)ssl);
 	__u64 sk;
 
 	if (skip_self() || fd < 0)
@@ -1818,7 +1818,7 @@ int BPF_KPROBE(http_ssl_set_fd, void *ssl, int fd)
 SEC("uprobe")
 int BPF_KPROBE(http_ssl_free, void *ssl)
 {
-	struct ssl_key key = ssl_key_of((__u64)ssl);
+	struct ssl_key key = ssl_key_of(bpf_get_current_pid_tgid() >> 32, (__u64)ssl);
 
 	bpf_map_delete_elem(&http_ssl_socks, &key);
 	return 0;

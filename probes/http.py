@@ -239,7 +239,7 @@ class HttpProbe(BpfProbe):
         obj.map("http_conns").set_max_entries(cfg["max_connections"])
         obj.map("http_events").set_max_entries(cfg["ring_buffer_bytes"])
         obj.set_global("ring_bytes", struct.pack("=I", cfg["ring_buffer_bytes"]))
-        self.capture = self._choose_capture(obj)
+        self._choose_capture(obj)
         obj.load()
         self._hist = obj.map("http_hist")
         self._paths = obj.map("http_paths")
@@ -374,7 +374,7 @@ class HttpProbe(BpfProbe):
                     self.tls_libraries.append(path)
                     self.log.info("TLS: probing %s (mapped by pid %s)", parts[5].strip(), pid)
 
-    def _choose_capture(self, obj) -> str:
+    def _choose_capture(self, obj) -> None:
         """Socket-layer tracepoints where the kernel has them (one program per
         socket send/receive, none for other syscalls), else sys_exit; the
         other path's programs are not loaded."""
@@ -397,7 +397,6 @@ class HttpProbe(BpfProbe):
                                             SOCK_CAPTURE <= names else "this build has no socket-layer capture") + ")"
         self.variant_note = "; ".join(x for x in (self.variant_note, note) if x)
         self.log.info("%s", note)
-        return "sock" if sock_path else "syscalls"
 
     # ------------------------------------------------------------- spans
     def _poll(self) -> None:

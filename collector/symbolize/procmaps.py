@@ -44,7 +44,6 @@ class ProcessMaps:
     def __init__(self, mappings: List[MappingInfo]):
         self.mappings = sorted(mappings, key=lambda m: m.start)
         self._starts = [m.start for m in self.mappings]
-        self.perf_map = False   # the process has a /tmp/perf-PID.map (a JIT's symbols)
 
     def find(self, addr: int) -> Optional[MappingInfo]:
         i = bisect.bisect_right(self._starts, addr) - 1

@@ -62,10 +62,6 @@ class UserSymbolizer:
         self._build_ids: dict = {}   # (dev, inode, path) -> build id
         self.binaries_loaded = 0
 
-    @property
-    def available(self) -> bool:
-        return True
-
     def refresh(self, pids) -> None:
         """Re-read the mappings of these live processes and load the symbols
         of binaries not seen before (while their files are reachable)."""
@@ -94,7 +90,6 @@ class UserSymbolizer:
                 if pmap.exists():
                     pmap.refresh()
                     self._perf_maps[pid] = pmap
-                    self._maps[pid].perf_map = True
 
     def forget(self, pid: int) -> None:
         """A process exited (and its last samples were resolved): drop its maps."""
