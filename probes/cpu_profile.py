@@ -2,6 +2,10 @@
 and counts aggregated in the kernel (bpf/cpu_profile.bpf.c), symbolized here
 (kallsyms for the kernel, our own ELF symbol tables for user code), one profile per
 interval.
+
+User stacks are walked in the kernel with unwind tables built from each
+binary's .eh_frame (collector/unwind), so binaries without frame pointers
+give whole stacks; frame pointers are the fallback where no table covers a pc.
 """
 from __future__ import annotations
 
@@ -13,15 +17,32 @@ from collector import perf
 from collector.config import Field
 from collector.metadata.process import ProcessNames, alive
 from collector.probe import BpfProbe, ProbeError
-from collector.records import Frame, Profile, ProfileSample
+from collector.records import Counter, Frame, Gauge, Instrument, Profile, ProfileSample
 from collector.selftelemetry import dropped
 from collector.symbolize.kernel import KernelSymbols
 from collector.symbolize.user import UserSymbolizer
+from collector.unwind.manager import UnwindManager
+from collector.unwind.pool import ROW_BYTES
+from collector.unwind import stacks as stacks_mod
+from collector.unwind.stacks import UserStacks
 
 STACK_DEPTH = 127                        # PROF_STACK_DEPTH in the .bpf.c
-_KEY = struct.Struct("=IiiI16s")         # struct prof_key
+_KEY = struct.Struct("=Ii Q16s")         # struct prof_key
 _STACK = struct.Struct(f"={STACK_DEPTH}Q")
-STATS = ("samples", "idle", "user_stack_lost", "kernel_stack_lost", "counts_full")  # enum prof_stat
+STATS = ("samples", "idle", "user_stack_lost", "kernel_stack_lost", "counts_full",   # enum prof_stat
+         "unwind_no_table", "unwind_truncated", "unwind_read_fail", "unwind_fp_frames",
+         "unwind_unsupported", "unwind_bad_frame", "tail_call_fail")
+PROG_SLOTS = ("prof_unwind", "prof_python")   # enum prof_prog: the walk's tail calls
+
+UNWIND_FALLBACK = Instrument("otelbpf.profiler.unwind.fallback", "{event}",
+                             "Samples walked by frame pointers because their process had no table yet "
+                             "(reason=no_table_yet), frames no unwind row covered (frame_pointer_frames), "
+                             "rows the kernel walker cannot follow (unsupported_rule)")
+UNWIND_TABLE_MEMORY = Instrument("otelbpf.profiler.unwind.table.memory", "By",
+                                 "Kernel memory of the unwind row pool: used and capacity")
+UNWIND_TABLES = Instrument("otelbpf.profiler.unwind.tables", "{binary}", "Binaries with an unwind table loaded")
+UNWIND_EVICTIONS = Instrument("otelbpf.profiler.unwind.evictions", "{binary}",
+                              "Unwind tables evicted to make room (binaries sampled least recently)")
 NS_PER_S = 1_000_000_000                 # profile periods are in ns
 DRAIN_GRACE_S = 0.002  # lets samples that read the old `active` finish before the drain
 
@@ -55,6 +76,20 @@ class CpuProfileProbe(BpfProbe):
                             "stacks are lost, counted", minimum=256),
         "max_keys": Field("int", 16384, "distinct (process, thread, stacks) per interval; beyond it samples "
                           "are dropped, counted", minimum=256),
+        "unwind": Field("str", "dwarf", "user stacks: dwarf (tables from .eh_frame, frame pointers where none) "
+                        "or frame-pointers only", choices=("dwarf", "frame-pointers")),
+        "unwind_table_memory": Field("bytes", 16 << 20, "kernel memory for unwind tables (8 bytes a row); "
+                                     "beyond it the binaries sampled least recently are evicted",
+                                     minimum=1 << 20, maximum=1 << 30),
+        "unwind_cache_dir": Field("str", "/var/cache/otelbpf/unwind", "where built unwind tables are kept "
+                                  "across restarts, by build id (empty: not kept)"),
+        "max_processes": Field("int", 1024, "processes with a mapping table in the kernel; beyond it the one "
+                               "sampled least recently is dropped (walked by frame pointers until sampled again)",
+                               minimum=16),
+        "max_user_stacks": Field("int", 4096, "distinct user stacks the kernel holds between collections "
+                                 "(1.8 KiB each); beyond it stacks are lost, counted", minimum=256),
+        "python": Field("bool", True, "read CPython's frames (function, file, line) in place of the "
+                        "interpreter's native frames"),
     }
 
     def start(self) -> None:
@@ -63,8 +98,21 @@ class CpuProfileProbe(BpfProbe):
         for i in (0, 1):
             obj.map(f"prof_stacks{i}").set_max_entries(self.config["max_stacks"])
             obj.map(f"prof_counts{i}").set_max_entries(self.config["max_keys"])
+        obj.map("prof_ustacks").set_max_entries(self.config["max_user_stacks"])
+        obj.map("unwind_rows").set_max_entries(self.config["unwind_table_memory"] // ROW_BYTES)
+        obj.map("unwind_procs").set_max_entries(self.config["max_processes"])
         obj.load()
+        progs = obj.map("prof_progs")
+        for slot, name in enumerate(PROG_SLOTS):
+            progs.update(struct.pack("=I", slot), struct.pack("=I", obj.program(name).fd))
         self._prog = obj.program("prof_sample")
+        self._ustacks = UserStacks(obj.map("prof_ustacks"))
+        self._unwind = None
+        self._python = None
+        if self.config["unwind"] == "dwarf":
+            self._unwind = UnwindManager(obj, self._table_builder(), self.config["max_processes"],
+                                         python=self._python_reader())
+            self._unwind.start()
         self._perf_fds: dict = {}   # cpu -> perf_event link (which owns the event's fd)
         self._event = self.config["event"]
         self._attach_cpus()
@@ -80,6 +128,7 @@ class CpuProfileProbe(BpfProbe):
         self.start_ns = self._last_ns = time.time_ns()
         self.period_ns = round(NS_PER_S / self.config["frequency"])   # ns between samples at frequency Hz
         self.truncated = 0
+        self.user_stack_missing = 0
 
     # ------------------------------------------------------------- perf events
     def _open_event(self, cpu: int) -> int:
@@ -116,8 +165,17 @@ class CpuProfileProbe(BpfProbe):
             self._perf_fds[cpu] = link
 
     def stop(self) -> None:
+        if getattr(self, "_unwind", None) is not None:
+            self._unwind.stop()
         super().stop()  # destroying a perf_event link also closes its perf event fd
         self._perf_fds = {}
+
+    def _table_builder(self):
+        from collector.unwind.build import TableBuilder
+        return TableBuilder(self.config["unwind_cache_dir"] or None)
+
+    def _python_reader(self):
+        return None   # CPython frames: wired in when collector.unwind.python lands
 
     # ------------------------------------------------------------- collect
     def _drain(self) -> tuple:
@@ -136,25 +194,33 @@ class CpuProfileProbe(BpfProbe):
             if raw is not None:
                 stacks[struct.unpack("=I", k)[0]] = raw
         stacks_map.delete_many(list(struct.pack("=I", s) for s in stacks))
+        self._ustacks.drain()
         return counts, stacks
 
-    def _frames(self, pid: int, stacks: dict, kernel_id: int, user_id: int) -> list:
+    def _kernel_frames(self, stacks: dict, kernel_id: int) -> list:
+        if kernel_id < 0 or kernel_id not in stacks:
+            return []
+        raw = _STACK.unpack(stacks[kernel_id])
+        addrs = raw[:raw.index(0)] if 0 in raw else raw
         frames = []
-        if kernel_id >= 0 and kernel_id in stacks:
-            for addr in self._addresses(stacks[kernel_id]):
-                sym = self._ksyms.resolve(addr)
-                frames.append(Frame(sym[0] if sym else None, addr, None, kernel=True))
-        if user_id >= 0 and user_id in stacks:
-            for addr in self._addresses(stacks[user_id]):
-                frames.append(self._usyms.resolve(pid, addr))
+        for addr in addrs:
+            sym = self._ksyms.resolve(addr)
+            frames.append(Frame(sym[0] if sym else None, addr, None, kernel=True))
         return frames
 
-    def _addresses(self, raw: bytes) -> list:
-        addrs = _STACK.unpack(raw)
-        n = addrs.index(0) if 0 in addrs else STACK_DEPTH
-        if n == STACK_DEPTH:
-            self.truncated += 1  # filled to the depth limit: the root end is cut off
-        return list(addrs[:n])
+    def _user_frames(self, pid: int, user_hash: int) -> list:
+        if user_hash == 0:
+            return []
+        walked = self._ustacks.get(user_hash)
+        if walked is None:
+            self.user_stack_missing += 1
+            return []
+        if walked.flags & (stacks_mod.TRUNCATED | stacks_mod.PY_TRUNC):
+            self.truncated += 1
+        frames = [self._usyms.resolve(pid, addr, return_address=i > 0) for i, addr in enumerate(walked.native)]
+        if walked.python and self._python is not None:
+            frames = self._python.merge(pid, frames, walked.python)
+        return frames
 
     def collect(self) -> list:
         self._procs.begin_pass()
@@ -165,16 +231,22 @@ class CpuProfileProbe(BpfProbe):
         pids = {k[0] for k, _ in keys}
         live = {p for p in pids if p and alive(p)}
         self._usyms.refresh(live)
+        if self._unwind is not None:
+            self._unwind.sampled(pids)
         samples = []
-        for (pid, user_id, kernel_id, _pad, comm), n in keys:
+        for (pid, kernel_id, user_hash, comm), n in keys:
             thread = comm.split(b"\0", 1)[0].decode(errors="replace")
             attrs = {"process.pid": pid, "thread.name": thread,
                      "process.executable.name": self._procs.executable_name(pid, fallback=thread) or thread}
-            samples.append(ProfileSample(attrs, self._frames(pid, stacks, kernel_id, user_id), n))
+            frames = self._kernel_frames(stacks, kernel_id) + self._user_frames(pid, user_hash)
+            samples.append(ProfileSample(attrs, frames, n))
+        self._ustacks.expire()
         # Only now, with their last samples resolved, forget processes that exited.
         for pid in self._usyms.known_pids():
             if pid not in live and not alive(pid):
                 self._usyms.forget(pid)
+                if self._python is not None:
+                    self._python.forget(pid)
         profile = Profile(samples, start_time_ns=self._last_ns, duration_ns=now - self._last_ns,
                           period_ns=self.period_ns)
         self._last_ns = now
@@ -183,8 +255,23 @@ class CpuProfileProbe(BpfProbe):
     def _stat_records(self) -> list:
         vals = dict(zip(STATS, self._stats.counters(len(STATS))))
         out = [dropped(self.name, reason, vals[reason], self.start_ns)
-               for reason in ("user_stack_lost", "kernel_stack_lost", "counts_full")]
+               for reason in ("user_stack_lost", "kernel_stack_lost", "counts_full", "unwind_truncated",
+                              "unwind_read_fail", "unwind_bad_frame", "tail_call_fail")]
         out.append(dropped(self.name, "stack_truncated", self.truncated, self.start_ns))
+        out.append(dropped(self.name, "user_stack_missing", self.user_stack_missing, self.start_ns))
         if self.config["idle"] == "drop":
             out.append(dropped(self.name, "idle", vals["idle"], self.start_ns))
+        # Not drops, but what the walk fell back to: frame pointers before a table existed / where none covers
+        out.append(Counter(UNWIND_FALLBACK, {"otelbpf.probe": self.name, "reason": "no_table_yet"},
+                           vals["unwind_no_table"], self.start_ns))
+        out.append(Counter(UNWIND_FALLBACK, {"otelbpf.probe": self.name, "reason": "frame_pointer_frames"},
+                           vals["unwind_fp_frames"], self.start_ns))
+        out.append(Counter(UNWIND_FALLBACK, {"otelbpf.probe": self.name, "reason": "unsupported_rule"},
+                           vals["unwind_unsupported"], self.start_ns))
+        if self._unwind is not None:
+            pool = self._unwind.pool
+            out.append(Gauge(UNWIND_TABLE_MEMORY, {"state": "used"}, pool.used_rows * ROW_BYTES))
+            out.append(Gauge(UNWIND_TABLE_MEMORY, {"state": "capacity"}, pool.capacity * ROW_BYTES))
+            out.append(Gauge(UNWIND_TABLES, {}, pool.tables))
+            out.append(Counter(UNWIND_EVICTIONS, {}, pool.evictions, self.start_ns))
         return out

@@ -99,16 +99,20 @@ class UserSymbolizer:
     def known_pids(self):
         return list(self._maps)
 
-    def resolve(self, pid: int, addr: int) -> Frame:
+    def resolve(self, pid: int, addr: int, return_address: bool = False) -> Frame:
+        """return_address: addr is where a call returns to, so the call itself
+        (addr - 1) names the function (a call that ends a function returns
+        into the next one)."""
+        at = addr - 1 if return_address else addr
         pm = self._maps.get(pid)
-        mapping = pm.find(addr) if pm else None
+        mapping = pm.find(at) if pm else None
         if mapping is not None:
             table = self._binaries.get(mapping.binary_key)
             if table is not None:
                 self._binaries.move_to_end(mapping.binary_key)
-                name = table.resolve(addr - mapping.start + mapping.file_offset)
+                name = table.resolve(at - mapping.start + mapping.file_offset)
             else:
                 name = None
             return Frame(name, addr, mapping)
         pmap = self._perf_maps.get(pid)
-        return Frame(pmap.lookup(addr) if pmap is not None else None, addr, None)
+        return Frame(pmap.lookup(at) if pmap is not None else None, addr, None)

@@ -1,0 +1,1 @@
+"""Per-binary unwind tables for the profiler's in-kernel stack walk (bpf/unwind.h)."""

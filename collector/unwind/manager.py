@@ -1,0 +1,235 @@
+"""Keeps the kernel walker's tables current, in a thread of its own.
+
+The kernel asks (map `unwind_wanted`) for processes it sampled without a
+mapping table, or whose pc fell outside every mapping (dlopen, exec). This
+thread answers: it reads the process's mappings, builds missing tables in a
+child process (collector.unwind.build), writes them into the row pool and
+the process's entry. Nothing of this runs on the collection path; a sample
+taken before its table exists is walked by frame pointers and still counted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from ..metadata.process import alive
+from .pool import RowPool
+from .procs import BinaryIdentity, exec_mappings, mapping_bias, pack_proc
+
+log = logging.getLogger("otelbpf.unwind")
+
+POLL_S = 0.2
+REFRESH_MIN_S = 1.0         # a process's mappings are re-read at most this often
+REAP_EVERY_S = 5.0          # entries of exited processes are removed this often
+_PID = struct.Struct("=I")
+_WANT = struct.Struct("=IIQ")    # struct want_key: pid, why, mapping start
+WANT_PROCESS, WANT_MAPPING, WANT_REFRESH = 1, 2, 3
+
+
+@dataclass
+class TrackedProcess:
+    mappings: list                     # ExecMapping, as last read
+    keys: dict                         # ExecMapping -> binary key
+    biases: dict                       # ExecMapping -> pc - link-time address (None: unknown)
+    refreshed: float
+    sampled: float
+    binaries: set = field(init=False)
+
+    def __post_init__(self):
+        self.binaries = set(self.keys.values())
+
+
+class UnwindManager:
+    def __init__(self, obj, builder, max_processes: int, python: Optional[Callable] = None):
+        """builder.build(path, key) -> (rows bytes or None, reason); python(pid,
+        mappings) -> py_procs value or None (None: not an interpreter we read)."""
+        self._procs_map = obj.map("unwind_procs")
+        self._wanted_map = obj.map("unwind_wanted")
+        self._py_map = obj.map("py_procs") if python else None
+        self._builder = builder
+        self._python = python
+        self._max_processes = max_processes
+        self.pool = RowPool(obj.map("unwind_rows"), self._evicted)
+        self._ids = BinaryIdentity()
+        self._procs: dict = {}          # pid -> TrackedProcess
+        self._failed: dict = {}         # binary key -> why no table (not retried)
+        self._queue: dict = {}          # binary key -> [samples that lacked it, pid, mapping]
+        self._lock = threading.Lock()   # _procs is touched by collect() through sampled()
+        self._stop = threading.Event()
+        self._gen = 0
+        self.build_seconds: dict = {}   # binary path -> seconds, the most recent builds
+        self.stats = {"tables_built": 0, "tables_failed": 0, "build_seconds": 0.0,
+                      "processes_evicted": 0}
+        self._thread = threading.Thread(target=self._run, name="otelbpf-unwind", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.pool.close()
+
+    def sampled(self, pids) -> None:
+        """From collect(): these processes had samples (their tables stay warm)."""
+        now = time.monotonic()
+        with self._lock:
+            for pid in pids:
+                entry = self._procs.get(pid)
+                if entry is not None:
+                    entry.sampled = now
+                    for key in entry.binaries:
+                        self.pool.touch(key)
+
+    # ------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        last_reap = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                for pid, why, start, samples in self._take_wanted():
+                    if why == WANT_MAPPING:
+                        self._wanted_mapping(pid, start, samples)
+                    else:
+                        self._refresh(pid, forced=(why == WANT_PROCESS))
+                if self._queue:
+                    self._build_next()
+                if time.monotonic() - last_reap > REAP_EVERY_S:
+                    self._reap()
+                    last_reap = time.monotonic()
+            except Exception:   # the profiler keeps running on frame pointers
+                log.exception("unwind table upkeep failed")
+            self._stop.wait(0 if self._queue else POLL_S)
+
+    def _take_wanted(self) -> list:
+        """(pid, why, mapping start, samples), processes before their mappings."""
+        out = []
+        for k in list(self._wanted_map.keys()):
+            v = self._wanted_map.lookup_and_delete(k)
+            if v is not None:
+                out.append(_WANT.unpack(k) + _PID.unpack(v))
+        return sorted(out, key=lambda w: w[1])
+
+    def _wanted_mapping(self, pid: int, start: int, samples: int) -> None:
+        """Samples walked through a mapping without rows: its table moves up the queue."""
+        with self._lock:
+            entry = self._procs.get(pid)
+        if entry is None:
+            return
+        for m, key in entry.keys.items():
+            if m.start == start and key in self._queue:
+                self._queue[key][0] += samples
+
+    def _refresh(self, pid: int, forced: bool) -> None:
+        with self._lock:
+            entry = self._procs.get(pid)
+        now = time.monotonic()
+        if entry is not None and not forced and now - entry.refreshed < REFRESH_MIN_S:
+            return
+        mappings = exec_mappings(pid)
+        if not mappings:
+            return
+        if entry is not None and entry.mappings == mappings:
+            entry.refreshed = now
+            return
+        if entry is None and len(self._procs) >= self._max_processes:
+            self._evict_process()
+        keys = {}
+        for m in mappings:
+            key = self._ids.key(pid, m)
+            keys[m] = key
+            if self.pool.get(key) is None and key not in self._failed and key not in self._queue:
+                self._queue[key] = [0, pid, m]
+        tracked = TrackedProcess(mappings, keys, {m: mapping_bias(pid, m) for m in mappings}, now, now)
+        with self._lock:
+            self._procs[pid] = tracked
+        self._write(pid)
+        if self._python is not None and entry is None:
+            value = self._python(pid, mappings)
+            if value is not None:
+                self._py_map.update(_PID.pack(pid), value)
+
+    def _write(self, pid: int) -> None:
+        with self._lock:
+            entry = self._procs.get(pid)
+        if entry is None:
+            return
+        rows = []
+        for m in entry.mappings:
+            bias = entry.biases[m]
+            if bias is None:
+                continue
+            t = self.pool.get(entry.keys[m])
+            rows.append((m.start, bias, min(m.end - m.start, 0xFFFFFFFF),
+                         t.start if t else 0, t.n_rows if t else 0, 0))
+        self._gen += 1
+        try:
+            self._procs_map.update(_PID.pack(pid), pack_proc(rows, self._gen))
+        except OSError as e:
+            log.debug("pid %d: mapping table not written: %s", pid, e)
+
+    def _build_next(self) -> None:
+        key = max(self._queue, key=lambda k: self._queue[k][0])   # the most wanted; ties: the oldest
+        wanted, pid, m = self._queue.pop(key)
+        if not m.is_vdso and not os.path.exists(m.open_path(pid)):
+            self._requeue_from_another_process(key, wanted)   # that process exited: not the binary's fault
+            return
+        t0 = time.monotonic()
+        rows, reason = self._builder.build(m.open_path(pid) if not m.is_vdso else None, key)
+        took = time.monotonic() - t0
+        self.stats["build_seconds"] += took
+        if rows is None or self.pool.load(key, rows) is None:
+            self._failed[key] = reason or "does not fit the row pool"
+            self.stats["tables_failed"] += 1
+            log.info("no unwind table for %s: %s (frame pointers there)", m.path, self._failed[key])
+            return
+        self.stats["tables_built"] += 1
+        self.build_seconds[m.path] = took
+        with self._lock:
+            users = [p for p, e in self._procs.items() if key in e.binaries]
+        for p in users:
+            self._write(p)
+
+    def _requeue_from_another_process(self, key, wanted: int) -> None:
+        with self._lock:
+            for pid, e in self._procs.items():
+                for m, k in e.keys.items():
+                    if k == key and os.path.exists(m.open_path(pid)):
+                        self._queue[key] = [wanted, pid, m]
+                        return
+
+    def _evicted(self, key) -> None:
+        """The pool drops this table: rewrite the entries that point at it."""
+        with self._lock:
+            users = [p for p, e in self._procs.items() if key in e.binaries]
+        for p in users:
+            self._write(p)
+
+    def _evict_process(self) -> None:
+        with self._lock:
+            pid = min(self._procs, key=lambda p: self._procs[p].sampled)
+        self._forget(pid)
+        self.stats["processes_evicted"] += 1
+
+    def _forget(self, pid: int) -> None:
+        with self._lock:
+            self._procs.pop(pid, None)
+        self._procs_map.delete(_PID.pack(pid))
+        if self._py_map is not None:
+            self._py_map.delete(_PID.pack(pid))
+
+    def _reap(self) -> None:
+        with self._lock:
+            pids = list(self._procs)
+        for pid in pids:
+            if not alive(pid):
+                self._forget(pid)
+
+    @property
+    def processes(self) -> int:
+        return len(self._procs)
