@@ -1,0 +1,1 @@
+"""Stack unwinding support shared with the profiler's BPF walker (bpf/unwind.h)."""
