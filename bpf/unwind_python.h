@@ -121,13 +121,67 @@ static __always_inline __u64 py_tstate(const struct py_proc *pp, __u32 tid)
 	return 0;
 }
 
+/* Slot 1 of a pair: instruction offset and flags (see the top). */
+static __always_inline __u64 py_word(const struct py_proc *pp, __u64 frame, __u64 code)
+{
+	__u64 word, instr_ptr;
+	__s32 lasti = -1;
+	__s64 off;
+
+	if (pp->frames == PY_FRAMES_LASTI_BYTES || pp->frames == PY_FRAMES_LASTI_UNITS) {
+		bpf_probe_read_user(&lasti, sizeof(lasti), (const void *)(frame + pp->frame_instr));
+		if (lasti < 0)
+			word = PY_PAIR_NO_INSTR;
+		else
+			word = pp->frames == PY_FRAMES_LASTI_BYTES ? (__u32)lasti / 2 : (__u32)lasti;
+		return word | PY_PAIR_ENTRY;	/* one eval call per frame */
+	}
+	instr_ptr = py_ptr(frame + pp->frame_instr);
+	off = (__s64)(instr_ptr - (code + pp->code_adaptive));
+	word = off < 0 || off >= (1LL << 32) ? PY_PAIR_NO_INSTR : (__u64)off / 2;
+	if (pp->frames == PY_FRAMES_IS_ENTRY && py_byte(frame + pp->frame_entry))
+		word |= PY_PAIR_ENTRY;
+	return word;
+}
+
+/* One frame of the chain: records it (or, for a shim, flags the frame
+ * before it) and returns the next one, 0 to stop. A function of its own
+ * (a BPF-to-BPF call) so that the loop around it stays a plain counted
+ * loop: clang lays out a big inlined body so that the loop falls through
+ * into its head, which 5.10's verifier rejects as a back-edge. */
+static __noinline __u64 py_step(struct ustack *st, const struct py_proc *pp, __u64 frame, __u32 base)
+{
+	__u64 code, idx;
+	__u32 n = st->n_py;
+
+	if (pp->frames == PY_FRAMES_OWNER &&
+	    py_byte(frame + pp->frame_owner) == PY_OWNED_BY_CSTACK) {
+		/* the shim _PyEval_EvalFrameDefault pushes on entry: the
+		 * frame inside it (the one before) ends that call's group */
+		idx = base + 2 * (__u64)n - 1;
+		if (n && idx < UNWIND_MAX_SLOTS)
+			st->slots[idx] |= PY_PAIR_ENTRY;
+		return py_ptr(frame + pp->frame_previous);
+	}
+	if (n >= UNWIND_MAX_PY) {
+		st->flags |= UNW_F_PY_TRUNC;
+		return 0;
+	}
+	idx = base + 2 * (__u64)n;
+	if (idx + 1 >= UNWIND_MAX_SLOTS)
+		return 0;
+	code = py_ptr(frame + pp->frame_code);
+	st->slots[idx] = code;
+	st->slots[idx + 1] = py_word(pp, frame, code);
+	st->n_py = n + 1;
+	return py_ptr(frame + pp->frame_previous);
+}
+
 static __always_inline void py_walk(struct ustack *st, __u32 pid, __u32 tid)
 {
 	const struct py_proc *pp = bpf_map_lookup_elem(&py_procs, &pid);
-	__u64 ts, frame, code, instr_ptr, word, idx;
-	__u32 base, n;
-	__s64 off;
-	__s32 lasti;
+	__u64 ts, frame;
+	__u32 base;
 	int i;
 
 	if (!pp)
@@ -142,55 +196,9 @@ static __always_inline void py_walk(struct ustack *st, __u32 pid, __u32 tid)
 	base = st->n_native;
 	if (base > UNWIND_MAX_NATIVE)
 		base = UNWIND_MAX_NATIVE;
-	/* The count lives in st->n_py and is re-read each round: a count the
-	 * verifier tracked exactly (beside i) would multiply its states. */
 	st->n_py = 0;
-	for (i = 0; i < UNWIND_MAX_PY + PY_MAX_SHIMS && frame; i++) {
-		n = st->n_py;
-		if (pp->frames == PY_FRAMES_OWNER &&
-		    py_byte(frame + pp->frame_owner) == PY_OWNED_BY_CSTACK) {
-			/* the shim _PyEval_EvalFrameDefault pushes on entry: the
-			 * frame inside it (the one before) ends that call's group */
-			if (n) {
-				idx = base + 2 * (n - 1) + 1;
-				if (idx < UNWIND_MAX_SLOTS)
-					st->slots[idx] |= PY_PAIR_ENTRY;
-			}
-			frame = py_ptr(frame + pp->frame_previous);
-			continue;
-		}
-		if (n >= UNWIND_MAX_PY) {
-			st->flags |= UNW_F_PY_TRUNC;
-			break;
-		}
-		code = py_ptr(frame + pp->frame_code);
-		word = 0;
-		if (pp->frames == PY_FRAMES_LASTI_BYTES || pp->frames == PY_FRAMES_LASTI_UNITS) {
-			lasti = -1;
-			bpf_probe_read_user(&lasti, sizeof(lasti), (const void *)(frame + pp->frame_instr));
-			if (lasti < 0)
-				word = PY_PAIR_NO_INSTR;
-			else
-				word = pp->frames == PY_FRAMES_LASTI_BYTES ? (__u32)lasti / 2 : (__u32)lasti;
-			word |= PY_PAIR_ENTRY;	/* one eval call per frame */
-		} else {
-			instr_ptr = py_ptr(frame + pp->frame_instr);
-			off = (__s64)(instr_ptr - (code + pp->code_adaptive));
-			if (off < 0 || off >= (1LL << 32))
-				word = PY_PAIR_NO_INSTR;
-			else
-				word = (__u64)off / 2;
-			if (pp->frames == PY_FRAMES_IS_ENTRY && py_byte(frame + pp->frame_entry))
-				word |= PY_PAIR_ENTRY;
-		}
-		idx = base + 2 * n;
-		if (idx + 1 >= UNWIND_MAX_SLOTS)
-			break;
-		st->slots[idx] = code;
-		st->slots[idx + 1] = word;
-		st->n_py = n + 1;
-		frame = py_ptr(frame + pp->frame_previous);
-	}
+	for (i = 0; i < UNWIND_MAX_PY + PY_MAX_SHIMS && frame; i++)
+		frame = py_step(st, pp, frame, base);
 }
 
 #endif
