@@ -11,9 +11,11 @@ import json
 import logging
 import math
 import re
+import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -393,3 +395,23 @@ def test_python_frames_reach_pprof_and_otlp():
     assert b"/srv/app/worker.py" in raw and b"Worker.run" in raw
     # Function{id=1, name, system_name, filename} and Line{function_id=1, line=42}
     assert bytes([0x22, 0x04, 0x08, 0x01, 0x10, 42]) in raw
+
+
+# ------------------------------------------------------------- oldest kernel
+
+@needs_root
+@pytest.mark.skipif(os.environ.get("OTELBPF_KERNEL_MATRIX") == "off", reason="kernel matrix off")
+def test_walker_verifies_and_walks_on_5_10(tmp_path):
+    """The walker has no bpf_loop and no newer helper: Debian 11's 5.10
+    loads it, and it reads python3.11's frames there too."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import kernel_vm
+    missing = kernel_vm.missing_host_tools()
+    assert not missing, f"needs {missing}: `make setup` installs them"
+    guest = ROOT / "tests" / "workloads" / "py_walk_guest.py"
+    res = kernel_vm.run(kernel_vm.prepare("5.10"), f"{sys.executable} {guest}\n", tmp_path / "vm", timeout=300)
+    assert res.rc == 0, res.console[-3000:]
+    got = json.loads((tmp_path / "vm" / "py_walk.json").read_text())
+    assert got["kernel"].startswith("5.10.") and got["detected"] == "ok"
+    assert got["samples"] > 50 and got["named"] >= 0.9 * got["samples"], got
+    assert {"a", "b"} <= set(got["leaves"]), got
