@@ -31,7 +31,7 @@ STAMP_VENV := build/.venv-done
 run: setup
 	@if [ -t 0 ] && [ -t 1 ]; then exec $(VENV)/bin/otelbpf top; else exec $(VENV)/bin/otelbpf run; fi
 
-test: setup
+test: setup pythons
 	$(PY) -m pytest -ra tests
 
 bench: setup
@@ -43,7 +43,7 @@ bench: setup
 	$(PY) bench/uprobe_cost.py
 	$(PY) bench/flood.py
 
-setup: $(STAMP_APT) $(STAMP_VENV) bpf flamegraph-assets pythons
+setup: $(STAMP_APT) $(STAMP_VENV) bpf flamegraph-assets
 
 # apt packages: installed once per machine (the stamp lives in the checkout).
 $(STAMP_APT):
@@ -94,7 +94,8 @@ $(FLAME_VENDOR)/.done: $(FLAME_NPM)/package-lock.json
 	@touch $@
 
 # CPython 3.9 and 3.13 from other Debian releases, unpacked under
-# build/pythons for tests/test_python_frames.py (3.11 is the system's).
+# build/pythons for tests/test_python_frames.py (3.11 is the system's);
+# `make test` needs them, an install (setup) does not.
 pythons: $(STAMP_APT)
 	$(PYTHON_SYS) tools/other_pythons.py
 
