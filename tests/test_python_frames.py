@@ -137,6 +137,32 @@ def test_unknown_version_falls_back_with_one_log_line(tmp_path, caplog):
         _stop(proc)
 
 
+CORRUPT_LIB = """
+import mmap, sys, time
+f = open(sys.argv[1], "rb")
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ | mmap.PROT_EXEC)
+print("{}", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("garbage", [b"\x7fELF" + b"\xff" * 4092, b"\x7fELF\x02\x01\x01" + b"\x00" * 57 + b"\xff" * 4032])
+def test_corrupt_python_named_mapping_is_skipped(tmp_path, garbage):
+    """A corrupt ELF named like libpython mapped executable beside the real
+    interpreter: skipped, the interpreter is still found."""
+    lib = tmp_path / "libpython3.11.so.1.0"
+    lib.write_bytes(garbage)
+    script = tmp_path / "maplib.py"
+    script.write_text(CORRUPT_LIB)
+    proc, _ = _spawn(["/usr/bin/python3.11"], str(script), lib)
+    try:
+        assert any(str(lib) in line for line in open(f"/proc/{proc.pid}/maps"))
+        found, why = upy.detect(proc.pid)
+        assert found is not None and found.binary == "/usr/bin/python3.11", why
+    finally:
+        _stop(proc)
+
+
 def test_debug_offsets_and_line_tables_reject_bad_input():
     assert python_layouts.from_debug_offsets(b"")[0] is None
     assert python_layouts.from_debug_offsets(b"xdebugpy" + b"\xff" * 600)[0] is None

@@ -166,6 +166,7 @@ def detect(pid: int) -> Tuple[Optional[PythonProcess], str]:
     (None, reason): "not python: ...", "unsupported ...", "not ready: ..."
     (retry later) or "unreadable: ...". An unsupported interpreter is
     logged once per binary; its samples keep their native frames."""
+    skipped = ""
     for m in _candidates(pid):
         via = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
         try:
@@ -187,7 +188,8 @@ def detect(pid: int) -> Tuple[Optional[PythonProcess], str]:
                     layout = TABLES.get(version)
                     why = "" if layout else f"unsupported CPython {version[0]}.{version[1]}"
         except (OSError, ELFError, ValueError, struct.error) as e:
-            return None, f"unreadable: {m.path}: {e}"
+            skipped = f"unreadable: {m.path}: {e}"   # a corrupt file: try the next candidate
+            continue
         if layout is None:
             _log_once((m.binary_key, why), "pid %d (%s): %s: native frames only", pid, m.path, why)
             return None, why
@@ -199,7 +201,7 @@ def detect(pid: int) -> Tuple[Optional[PythonProcess], str]:
         if why.startswith("unsupported"):
             _log_once((m.binary_key, "layout"), "pid %d: %s: native frames only", pid, why)
         return (None, why) if why else (proc, "")
-    return None, "not python: no interpreter with _PyRuntime mapped"
+    return None, skipped or "not python: no interpreter with _PyRuntime mapped"
 
 
 def _check_live(proc: PythonProcess) -> str:
@@ -309,6 +311,7 @@ class PythonSymbolizer:
         self._procs: dict = {}   # pid -> (Layout, ProcessMemory)
         self._codes: "collections.OrderedDict[tuple, CodeInfo]" = collections.OrderedDict()
         self._max_codes = max_codes
+        self.unresolved = 0      # frames whose code object could not be read
 
     def track(self, proc: PythonProcess) -> None:
         old = self._procs.get(proc.pid)
@@ -359,6 +362,7 @@ class PythonSymbolizer:
     def resolve(self, pid: int, code: int, word: int) -> Frame:
         info = self.code_info(pid, code)
         if info is None:
+            self.unresolved += 1
             return Frame(None, code, None, frame_type=FRAME_TYPE)
         entry = self._procs.get(pid)
         unit = None if word & PY_PAIR_NO_INSTR else word & 0xFFFFFFFF
