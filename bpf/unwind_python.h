@@ -22,8 +22,12 @@
  * a thread in C code with no Python frame); UNW_F_PY_TRUNC when the chain
  * went on past UNWIND_MAX_PY frames (the outermost ones are missing).
  *
- * Only bpf_probe_read_user and plain bounded loops: verifies on 5.10+.
- * x86-64 only (the 3.8-3.10 thread match reads the task's fsbase). */
+ * Only bpf_probe_read_user and plain bounded loops (no bpf_loop): verifies
+ * on 5.10+ (tests/test_python_frames.py boots 5.10). Each frame is one
+ * BPF-to-BPF call (py_step); a program that also tail-calls may do so on
+ * x86-64 since 5.10, with at most 256 bytes of stack per frame.
+ * Include after vmlinux.h and bpf_helpers.h. x86-64 only (the 3.8-3.10
+ * thread match reads the task's fsbase). */
 #ifndef OTB_UNWIND_PYTHON_H
 #define OTB_UNWIND_PYTHON_H
 
