@@ -24,14 +24,14 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc bpfcc-tools python3-
 STAMP_APT := build/.apt-done
 STAMP_VENV := build/.venv-done
 
-.PHONY: setup run test bench bpf clean syscall-tables flamegraph-assets
+.PHONY: setup run test bench bpf clean syscall-tables flamegraph-assets pythons
 
 # A terminal gets the live view (`otelbpf top`: the running agent's data, or
 # the probes loaded by top itself); a pipe gets the agent with its console exporter.
 run: setup
 	@if [ -t 0 ] && [ -t 1 ]; then exec $(VENV)/bin/otelbpf top; else exec $(VENV)/bin/otelbpf run; fi
 
-test: setup
+test: setup pythons
 	$(PY) -m pytest -ra tests
 
 bench: setup
@@ -92,6 +92,12 @@ $(FLAME_VENDOR)/.done: $(FLAME_NPM)/package-lock.json
 	cp $(FLAME_NPM)/node_modules/d3-flame-graph/dist/d3-flamegraph.umd.min.js $(FLAME_VENDOR)/d3-flamegraph.min.js
 	cp $(FLAME_NPM)/node_modules/d3-flame-graph/LICENSE $(FLAME_VENDOR)/LICENSE.d3-flame-graph
 	@touch $@
+
+# CPython 3.9 and 3.13 from other Debian releases, unpacked under
+# build/pythons for tests/test_python_frames.py (3.11 is the system's);
+# `make test` needs them, an install (setup) does not.
+pythons: $(STAMP_APT)
+	$(PYTHON_SYS) tools/other_pythons.py
 
 # Regenerate the syscall name tables from linux-libc-dev's headers.
 syscall-tables:

@@ -59,11 +59,18 @@ class Gauge:
 class Frame:
     """One stack frame. mapping: a collector.symbolize.procmaps.MappingInfo for
     file-backed code (kept even when function is None, so a backend can
-    symbolize later); None for kernel and anonymous code."""
+    symbolize later); None for kernel and anonymous code.
+
+    An interpreted frame (frame_type: its profile.frame.type, e.g. "cpython")
+    has no machine address: `address` identifies its code object, and its
+    source is `file` and `line` (0: unknown)."""
     function: Optional[str]
     address: int
     mapping: Optional[object] = None
     kernel: bool = False
+    file: Optional[str] = None
+    line: int = 0
+    frame_type: Optional[str] = None
 
 
 @dataclass

@@ -66,8 +66,11 @@ def to_pprof(profiles: list) -> bytes:
                     mid = t.mappings.setdefault(mkey, (len(t.mappings) + 1, mapping))[0]
                 fid = 0
                 if f.function:
-                    fid = t.functions.setdefault(f.function, len(t.functions) + 1)
-                loc_ids.append(t.locations.setdefault((mid, f.address, fid), len(t.locations) + 1))
+                    fid = t.functions.setdefault((f.function, f.file or ""), len(t.functions) + 1)
+                # an interpreted frame has no machine address: its location
+                # is its function and line
+                addr = 0 if f.frame_type else f.address
+                loc_ids.append(t.locations.setdefault((mid, addr, fid, f.line), len(t.locations) + 1))
             labels = b"".join(_field_bytes(3, _field_varint(1, t.s(k)) + (
                 _field_varint(3, v) if isinstance(v, int) else _field_varint(2, t.s(str(v)))))
                 for k, v in sorted(smp.attributes.items()))
@@ -86,13 +89,14 @@ def to_pprof(profiles: list) -> bytes:
                     _field_varint(4, m.file_offset) + _field_varint(5, t.s(m.path)) +
                     _field_varint(6, t.s(m.build_id or "")))
         out += _field_bytes(3, body)
-    for (mid, addr, fid), lid in t.locations.items():
+    for (mid, addr, fid, line), lid in t.locations.items():
         body = _field_varint(1, lid) + _field_varint(2, mid) + _field_varint(3, addr)
         if fid:
-            body += _field_bytes(4, _field_varint(1, fid))
+            body += _field_bytes(4, _field_varint(1, fid) + _field_varint(2, line))
         out += _field_bytes(4, body)
-    for name, fid in t.functions.items():
-        out += _field_bytes(5, _field_varint(1, fid) + _field_varint(2, t.s(name)) + _field_varint(3, t.s(name)))
+    for (name, filename), fid in t.functions.items():
+        out += _field_bytes(5, _field_varint(1, fid) + _field_varint(2, t.s(name)) + _field_varint(3, t.s(name)) +
+                            _field_varint(4, t.s(filename)))
     pt_type, pt_unit = (first.period_type if first else ("cpu", "nanoseconds"))
     period_type = _field_varint(1, t.s(pt_type)) + _field_varint(2, t.s(pt_unit))
     for text in sorted(t.strings, key=t.strings.get):  # string_table after every s() call

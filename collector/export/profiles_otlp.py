@@ -12,6 +12,7 @@ from .. import __version__
 
 KERNEL_MAPPING = "[kernel.kallsyms]"
 BUILD_ID_ATTR = "process.executable.build_id.gnu"
+FRAME_TYPE_ATTR = "profile.frame.type"
 
 
 def _any(v) -> AnyValue:
@@ -81,14 +82,21 @@ class _Dictionary:
 
     def location(self, f) -> int:
         mapping_idx = self.kernel_mapping() if f.kernel else self.mapping(f.mapping)
+        # an interpreted frame (Python...) has no machine address: its
+        # location is its function, source file and line, and its frame type
+        address = 0 if f.frame_type else f.address
 
         def make():
-            loc = self.d.location_table.add(mapping_index=mapping_idx, address=f.address)
+            attrs = [self.attribute(FRAME_TYPE_ATTR, f.frame_type)] if f.frame_type else []
+            loc = self.d.location_table.add(mapping_index=mapping_idx, address=address, attribute_indices=attrs)
             if f.function:
-                filename = KERNEL_MAPPING if f.kernel else (f.mapping.path if f.mapping else "")
-                loc.lines.add(function_index=self.function(f.function, filename))
+                if f.file is not None:
+                    filename = f.file
+                else:
+                    filename = KERNEL_MAPPING if f.kernel else (f.mapping.path if f.mapping else "")
+                loc.lines.add(function_index=self.function(f.function, filename), line=f.line)
             return len(self.d.location_table) - 1
-        return self._intern("l", (mapping_idx, f.address, f.function), make)
+        return self._intern("l", (mapping_idx, address, f.function, f.file, f.line, f.frame_type), make)
 
     def stack(self, frames) -> int:
         locs = tuple(self.location(f) for f in frames)
