@@ -1,0 +1,54 @@
+"""The build child: `python -m collector.unwind.build <elf path | --vdso> <out>`
+builds one table and writes it to <out> (cachefile format). It runs apart
+from the agent (builder.py starts it under a timeout and an address-space
+limit) so pyelftools' time and memory never touch the collection path.
+Exit status 0 whenever <out> was written, even for an empty table."""
+from __future__ import annotations
+
+import io
+import resource
+import sys
+import time
+
+from ..symbolize.elf import build_id, build_id_of
+from . import cachefile
+from .table import build_rows
+from .vdso import vdso_image
+
+VDSO = "--vdso"
+
+
+def _vm_peak_kb() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmPeak:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def build(src: str):
+    if src == VDSO:
+        image = vdso_image()
+        return build_rows(io.BytesIO(image), build_id_of(io.BytesIO(image)))
+    return build_rows(src, build_id(src))
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m collector.unwind.build <elf path | --vdso> <out>", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    table = build(args[0])
+    table.stats["build_ms"] = int((time.monotonic() - t0) * 1000)
+    table.stats["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    table.stats["vm_peak_kb"] = _vm_peak_kb()
+    cachefile.write(args[1], table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
