@@ -2,7 +2,9 @@
 builds one table and writes it to <out> (cachefile format). It runs apart
 from the agent (builder.py starts it under a timeout and an address-space
 limit) so pyelftools' time and memory never touch the collection path.
-Exit status 0 whenever <out> was written, even for an empty table."""
+Exit status 0 whenever <out> was written, even for an empty table; 3 when
+memory ran out, 4 when the file could not be read (nothing written: another
+try may succeed)."""
 from __future__ import annotations
 
 import io
@@ -12,10 +14,11 @@ import time
 
 from ..symbolize.elf import build_id, build_id_of
 from . import cachefile
-from .table import build_rows
+from .table import OUT_OF_MEMORY, build_rows, transient
 from .vdso import vdso_image
 
 VDSO = "--vdso"
+EXIT_NO_MEMORY, EXIT_CANNOT_READ = 3, 4
 
 
 def _vm_peak_kb() -> int:
@@ -43,6 +46,12 @@ def main(argv=None) -> int:
         return 2
     t0 = time.monotonic()
     table = build(args[0])
+    if transient(table):
+        if table.reason == OUT_OF_MEMORY:
+            print("MemoryError: the table did not fit under the address-space limit", file=sys.stderr)
+            return EXIT_NO_MEMORY
+        print(table.reason, file=sys.stderr)
+        return EXIT_CANNOT_READ
     table.stats["build_ms"] = int((time.monotonic() - t0) * 1000)
     table.stats["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     table.stats["vm_peak_kb"] = _vm_peak_kb()

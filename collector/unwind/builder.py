@@ -7,6 +7,7 @@ agent's lifetime (not on disk: the next start may have more room)."""
 from __future__ import annotations
 
 import collections
+import glob
 import io
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Dict, Optional
 
 from ..symbolize.elf import build_id, build_id_of
 from . import cachefile
-from .build import VDSO
+from .build import EXIT_CANNOT_READ, VDSO
 from .rows import UnwindTable
 from .vdso import vdso_image
 
@@ -98,14 +99,19 @@ class TableBuilder:
                                   stderr=subprocess.PIPE, timeout=self.timeout, preexec_fn=self._limits,
                                   close_fds=True)
         except subprocess.TimeoutExpired:
+            for stale in glob.glob(glob.escape(out) + ".tmp*"):   # killed while writing
+                os.unlink(stale)
             return self._fail(key, "timeouts", f"build timed out after {self.timeout:g}s")
-        except OSError as e:
+        except (OSError, subprocess.SubprocessError) as e:    # no python, a limit refused
             return self._fail(key, "child_errors", f"build child not started: {e}")
         table = cachefile.read(out) if proc.returncode == 0 else None
         if table is None:
-            last = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-            what = "out of memory" if "MemoryError" in last[0] else last[0][:200]
-            return self._fail(key, "child_errors", f"build child exited {proc.returncode}: {what}")
+            last = (proc.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]
+            what = "out of memory" if "MemoryError" in last else last[:200]
+            # a file that could not be read (its process exited) may be
+            # readable through the next process that maps it: not remembered
+            return self._fail(key, "child_errors", f"build child exited {proc.returncode}: {what}",
+                              remember=proc.returncode != EXIT_CANNOT_READ)
         self.stats["built"] += 1
         return table
 
@@ -114,8 +120,9 @@ class TableBuilder:
         resource.setrlimit(resource.RLIMIT_AS, (self.as_limit, self.as_limit))
         os.nice(10)
 
-    def _fail(self, key: str, counter: str, reason: str) -> UnwindTable:
+    def _fail(self, key: str, counter: str, reason: str, remember: bool = True) -> UnwindTable:
         self.stats[counter] += 1
         table = UnwindTable(reason=reason)
-        self._failed[key] = table
+        if remember:
+            self._failed[key] = table
         return table

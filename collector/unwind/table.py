@@ -5,7 +5,9 @@ same file only adds functions .eh_frame lacks); rules.py turns each decoded
 line into a row. Rows are sorted by pc, consecutive equal rules merged, and
 an UNW_CFA_UNKNOWN row closes each FDE that the next one does not start at.
 Whatever the input, the result is an UnwindTable: a damaged or unsupported
-file gives an empty one whose `reason` says why, never an exception."""
+file gives an empty one whose `reason` says why, never an exception (running
+out of memory or an I/O error too: those are `transient`, and the build
+child never caches them)."""
 from __future__ import annotations
 
 import bisect
@@ -24,6 +26,7 @@ from .rows import (CFA_NAMES, PC_MAX, ROW, UNKNOWN_RULE, UNSUPPORTED_RULE, UNW_C
 from .rules import line_rule
 
 MAX_SECTION = 256 << 20       # a corrupt sh_size must not make us read without bound
+OUT_OF_MEMORY = "out of memory"
 
 # (start, end, [(pc, rule)]) of one FDE
 Fde = Tuple[int, int, List[Tuple[int, Rule]]]
@@ -38,9 +41,21 @@ def build_rows(src: Union[str, os.PathLike, BinaryIO], build_id: Optional[str] =
             with open(src, "rb") as f:
                 return _build(ELFFile(f), stats, build_id)
         return _build(ELFFile(src), stats, build_id)
-    except Exception as e:       # corrupt headers, truncated file, I/O error
+    except MemoryError:
+        # not the file's fault: no table now, and nothing a cache should keep
+        stats["out_of_memory"] += 1
+        return UnwindTable(stats=dict(stats), build_id=build_id, reason=OUT_OF_MEMORY)
+    except OSError as e:         # gone (its process exited), unreadable: not the file's fault either
+        stats["io_errors"] += 1
+        return UnwindTable(stats=dict(stats), build_id=build_id, reason=f"cannot read: {_short(e)}")
+    except Exception as e:       # corrupt headers, truncated file
         stats["errors"] += 1
         return UnwindTable(stats=dict(stats), build_id=build_id, reason=f"unreadable ELF: {_short(e)}")
+
+
+def transient(table: UnwindTable) -> bool:
+    """The table is empty for a reason another try may not meet (memory, I/O)."""
+    return bool(table.stats.get("out_of_memory") or table.stats.get("io_errors"))
 
 
 def _short(e: BaseException) -> str:
@@ -86,6 +101,8 @@ def _section_fdes(elf: ELFFile, name: str, stats: collections.Counter) -> Tuple[
                             DWARFStructs(little_endian=True, dwarf_format=32, address_size=8),
                             for_eh_frame=(name == ".eh_frame"))
         entries = cfi.get_entries()
+    except MemoryError:
+        raise
     except Exception as e:   # pyelftools parses the whole section at once
         stats["errors"] += 1
         return [], f"corrupt {name}: {_short(e)}"
@@ -114,6 +131,8 @@ def _fde_rows(fde: FDE, stats: collections.Counter) -> Optional[Fde]:
         return start, end, [(start, (UNW_CFA_SIGNAL, 0, 0))]
     try:
         lines = _decoded_lines(fde)
+    except MemoryError:
+        raise
     except Exception:
         stats["decode_errors"] += 1
         return start, end, [(start, UNSUPPORTED_RULE)]
