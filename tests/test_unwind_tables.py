@@ -318,7 +318,7 @@ def test_truncated_and_foreign_files(tmp_path):
         p.write_bytes(blob)
         t = build_rows(str(p))
         assert not t.rows and t.reason, name
-        assert t.stats.get("errors", 0) >= 1 or "no CFI" in t.reason, (name, t.reason)
+        assert t.stats.get("errors", 0) + t.stats.get("no_cfi", 0) == 1, (name, t.reason)
     t = build_rows(str(tmp_path / "missing"))     # not the file's fault: transient, never cached
     assert not t.rows and "cannot read" in t.reason and t.stats["io_errors"] == 1 and transient(t)
     builder = TableBuilder(cache_dir=str(tmp_path / "cache"))
@@ -331,7 +331,12 @@ def test_no_cfi(tmp_path):
     subprocess.run(["objcopy", "--remove-section=.eh_frame", "--remove-section=.eh_frame_hdr", PYTHON, str(bare)],
                    check=True)
     t = build_rows(str(bare))
-    assert not t.rows and t.reason == "no CFI"
+    assert not t.rows and t.reason == "no CFI" and t.stats["no_cfi"] == 1
+    obj = tmp_path / "leaf.o"           # relocatable: CFI addresses not final
+    subprocess.run(["gcc", "-O2", "-c", "-o", str(obj), str(ROOT / "tests" / "workloads" / "unwind_nested.c")],
+                   check=True)
+    t = build_rows(str(obj))
+    assert not t.rows and "ET_REL" in t.reason and t.stats["unsupported_file"] == 1
 
 
 def _section(path: str, name: str):

@@ -64,8 +64,10 @@ def _short(e: BaseException) -> str:
 
 def _build(elf: ELFFile, stats: collections.Counter, build_id: Optional[str]) -> UnwindTable:
     if elf["e_machine"] != "EM_X86_64" or elf.elfclass != 64 or not elf.little_endian:
+        stats["unsupported_file"] += 1
         return UnwindTable(stats=dict(stats), build_id=build_id, reason=f"unsupported machine {elf['e_machine']}")
-    if elf["e_type"] not in ("ET_EXEC", "ET_DYN"):
+    if elf["e_type"] not in ("ET_EXEC", "ET_DYN"):   # a relocatable object's addresses are not final
+        stats["unsupported_file"] += 1
         return UnwindTable(stats=dict(stats), build_id=build_id, reason=f"unsupported ELF type {elf['e_type']}")
     reasons = []
     eh, why = _section_fdes(elf, ".eh_frame", stats)
@@ -81,6 +83,8 @@ def _build(elf: ELFFile, stats: collections.Counter, build_id: Optional[str]) ->
         stats["fdes_debug_frame"] = len(extra)
         fdes = sorted(fdes + extra, key=lambda fde: fde[0])
     if not fdes:
+        if not reasons:
+            stats["no_cfi"] += 1
         return UnwindTable(stats=dict(stats), build_id=build_id, reason="; ".join(reasons) or "no CFI")
     rows = _pack(fdes, stats)
     return UnwindTable(rows=rows, stats=dict(stats), build_id=build_id,
