@@ -8,6 +8,7 @@ try may succeed)."""
 from __future__ import annotations
 
 import io
+import os
 import resource
 import sys
 import time
@@ -44,19 +45,23 @@ def main(argv=None) -> int:
     if len(args) != 2:
         print("usage: python -m collector.unwind.build <elf path | --vdso> <out>", file=sys.stderr)
         return 2
-    t0 = time.monotonic()
-    table = build(args[0])
-    if transient(table):
+    try:
+        t0 = time.monotonic()
+        table = build(args[0])
         if table.reason == OUT_OF_MEMORY:
-            print("MemoryError: the table did not fit under the address-space limit", file=sys.stderr)
-            return EXIT_NO_MEMORY
-        print(table.reason, file=sys.stderr)
-        return EXIT_CANNOT_READ
-    table.stats["build_ms"] = int((time.monotonic() - t0) * 1000)
-    table.stats["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    table.stats["vm_peak_kb"] = _vm_peak_kb()
-    cachefile.write(args[1], table)
-    return 0
+            raise MemoryError
+        if transient(table):
+            print(table.reason, file=sys.stderr)
+            return EXIT_CANNOT_READ
+        table.stats["build_ms"] = int((time.monotonic() - t0) * 1000)
+        table.stats["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        table.stats["vm_peak_kb"] = _vm_peak_kb()
+        cachefile.write(args[1], table)
+        return 0
+    except MemoryError:
+        # near the limit even reporting can fail again: leave at once, no finalizers
+        os.write(2, b"MemoryError: the table did not fit under the address-space limit\n")
+        os._exit(EXIT_NO_MEMORY)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Dict, Optional
 
 from ..symbolize.elf import build_id, build_id_of
 from . import cachefile
-from .build import EXIT_CANNOT_READ, VDSO
+from .build import EXIT_CANNOT_READ, EXIT_NO_MEMORY, VDSO
 from .rows import UnwindTable
 from .vdso import vdso_image
 
@@ -106,8 +106,9 @@ class TableBuilder:
             return self._fail(key, "child_errors", f"build child not started: {e}")
         table = cachefile.read(out) if proc.returncode == 0 else None
         if table is None:
-            last = (proc.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]
-            what = "out of memory" if "MemoryError" in last else last[:200]
+            err = proc.stderr.decode(errors="replace")
+            oom = proc.returncode == EXIT_NO_MEMORY or "MemoryError" in err
+            what = "out of memory" if oom else (err.strip().splitlines() or [""])[-1][:200]
             # a file that could not be read (its process exited) may be
             # readable through the next process that maps it: not remembered
             return self._fail(key, "child_errors", f"build child exited {proc.returncode}: {what}",

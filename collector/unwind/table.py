@@ -42,15 +42,16 @@ def build_rows(src: Union[str, os.PathLike, BinaryIO], build_id: Optional[str] =
                 return _build(ELFFile(f), stats, build_id)
         return _build(ELFFile(src), stats, build_id)
     except MemoryError:
-        # not the file's fault: no table now, and nothing a cache should keep
-        stats["out_of_memory"] += 1
-        return UnwindTable(stats=dict(stats), build_id=build_id, reason=OUT_OF_MEMORY)
-    except OSError as e:         # gone (its process exited), unreadable: not the file's fault either
+        pass    # answered below, once the traceback (and the parsed CFI it holds) is freed
+    except OSError as e:         # gone (its process exited), unreadable: not the file's fault
         stats["io_errors"] += 1
         return UnwindTable(stats=dict(stats), build_id=build_id, reason=f"cannot read: {_short(e)}")
     except Exception as e:       # corrupt headers, truncated file
         stats["errors"] += 1
         return UnwindTable(stats=dict(stats), build_id=build_id, reason=f"unreadable ELF: {_short(e)}")
+    # not the file's fault either: no table now, and nothing a cache should keep
+    stats["out_of_memory"] += 1
+    return UnwindTable(stats=dict(stats), build_id=build_id, reason=OUT_OF_MEMORY)
 
 
 def transient(table: UnwindTable) -> bool:
