@@ -12,7 +12,7 @@ from typing import Optional
 from .rows import ROW_SIZE, UnwindTable
 
 MAGIC = b"OTBUNWND"
-VERSION = 1
+VERSION = 1                          # bump when a row can mean something else (rows.py, rules.py)
 HEADER = struct.Struct("<8sIII")     # magic, version, n_rows, meta_len
 MAX_META = 1 << 20
 
