@@ -1,8 +1,9 @@
-"""The GNU build id of an ELF file, read from its PT_NOTE segments."""
+"""The GNU build id of an ELF file, read from its PT_NOTE segments, and its
+PT_LOAD segments."""
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import BinaryIO, Optional
 
 PT_LOAD = 1
 PT_NOTE = 4
@@ -12,36 +13,45 @@ NT_GNU_BUILD_ID = 3
 def build_id(path: str) -> Optional[str]:
     try:
         with open(path, "rb") as f:
-            ident = f.read(16)
-            if ident[:4] != b"\x7fELF":
-                return None
-            is64, little = ident[4] == 2, ident[5] == 1
-            end = "<" if little else ">"
+            return build_id_of(f)
+    except OSError:
+        return None
+
+
+def build_id_of(f: BinaryIO) -> Optional[str]:
+    """The build id of the ELF image in a seekable binary file object (a
+    file, or io.BytesIO of an image read from memory such as the vdso)."""
+    try:
+        ident = f.read(16)
+        if ident[:4] != b"\x7fELF":
+            return None
+        is64, little = ident[4] == 2, ident[5] == 1
+        end = "<" if little else ">"
+        if is64:
+            f.seek(0x20)
+            phoff, = struct.unpack(end + "Q", f.read(8))
+            f.seek(0x36)
+            phentsize, phnum = struct.unpack(end + "HH", f.read(4))
+        else:
+            f.seek(0x1C)
+            phoff, = struct.unpack(end + "I", f.read(4))
+            f.seek(0x2A)
+            phentsize, phnum = struct.unpack(end + "HH", f.read(4))
+        for i in range(min(phnum, 256)):
+            f.seek(phoff + i * phentsize)
+            ph = f.read(phentsize)
+            p_type, = struct.unpack(end + "I", ph[:4])
+            if p_type != PT_NOTE:
+                continue
             if is64:
-                f.seek(0x20)
-                phoff, = struct.unpack(end + "Q", f.read(8))
-                f.seek(0x36)
-                phentsize, phnum = struct.unpack(end + "HH", f.read(4))
+                p_offset, _, _, p_filesz = struct.unpack(end + "QQQQ", ph[8:40])
             else:
-                f.seek(0x1C)
-                phoff, = struct.unpack(end + "I", f.read(4))
-                f.seek(0x2A)
-                phentsize, phnum = struct.unpack(end + "HH", f.read(4))
-            for i in range(min(phnum, 256)):
-                f.seek(phoff + i * phentsize)
-                ph = f.read(phentsize)
-                p_type, = struct.unpack(end + "I", ph[:4])
-                if p_type != PT_NOTE:
-                    continue
-                if is64:
-                    p_offset, _, _, p_filesz = struct.unpack(end + "QQQQ", ph[8:40])
-                else:
-                    p_offset, _, _, p_filesz = struct.unpack(end + "IIII", ph[4:20])
-                f.seek(p_offset)
-                found = _scan_notes(f.read(min(p_filesz, 1 << 16)), end)
-                if found:
-                    return found
-    except (OSError, struct.error):
+                p_offset, _, _, p_filesz = struct.unpack(end + "IIII", ph[4:20])
+            f.seek(p_offset)
+            found = _scan_notes(f.read(min(p_filesz, 1 << 16)), end)
+            if found:
+                return found
+    except (OSError, ValueError, struct.error):   # ValueError: BytesIO seek before 0
         return None
     return None
 

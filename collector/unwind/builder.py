@@ -1,0 +1,129 @@
+"""The agent's side of table building: a table comes from the disk cache
+(one file per binary, named by GNU build id, else dev:inode:mtime:size), or
+from a build child (build.py) started with a timeout and an address-space
+limit, lowered priority, and no share of the agent's memory. A child that
+times out or fails gives an empty table with a reason, remembered for the
+agent's lifetime (not on disk: the next start may have more room)."""
+from __future__ import annotations
+
+import collections
+import glob
+import io
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+from typing import Dict, Optional
+
+from ..symbolize.elf import build_id, build_id_of
+from . import cachefile
+from .build import EXIT_CANNOT_READ, EXIT_NO_MEMORY, VDSO
+from .rows import UnwindTable
+from .vdso import vdso_image
+
+DEFAULT_CACHE_DIR = "/var/cache/otelbpf/unwind"
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_AS_LIMIT = 1 << 30         # postgres 15 (73k rows) peaks at 160 MB of address space
+_PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def cache_key(path: str, bid: Optional[str]) -> Optional[str]:
+    """File name of a binary's table: its build id, else what identifies
+    this version of the file."""
+    if bid and re.fullmatch(r"[0-9a-f]{2,128}", bid):
+        return f"b-{bid}"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"i-{st.st_dev}-{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+
+class TableBuilder:
+    def __init__(self, cache_dir: str = DEFAULT_CACHE_DIR, timeout: float = DEFAULT_TIMEOUT,
+                 as_limit: int = DEFAULT_AS_LIMIT, python: str = sys.executable):
+        self.cache_dir = cache_dir
+        self.timeout = timeout
+        self.as_limit = as_limit
+        self.python = python
+        self.stats: collections.Counter = collections.Counter()   # cache_hits, children, timeouts, ...
+        self._failed: Dict[str, UnwindTable] = {}
+
+    def get(self, path: str, known_as: Optional[str] = None) -> UnwindTable:
+        """The table of the ELF file readable at path (e.g. a process's
+        /proc/PID/map_files/... entry); known_as only names it in reasons."""
+        key = cache_key(path, build_id(path))
+        if key is None:
+            self.stats["unreadable"] += 1
+            return UnwindTable(reason=f"{known_as or path}: unreadable")
+        return self._get(key, path)
+
+    def get_vdso(self) -> UnwindTable:
+        image = vdso_image()
+        if not image:
+            return UnwindTable(reason="no vdso")
+        bid = build_id_of(io.BytesIO(image))
+        key = f"b-{bid}" if bid else f"vdso-{os.uname().release}"
+        return self._get(key, VDSO)
+
+    def _get(self, key: str, src: str) -> UnwindTable:
+        if key in self._failed:
+            return self._failed[key]
+        cache_dir = self._cache_dir()
+        if cache_dir:
+            cached = cachefile.read(os.path.join(cache_dir, key))
+            if cached is not None:
+                self.stats["cache_hits"] += 1
+                return cached
+            return self._run(src, key, os.path.join(cache_dir, key))
+        with tempfile.TemporaryDirectory(prefix="otelbpf-unwind-") as tmp:
+            return self._run(src, key, os.path.join(tmp, key))
+
+    def _cache_dir(self) -> Optional[str]:
+        try:
+            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+            return self.cache_dir if os.access(self.cache_dir, os.W_OK) else None
+        except OSError:
+            self.stats["cache_unwritable"] += 1
+            return None
+
+    def _run(self, src: str, key: str, out: str) -> UnwindTable:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PKG_ROOT, env.get("PYTHONPATH")) if p)
+        self.stats["children"] += 1
+        try:
+            proc = subprocess.run([self.python, "-m", "collector.unwind.build", src, out],
+                                  env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, timeout=self.timeout, preexec_fn=self._limits,
+                                  close_fds=True)
+        except subprocess.TimeoutExpired:
+            for stale in glob.glob(glob.escape(out) + ".tmp*"):   # killed while writing
+                os.unlink(stale)
+            return self._fail(key, "timeouts", f"build timed out after {self.timeout:g}s")
+        except (OSError, subprocess.SubprocessError) as e:    # no python, a limit refused
+            return self._fail(key, "child_errors", f"build child not started: {e}")
+        table = cachefile.read(out) if proc.returncode == 0 else None
+        if table is None:
+            err = proc.stderr.decode(errors="replace")
+            oom = proc.returncode == EXIT_NO_MEMORY or "MemoryError" in err
+            what = "out of memory" if oom else (err.strip().splitlines() or [""])[-1][:200]
+            # a file that could not be read (its process exited) may be
+            # readable through the next process that maps it: not remembered
+            return self._fail(key, "child_errors", f"build child exited {proc.returncode}: {what}",
+                              remember=proc.returncode != EXIT_CANNOT_READ)
+        self.stats["built"] += 1
+        return table
+
+    def _limits(self) -> None:
+        # in the child, before exec: its address space is capped, it yields the CPU
+        resource.setrlimit(resource.RLIMIT_AS, (self.as_limit, self.as_limit))
+        os.nice(10)
+
+    def _fail(self, key: str, counter: str, reason: str, remember: bool = True) -> UnwindTable:
+        self.stats[counter] += 1
+        table = UnwindTable(reason=reason)
+        if remember:
+            self._failed[key] = table
+        return table
