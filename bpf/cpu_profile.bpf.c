@@ -308,7 +308,9 @@ static __always_inline int unwind_frame(struct prof_walk *s, struct unwind_proc 
 		s->st.flags |= UNW_F_TRUNCATED;
 		return 1;
 	}
-	s->st.slots[n & (UNWIND_MAX_NATIVE - 1)] = pc;
+	/* a pc a signal interrupted is where the thread was, not a return
+	 * address: say so to the symbolizer (bit 63; user pcs are < 2^47) */
+	s->st.slots[n & (UNWIND_MAX_NATIVE - 1)] = (n && s->exact_pc) ? pc | UNW_PC_EXACT : pc;
 	s->st.n_native = n + 1;
 
 	lookup = s->exact_pc ? pc : pc - 1;	/* a return address is just past its call */

@@ -63,6 +63,10 @@ struct unwind_proc {
 #define UNWIND_MAX_PY 48
 #define UNWIND_MAX_SLOTS (UNWIND_MAX_NATIVE + 2 * UNWIND_MAX_PY)
 
+/* A native slot after the first with this bit is the pc a signal
+ * interrupted (symbolized as is), not a return address (symbolized at -1). */
+#define UNW_PC_EXACT (1ULL << 63)
+
 /* ustack flags */
 #define UNW_F_COMPLETE	1	/* reached an outermost frame (UNW_CFA_END) or a zero return address */
 #define UNW_F_TRUNCATED	2	/* stopped at UNWIND_MAX_NATIVE */

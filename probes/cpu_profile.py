@@ -21,8 +21,10 @@ from collector.records import Counter, Frame, Gauge, Instrument, Profile, Profil
 from collector.selftelemetry import dropped
 from collector.symbolize.kernel import KernelSymbols
 from collector.symbolize.user import UserSymbolizer
+from collector.unwind.builder import TableBuilder
 from collector.unwind.manager import UnwindManager
 from collector.unwind.pool import ROW_BYTES
+from collector.unwind import python
 from collector.unwind import stacks as stacks_mod
 from collector.unwind.stacks import UserStacks
 
@@ -45,6 +47,22 @@ UNWIND_EVICTIONS = Instrument("otelbpf.profiler.unwind.evictions", "{binary}",
                               "Unwind tables evicted to make room (binaries sampled least recently)")
 NS_PER_S = 1_000_000_000                 # profile periods are in ns
 DRAIN_GRACE_S = 0.002  # lets samples that read the old `active` finish before the drain
+
+
+class PythonFrames:
+    """Which sampled processes run CPython (their py_procs value, for the
+    kernel walker) and the symbolizer of their code objects."""
+
+    def __init__(self):
+        self.symbols = python.PythonSymbolizer()
+
+    def register(self, pid: int):
+        """From the unwind thread: (py_procs value or None, whether to ask again later)."""
+        proc, why = python.detect(pid)
+        if proc is None:
+            return None, why.startswith("not ready")
+        self.symbols.track(proc)
+        return proc.pack(), False
 
 
 def online_cpus(path: str = "/sys/devices/system/cpu/online") -> list:
@@ -171,11 +189,13 @@ class CpuProfileProbe(BpfProbe):
         self._perf_fds = {}
 
     def _table_builder(self):
-        from collector.unwind.build import TableBuilder
         return TableBuilder(self.config["unwind_cache_dir"] or None)
 
     def _python_reader(self):
-        return None   # CPython frames: wired in when collector.unwind.python lands
+        if not self.config["python"]:
+            return None
+        self._python = PythonFrames()
+        return self._python.register
 
     # ------------------------------------------------------------- collect
     def _drain(self) -> tuple:
@@ -217,9 +237,11 @@ class CpuProfileProbe(BpfProbe):
             return []
         if walked.flags & (stacks_mod.TRUNCATED | stacks_mod.PY_TRUNC):
             self.truncated += 1
-        frames = [self._usyms.resolve(pid, addr, return_address=i > 0) for i, addr in enumerate(walked.native)]
+        frames = [self._usyms.resolve(pid, addr & ~stacks_mod.PC_EXACT, return_address=i > 0 and not addr & stacks_mod.PC_EXACT)
+                  for i, addr in enumerate(walked.native)]
         if walked.python and self._python is not None:
-            frames = self._python.merge(pid, frames, walked.python)
+            frames = python.merge(frames, list(walked.python),
+                                  lambda code, word: self._python.symbols.resolve(pid, code, word))
         return frames
 
     def collect(self) -> list:
@@ -246,7 +268,7 @@ class CpuProfileProbe(BpfProbe):
             if pid not in live and not alive(pid):
                 self._usyms.forget(pid)
                 if self._python is not None:
-                    self._python.forget(pid)
+                    self._python.symbols.forget(pid)
         profile = Profile(samples, start_time_ns=self._last_ns, duration_ns=now - self._last_ns,
                           period_ns=self.period_ns)
         self._last_ns = now

@@ -82,6 +82,8 @@ class TableBuilder:
             return self._run(src, key, os.path.join(tmp, key))
 
     def _cache_dir(self) -> Optional[str]:
+        if not self.cache_dir:
+            return None   # not kept across restarts: built in a temporary directory
         try:
             os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
             return self.cache_dir if os.access(self.cache_dir, os.W_OK) else None

@@ -46,8 +46,9 @@ class TrackedProcess:
 
 class UnwindManager:
     def __init__(self, obj, builder, max_processes: int, python: Optional[Callable] = None):
-        """builder.build(path, key) -> (rows bytes or None, reason); python(pid,
-        mappings) -> py_procs value or None (None: not an interpreter we read)."""
+        """builder: a collector.unwind.builder.TableBuilder; python(pid)
+        -> (py_procs value or None, whether to ask again later: an
+        interpreter not initialised yet)."""
         self._procs_map = obj.map("unwind_procs")
         self._wanted_map = obj.map("unwind_wanted")
         self._py_map = obj.map("py_procs") if python else None
@@ -62,6 +63,7 @@ class UnwindManager:
         self._lock = threading.Lock()   # _procs is touched by collect() through sampled()
         self._stop = threading.Event()
         self._gen = 0
+        self._python_later: set = set()   # pids whose interpreter was not ready yet
         self.build_seconds: dict = {}   # binary path -> seconds, the most recent builds
         self.stats = {"tables_built": 0, "tables_failed": 0, "build_seconds": 0.0,
                       "processes_evicted": 0}
@@ -149,10 +151,17 @@ class UnwindManager:
         with self._lock:
             self._procs[pid] = tracked
         self._write(pid)
-        if self._python is not None and entry is None:
-            value = self._python(pid, mappings)
-            if value is not None:
-                self._py_map.update(_PID.pack(pid), value)
+        if self._python is not None and (entry is None or pid in self._python_later):
+            self._register_python(pid)
+
+    def _register_python(self, pid: int) -> None:
+        value, later = self._python(pid)
+        if later:
+            self._python_later.add(pid)
+        else:
+            self._python_later.discard(pid)
+        if value is not None:
+            self._py_map.update(_PID.pack(pid), value)
 
     def _write(self, pid: int) -> None:
         with self._lock:
@@ -180,11 +189,11 @@ class UnwindManager:
             self._requeue_from_another_process(key, wanted)   # that process exited: not the binary's fault
             return
         t0 = time.monotonic()
-        rows, reason = self._builder.build(m.open_path(pid) if not m.is_vdso else None, key)
+        table = self._builder.get_vdso() if m.is_vdso else self._builder.get(m.open_path(pid), known_as=m.path)
         took = time.monotonic() - t0
         self.stats["build_seconds"] += took
-        if rows is None or self.pool.load(key, rows) is None:
-            self._failed[key] = reason or "does not fit the row pool"
+        if not table or self.pool.load(key, table.rows) is None:
+            self._failed[key] = table.reason or "does not fit the row pool"
             self.stats["tables_failed"] += 1
             log.info("no unwind table for %s: %s (frame pointers there)", m.path, self._failed[key])
             return
@@ -229,6 +238,11 @@ class UnwindManager:
         for pid in pids:
             if not alive(pid):
                 self._forget(pid)
+        for pid in list(self._python_later):
+            if pid in self._procs:
+                self._register_python(pid)
+            else:
+                self._python_later.discard(pid)
 
     @property
     def processes(self) -> int:

@@ -21,6 +21,7 @@ KEEP_COLLECTIONS = 3
 
 # ustack flags (UNW_F_*)
 COMPLETE, TRUNCATED, FP_USED, READ_FAIL, PY_TRUNC, PY, NO_PROC = 1, 2, 4, 8, 16, 32, 64
+PC_EXACT = 1 << 63       # UNW_PC_EXACT: a native slot that is not a return address
 
 
 @dataclass(frozen=True)
