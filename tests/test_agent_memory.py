@@ -1,0 +1,55 @@
+"""What keeps the agent's memory small, checked structurally (no timings,
+no RSS thresholds: those depend on the host; bench/profiler_overhead.py
+measures them):
+- the unwind row pool is mapped only while a table is written, not for the
+  agent's lifetime (a BPF array's every page is resident once mapped)."""
+from __future__ import annotations
+
+import struct
+
+from conftest import ROOT, needs_root
+
+from collector import libbpf
+from collector.unwind.pool import RowPool
+
+POOL_OBJ = ROOT / "tests" / "bpf" / "row_pool_test.bpf.o"
+
+
+def _bpf_map_mappings(pid="self") -> list:
+    with open(f"/proc/{pid}/maps") as f:
+        return [line for line in f if "anon_inode:bpf-map" in line]
+
+
+def _rows(n: int, seed: int) -> bytes:
+    return b"".join(struct.pack("<IhBb", seed + i * 4, i % 300, 1 + i % 5, -(i % 7)) for i in range(n))
+
+
+@needs_root
+def test_row_pool_writes_through_windows_it_unmaps():
+    """Tables at starts that are no page multiple, across page ends, after
+    an eviction: every row reads back through the map's syscall interface,
+    and no mapping of the map outlives a write."""
+    obj = libbpf.BpfObject(str(POOL_OBJ))
+    obj.load()
+    try:
+        rows_map = obj.map("unwind_rows")
+        evicted = []
+        before = _bpf_map_mappings()
+        pool = RowPool(rows_map, evicted.append)
+        tables = {"a": _rows(700, 0x1000), "b": _rows(1300, 0x20000), "c": _rows(900, 0x40000)}
+        for key, rows in tables.items():
+            assert pool.load(key, rows) is not None
+            assert _bpf_map_mappings() == before
+        assert pool.load("d", _rows(600, 0x80000)) is not None     # 2900 of 3000 used: "a" goes
+        assert evicted == ["a"]
+        tables["d"] = _rows(600, 0x80000)
+        del tables["a"]
+        for key, rows in tables.items():
+            t = pool.get(key)
+            got = b"".join(rows_map.lookup(struct.pack("=I", t.start + i)) for i in range(t.n_rows))
+            assert got == rows, key
+        assert pool.used_rows == 2800
+        assert _bpf_map_mappings() == before
+        pool.close()
+    finally:
+        obj.close()
