@@ -2,17 +2,21 @@
 no RSS thresholds: those depend on the host; bench/profiler_overhead.py
 measures them):
 - the unwind row pool is mapped only while a table is written, not for the
-  agent's lifetime (a BPF array's every page is resident once mapped)."""
+  agent's lifetime (a BPF array's every page is resident once mapped);
+- capstone (the TLS uprobe placement's decoder) runs in a child, never in
+  the agent; bcc and LLVM are not loaded either."""
 from __future__ import annotations
 
+import os
 import struct
 
-from conftest import ROOT, needs_root
+from conftest import ROOT, needs_root, wait_until
 
 from collector import libbpf
 from collector.unwind.pool import RowPool
 
 POOL_OBJ = ROOT / "tests" / "bpf" / "row_pool_test.bpf.o"
+LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 
 
 def _bpf_map_mappings(pid="self") -> list:
@@ -53,3 +57,24 @@ def test_row_pool_writes_through_windows_it_unmaps():
         pool.close()
     finally:
         obj.close()
+
+
+@needs_root
+def test_agent_with_every_probe_maps_no_decoder_nor_pool(agent_factory, tmp_path):
+    """The default probes (every one) with their TLS uprobes placed: after
+    collections the agent maps neither libcapstone (nor bcc, nor LLVM) nor
+    the unwind row pool, and the placement still found the cheap sites."""
+    out = tmp_path / "t.jsonl"
+    agent = agent_factory({"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "",
+                           "exporters": {"file": {"path": str(out)}}})
+    agent.wait_for_log("collecting every", timeout=120)
+    assert "probe cpu_profile: running" in agent.stderr() and "probe http: running" in agent.stderr()
+    assert wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 3, timeout=30)
+    with open(f"/proc/{agent.pid}/maps") as f:
+        libs = {line.split()[5] for line in f if len(line.split()) > 5}
+    assert not [lib for lib in libs if any(n in lib for n in ("libcapstone", "libbcc", "libLLVM"))]
+    if os.path.exists(LIBSSL):
+        assert "SSL_read_ex/SSL_read -> internal" in agent.stderr()   # placed by the child, as before
+    pool = [m for m in _bpf_map_mappings(agent.pid) if "rw-s" in m]
+    sizes = [int(b, 16) - int(a, 16) for a, b in (m.split()[0].split("-") for m in pool)]
+    assert 16 << 20 not in sizes, pool                               # the default unwind_table_memory
