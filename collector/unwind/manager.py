@@ -189,8 +189,10 @@ class UnwindManager:
             self._requeue_from_another_process(key, wanted)   # that process exited: not the binary's fault
             return
         t0 = time.monotonic()
+        hits = self._builder.stats["cache_hits"]
         table = self._builder.get_vdso() if m.is_vdso else self._builder.get(m.open_path(pid), known_as=m.path)
         took = time.monotonic() - t0
+        cached = self._builder.stats["cache_hits"] > hits
         self.stats["build_seconds"] += took
         if not table or self.pool.load(key, table.rows) is None:
             self._failed[key] = table.reason or "does not fit the row pool"
@@ -199,6 +201,10 @@ class UnwindManager:
             return
         self.stats["tables_built"] += 1
         self.build_seconds[m.path] = took
+        # what bench/profiler_overhead.py reports per binary
+        log.debug("unwind table for %s: %d rows in %.0f ms (%s)", m.path, table.n_rows, took * 1000,
+                  "from the cache" if cached else "built: child %d ms, peak RSS %d KiB" % (
+                      table.stats.get("build_ms", 0), table.stats.get("max_rss_kb", 0)))
         with self._lock:
             users = [p for p, e in self._procs.items() if key in e.binaries]
         for p in users:
