@@ -4,7 +4,8 @@ measures them):
 - the unwind row pool is mapped only while a table is written, not for the
   agent's lifetime (a BPF array's every page is resident once mapped);
 - capstone (the TLS uprobe placement's decoder) runs in a child, never in
-  the agent; bcc and LLVM are not loaded either."""
+  the agent; bcc and LLVM are not loaded either;
+- what glibc kept of memory freed while probes started goes back."""
 from __future__ import annotations
 
 import os
@@ -78,3 +79,24 @@ def test_agent_with_every_probe_maps_no_decoder_nor_pool(agent_factory, tmp_path
     pool = [m for m in _bpf_map_mappings(agent.pid) if "rw-s" in m]
     sizes = [int(b, 16) - int(a, 16) for a, b in (m.split()[0].split("-") for m in pool)]
     assert 16 << 20 not in sizes, pool                               # the default unwind_table_memory
+
+
+def test_release_freed_returns_pages_glibc_kept():
+    """Freed chunks under a live one stay resident until trimmed (the
+    agent's heap after libbpf indexed the kernel's BTF for each object)."""
+    import ctypes
+    import psutil
+    from collector import heap
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    chunks = [libc.malloc(16 << 10) for _ in range(4096)]       # 64 MiB, below the mmap threshold
+    for c in chunks:
+        ctypes.memset(c, 1, 16 << 10)
+    pin = libc.malloc(64)                                        # above them: the heap cannot shrink
+    for c in chunks:
+        libc.free(c)
+    rss = psutil.Process().memory_info().rss
+    heap.release_freed()
+    assert psutil.Process().memory_info().rss < rss - (32 << 20)
+    libc.free(pin)
