@@ -60,11 +60,15 @@ class UserSymbolizer:
         self._maps: dict = {}        # pid -> ProcessMaps, refreshed while the process lives
         self._perf_maps: dict = {}   # pid -> PerfMap, only for processes that wrote one
         self._build_ids: dict = {}   # (dev, inode, path) -> build id
+        # (pid, addr, return_address) -> Frame until the next refresh: samples
+        # share most frames (a busy collection: 37k frames, 1.7k distinct)
+        self._frames: dict = {}
         self.binaries_loaded = 0
 
     def refresh(self, pids) -> None:
         """Re-read the mappings of these live processes and load the symbols
         of binaries not seen before (while their files are reachable)."""
+        self._frames.clear()
         for pid in pids:
             maps = []
             for m in read_maps(pid):
@@ -95,6 +99,7 @@ class UserSymbolizer:
         """A process exited (and its last samples were resolved): drop its maps."""
         self._maps.pop(pid, None)
         self._perf_maps.pop(pid, None)
+        self._frames.clear()
 
     def known_pids(self):
         return list(self._maps)
@@ -103,6 +108,13 @@ class UserSymbolizer:
         """return_address: addr is where a call returns to, so the call itself
         (addr - 1) names the function (a call that ends a function returns
         into the next one)."""
+        key = (pid, addr, return_address)
+        frame = self._frames.get(key)
+        if frame is None:
+            frame = self._frames[key] = self._resolve(pid, addr, return_address)
+        return frame
+
+    def _resolve(self, pid: int, addr: int, return_address: bool) -> Frame:
         at = addr - 1 if return_address else addr
         pm = self._maps.get(pid)
         mapping = pm.find(at) if pm else None
