@@ -83,6 +83,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from . import heap
+    heap.limit_arenas()   # before any thread: exporters, gRPC, the unwind thread
     from .agent import Agent
 
     from .instance_lock import AlreadyRunning, InstanceLock

@@ -5,7 +5,8 @@ measures them):
   agent's lifetime (a BPF array's every page is resident once mapped);
 - capstone (the TLS uprobe placement's decoder) runs in a child, never in
   the agent; bcc and LLVM are not loaded either;
-- what glibc kept of memory freed while probes started goes back."""
+- what glibc kept of memory freed while probes started goes back, and its
+  arenas are capped (collector/heap.py)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import struct
 
 from conftest import ROOT, needs_root, wait_until
 
-from collector import libbpf
+from collector import heap, libbpf
 from collector.unwind.pool import RowPool
 
 POOL_OBJ = ROOT / "tests" / "bpf" / "row_pool_test.bpf.o"
@@ -23,6 +24,24 @@ LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 def _bpf_map_mappings(pid="self") -> list:
     with open(f"/proc/{pid}/maps") as f:
         return [line for line in f if "anon_inode:bpf-map" in line]
+
+
+def _thread_arenas(pid) -> int:
+    """glibc's arenas besides the main one: heaps of HEAP_MAX_SIZE (64 MiB on
+    64-bit), aligned to it, a read-write part then PROT_NONE."""
+    rows = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            rows.append((lo, hi, fields[1], len(fields) > 5))
+    n = 0
+    for (lo, hi, perm, named), nxt in zip(rows, rows[1:] + [None]):
+        if perm != "rw-p" or named or lo % (64 << 20):
+            continue
+        reserved = nxt[1] if nxt is not None and nxt[0] == hi and nxt[2] == "---p" else hi
+        n += reserved - lo == 64 << 20
+    return n
 
 
 def _rows(n: int, seed: int) -> bytes:
@@ -64,7 +83,8 @@ def test_row_pool_writes_through_windows_it_unmaps():
 def test_agent_with_every_probe_maps_no_decoder_nor_pool(agent_factory, tmp_path):
     """The default probes (every one) with their TLS uprobes placed: after
     collections the agent maps neither libcapstone (nor bcc, nor LLVM) nor
-    the unwind row pool, and the placement still found the cheap sites."""
+    the unwind row pool, the placement still found the cheap sites, and
+    its threads share heap.ARENAS glibc arenas."""
     out = tmp_path / "t.jsonl"
     agent = agent_factory({"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "",
                            "exporters": {"file": {"path": str(out)}}})
@@ -79,6 +99,8 @@ def test_agent_with_every_probe_maps_no_decoder_nor_pool(agent_factory, tmp_path
     pool = [m for m in _bpf_map_mappings(agent.pid) if "rw-s" in m]
     sizes = [int(b, 16) - int(a, 16) for a, b in (m.split()[0].split("-") for m in pool)]
     assert 16 << 20 not in sizes, pool                               # the default unwind_table_memory
+    if "MALLOC_ARENA_MAX" not in os.environ:                        # that would decide instead
+        assert _thread_arenas(agent.pid) <= heap.ARENAS - 1
 
 
 def test_release_freed_returns_pages_glibc_kept():
@@ -86,7 +108,6 @@ def test_release_freed_returns_pages_glibc_kept():
     agent's heap after libbpf indexed the kernel's BTF for each object)."""
     import ctypes
     import psutil
-    from collector import heap
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
