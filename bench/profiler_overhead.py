@@ -72,10 +72,10 @@ class Agent:
     def __init__(self, tmp: Path, name: str, cfg: dict):
         self.err = tmp / f"{name}.stderr"
         cfg = {"lock_file": str(tmp / f"{name}.lock"), "health": f"127.0.0.1:{free_port()}", **cfg}
-        (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        self.proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "run", "--config", str(tmp / f"{name}.yaml")],
-                                     cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.err, "w"))
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        self.proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "run", "--config", str(path)], cwd=ROOT,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.err, "w"))
         self.ps = psutil.Process(self.proc.pid)
         while "collecting every" not in self.err.read_text():
             if self.proc.poll() is not None:
@@ -103,7 +103,8 @@ def last_metrics(path: Path) -> dict:
                 for m in sm["metrics"]:
                     data = m.get("gauge") or m.get("sum")
                     for dp in (data or {}).get("dataPoints", ()):
-                        attrs = tuple(sorted((a["key"], next(iter(a["value"].values()))) for a in dp.get("attributes", ())))
+                        attrs = tuple(sorted((a["key"], next(iter(a["value"].values())))
+                                             for a in dp.get("attributes", ())))
                         out[(m["name"], attrs)] = float(dp.get("asInt", dp.get("asDouble", 0)))
     return out
 
@@ -208,7 +209,8 @@ def main() -> int:
     print(f"   row pool at the last round's end: {used / 2**20:.2f} of {cap / 2**20:.0f} MiB used, {tables:.0f} tables")
 
     print(f"\n3. The agent with every probe on, default config, after {args.steady:g} s (target: RSS <= 100 MiB)")
-    print(f"   {'exporter':<10} {'RSS MiB':>8} {'(peak)':>7} {'USS MiB':>8} {'PSS MiB':>8} {'CPU %':>6} {'threads':>8}  probes")
+    print(f"   {'exporter':<10} {'RSS MiB':>8} {'(peak)':>7} {'USS MiB':>8} {'PSS MiB':>8} {'CPU %':>6} "
+          f"{'threads':>8}  probes")
     for e, r in mem:
         print(f"   {e:<10} {r['rss'] / 2**20:8.1f} {r['rss_max'] / 2**20:7.1f} {r['uss'] / 2**20:8.1f} "
               f"{r['pss'] / 2**20:8.1f} {100 * r['cpu']:6.2f} {r['threads']:8d}  {r['probes']}")
