@@ -11,6 +11,7 @@ import collections
 import ctypes
 import ctypes.util
 import errno as errno_mod
+import mmap
 import os
 import threading
 from typing import Callable, Iterator, Optional
@@ -64,8 +65,11 @@ LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
 _log_total = [0]  # lines ever captured, so marks survive the deque wrapping
 
 
-# One message can be a whole verifier log: room for it, allocated once.
-_PRINT_BUF = ctypes.create_string_buffer(4 << 20)
+# One message can be a whole verifier log: room for it, reserved once in an
+# anonymous mapping, so only the pages a message reaches become resident
+# (a ctypes string buffer is zero-filled: 4 MiB of the agent's RSS for good).
+_PRINT_MAP = mmap.mmap(-1, 4 << 20)
+_PRINT_BUF = (ctypes.c_char * len(_PRINT_MAP)).from_buffer(_PRINT_MAP)
 
 
 def _print_cb(level: int, fmt: bytes, args: int) -> int:

@@ -6,12 +6,14 @@ measures them):
 - capstone (the TLS uprobe placement's decoder) runs in a child, never in
   the agent; bcc and LLVM are not loaded either;
 - what glibc kept of memory freed while probes started goes back, and its
-  arenas are capped (collector/heap.py)."""
+  arenas are capped (collector/heap.py);
+- libbpf's 4 MiB message buffer is resident only where messages reached."""
 from __future__ import annotations
 
 import os
 import struct
 
+import pytest
 from conftest import ROOT, needs_root, wait_until
 
 from collector import heap, libbpf
@@ -121,3 +123,32 @@ def test_release_freed_returns_pages_glibc_kept():
     heap.release_freed()
     assert psutil.Process().memory_info().rss < rss - (32 << 20)
     libc.free(pin)
+
+
+def _rss_kb_of_mapping_at(addr: int) -> int:
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1])
+    raise AssertionError(f"{addr:#x} is in no mapping")
+
+
+@needs_root
+def test_libbpf_message_buffer_is_not_resident():
+    """A verifier log went through it (the rejection's reason is read from
+    it), and still only its first pages are resident, not its 4 MiB."""
+    import ctypes
+    obj = libbpf.BpfObject(str(ROOT / "tests" / "bpf" / "verifier_reject.bpf.o"))
+    try:
+        with pytest.raises(libbpf.BpfError) as err:
+            obj.load()
+    finally:
+        obj.close()
+    assert err.value.log
+    assert len(libbpf._PRINT_BUF) == 4 << 20
+    assert _rss_kb_of_mapping_at(ctypes.addressof(libbpf._PRINT_BUF)) < 1024
