@@ -3,33 +3,33 @@
 
 1. Two CPU-bound workloads pinned to CPU 0, both without frame pointers: a
    -O2 C loop (bench/cpu_work.c) and Debian's own python3.11 running a
-   Python loop. They run in interleaved rounds without the agent and with
-   `otelbpf run` profiling the whole host (cpu_profile only, 99 Hz on every
-   CPU, the default 10 s interval, a fresh unwind table cache). Prints the
-   median slowdown of each (target <= 1%) and the agent's CPU, its table
-   build children included, as a share of one core while they ran after a
-   warm-up of 1.5 intervals (target <= 1%); the first round, which builds
-   the tables, is shown apart.
-2. The unwind tables the first round built, per binary, from the agent's
-   debug log (wall time, the build child's own time and peak RSS), and the
-   row pool's use at the end (otelbpf.profiler.unwind.table.memory from the
-   file exporter).
+   Python loop. A warm-up agent first fills an empty unwind table cache
+   while they run once, until no table was built for --settle s (the
+   tables of every binary the host runs). Then they run in interleaved
+   rounds without the agent and with `otelbpf run` profiling the whole host
+   (cpu_profile only, 99 Hz on every CPU, the default 10 s interval, OTLP
+   gRPC to a local receiver, that cache). Prints the median slowdown of
+   each (target <= 1%) and the agent's CPU as a share of one core while
+   they ran, after 1.5 intervals: its own, and its table build children's
+   (target <= 1%).
+2. The tables the warm-up built, per binary, from the agent's debug log
+   (wall time, the build child's own time and peak RSS), and the row pool's
+   use at the end (otelbpf.profiler.unwind.table.memory, as exported).
 3. The agent's memory with every probe on (the default config, as `make
    run` starts it, only the exporter set: OTLP gRPC to a local receiver, then
    the file exporter) after --steady seconds: RSS (median and peak of 10
-   samples a second apart), USS and PSS, and its CPU meanwhile. Target: RSS
-   <= 100 MiB.
+   samples a second apart), USS and PSS, and its CPU meanwhile (children
+   included). Target: RSS <= 100 MiB.
 
 The host's load average is printed at the start and the end: other work on
 the machine moves every figure.
 
 Usage: python bench/profiler_overhead.py [--rounds 5] [--iterations N] [--py-iterations N]
-                                         [--interval 10s] [--steady 60]
+                                         [--interval 10s] [--steady 60] [--settle 60]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -82,10 +82,17 @@ class Agent:
                 raise SystemExit(f"agent exited: {self.err.read_text()}")
             time.sleep(0.1)
 
-    def cpu(self) -> float:
-        """Its CPU seconds, finished children (table builds, TLS placement) included."""
+    def cpu_own(self) -> float:
         t = self.ps.cpu_times()
-        return t.user + t.system + t.children_user + t.children_system
+        return t.user + t.system
+
+    def cpu_children(self) -> float:
+        """CPU seconds of its finished children: table builds, TLS placement."""
+        t = self.ps.cpu_times()
+        return t.children_user + t.children_system
+
+    def cpu(self) -> float:
+        return self.cpu_own() + self.cpu_children()
 
     def stop(self) -> str:
         self.proc.terminate()
@@ -93,51 +100,78 @@ class Agent:
         return self.err.read_text()
 
 
-def last_metrics(path: Path) -> dict:
-    """(metric name, attributes) -> value, from the file exporter's last metrics line."""
+def grpc_receiver():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from otlp_receiver import GrpcReceiver    # the tests' receiver: opentelemetry-proto's own stubs
+    return GrpcReceiver()
+
+
+def last_gauges(rx) -> dict:
+    """(metric name, attributes) -> the latest value of each gauge the receiver got."""
     out = {}
-    for line in path.read_text().splitlines():
-        req = json.loads(line)
-        for rm in req.get("resourceMetrics", ()):
-            for sm in rm["scopeMetrics"]:
-                for m in sm["metrics"]:
-                    data = m.get("gauge") or m.get("sum")
-                    for dp in (data or {}).get("dataPoints", ()):
-                        attrs = tuple(sorted((a["key"], next(iter(a["value"].values())))
-                                             for a in dp.get("attributes", ())))
-                        out[(m["name"], attrs)] = float(dp.get("asInt", dp.get("asDouble", 0)))
+    with rx.rx.lock:
+        reqs = list(rx.rx.metrics)
+    for req in reqs:
+        for rm in req.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.WhichOneof("data") == "gauge":
+                        for dp in m.gauge.data_points:
+                            attrs = tuple(sorted((a.key, a.value.string_value) for a in dp.attributes))
+                            out[(m.name, attrs)] = dp.as_int or dp.as_double
     return out
+
+
+def warm_up(args, tmp: Path, cfg: dict, workloads: dict) -> str:
+    """A first agent with an empty table cache, while the workloads run once,
+    until no table was built for --settle s: the tables of every binary the
+    host runs are in the cache. Returns its log (one line per table)."""
+    agent = Agent(tmp, "warm-up", cfg)
+    for cmd in workloads.values():
+        work(cmd[:-1] + [str(int(cmd[-1]) // 4)])
+    last, seen, t0 = time.monotonic(), 0, time.monotonic()
+    while time.monotonic() - last < args.settle and time.monotonic() - t0 < args.settle_max:
+        n = agent.err.read_text().count("unwind table for ")
+        if n != seen:
+            seen, last = n, time.monotonic()
+        time.sleep(1)
+    return agent.stop()
 
 
 def profiler_rounds(args, tmp: Path) -> dict:
     workloads = {"cpu_work (C, -O2)": [build("cpu_work"), str(args.iterations)],
                  "python3.11 loop (Debian)": [PYTHON, "-c", PY_LOOP, str(args.py_iterations)]}
-    for cmd in workloads.values():
-        work(cmd[:-1] + [str(int(cmd[-1]) // 20)])   # warm caches
+    rx = grpc_receiver()
+    cfg = {"interval": args.interval, "log_level": "debug",
+           "exporters": {"otlp": {"endpoint": rx.endpoint, "protocol": "grpc", "insecure": True}},
+           "probes": {"cpu_profile": {"frequency": args.frequency, "unwind_cache_dir": str(tmp / "unwind-cache")}}}
+    t0 = time.monotonic()
+    warm_log = warm_up(args, tmp, cfg, workloads)
+    warm_s = time.monotonic() - t0
     base = {w: [] for w in workloads}
     prof = {w: [] for w in workloads}
-    cpu_share, logs = [], []
-    out = tmp / "profile.jsonl"
-    cfg = {"interval": args.interval, "log_level": "debug", "exporters": {"file": {"path": str(out)}},
-           "probes": {"cpu_profile": {"frequency": args.frequency, "unwind_cache_dir": str(tmp / "unwind-cache")}}}
+    own, children = [], []
     for r in range(args.rounds):
         for w, cmd in workloads.items():
             base[w].append(work(cmd))
         agent = Agent(tmp, "profiler", cfg)
-        time.sleep(float(args.interval.rstrip("s")) * 1.5)   # first collections: symbol tables, unwind tables
-        c0, t0 = agent.cpu(), time.monotonic()
+        time.sleep(float(args.interval.rstrip("s")) * 1.5)   # first collections: symbol tables, tables from the cache
+        o0, c0, t0 = agent.cpu_own(), agent.cpu_children(), time.monotonic()
         for w, cmd in workloads.items():
             prof[w].append(work(cmd))
-        cpu_share.append((agent.cpu() - c0) / (time.monotonic() - t0))
-        logs.append(agent.stop())
-    return {"base": base, "prof": prof, "cpu": cpu_share, "first_log": logs[0], "metrics": last_metrics(out)}
+        wall = time.monotonic() - t0
+        own.append((agent.cpu_own() - o0) / wall)
+        children.append((agent.cpu_children() - c0) / wall)
+        agent.stop()
+    gauges = last_gauges(rx)
+    rx.stop()
+    return {"base": base, "prof": prof, "own": own, "children": children, "warm_log": warm_log, "warm_s": warm_s,
+            "gauges": gauges}
 
 
 def memory_run(args, tmp: Path, exporter: str) -> dict:
     if exporter == "otlp grpc":
-        sys.path.insert(0, str(ROOT / "tests"))
-        from otlp_receiver import GrpcReceiver    # the tests' receiver: opentelemetry-proto's own stubs
-        rx = GrpcReceiver()
+        rx = grpc_receiver()
         exporters = {"otlp": {"endpoint": rx.endpoint, "protocol": "grpc", "insecure": True}}
     else:
         rx = None
@@ -168,11 +202,13 @@ def load() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iterations", type=int, default=10_000_000_000, help="cpu_work loop iterations")
-    ap.add_argument("--py-iterations", type=int, default=40_000, help="python loop: calls of leaf(1000)")
+    ap.add_argument("--iterations", type=int, default=20_000_000_000, help="cpu_work loop iterations")
+    ap.add_argument("--py-iterations", type=int, default=200_000, help="python loop: calls of leaf(1000)")
     ap.add_argument("--interval", default="10s")
     ap.add_argument("--frequency", type=int, default=99)
     ap.add_argument("--steady", type=float, default=60.0, help="seconds after start before RSS is read")
+    ap.add_argument("--settle", type=float, default=60.0, help="warm-up: ends once no table was built this long")
+    ap.add_argument("--settle-max", type=float, default=600.0, help="warm-up: ends after this long regardless")
     args = ap.parse_args()
     print(f"load average at start: {load()} ({os.cpu_count()} CPUs)\n")
     with tempfile.TemporaryDirectory() as d:
@@ -187,14 +223,14 @@ def main() -> int:
         b, x = statistics.median(p["base"][w]), statistics.median(p["prof"][w])
         print(f"   {w:<26} {b:10.3f} {x:9.3f} {100 * (x / b - 1):+8.2f}%   (runs without {min(p['base'][w]):.2f}-"
               f"{max(p['base'][w]):.2f}, with {min(p['prof'][w]):.2f}-{max(p['prof'][w]):.2f}; target <= 1%)")
-    later = p["cpu"][1:] or p["cpu"]
-    print(f"   agent CPU (table builds included): {100 * statistics.median(later):.2f}% of a core, median of "
-          f"rounds 2-{args.rounds} (target <= 1%); round 1, building the tables: {100 * p['cpu'][0]:.2f}%")
+    print(f"   agent CPU: {100 * statistics.median(p['own']):.2f}% of a core (median; rounds "
+          f"{', '.join(f'{100 * x:.2f}' for x in p['own'])}), its table build children "
+          f"{100 * statistics.median(p['children']):.2f}% (target <= 1% in all)")
 
     built = [(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)), int(m.group(5)))
-             for m in BUILT.finditer(p["first_log"])]
-    print(f"\n2. Unwind tables built in round 1 (fresh cache): {len(built)} binaries, "
-          f"{sum(b[2] for b in built) / 1000:.1f} s in all; the slowest:")
+             for m in BUILT.finditer(p["warm_log"])]
+    print(f"\n2. Unwind tables the warm-up built (empty cache, {p['warm_s']:.0f} s until none for {args.settle:g} s): "
+          f"{len(built)} binaries, {sum(b[2] for b in built) / 1000:.1f} s of builds; the slowest:")
     print(f"   {'binary':<48} {'rows':>7} {'wall ms':>8} {'child ms':>9} {'child peak RSS':>15}")
     for path, rows, wall, child, peak in sorted(built, key=lambda b: -b[2])[:12]:
         print(f"   {path[-48:]:<48} {rows:7d} {wall:8d} {child:9d} {peak / 1024:11.1f} MiB")
@@ -202,13 +238,14 @@ def main() -> int:
         for b in built:
             if b[0].endswith(name):
                 print(f"   (workload: {b[0]}: {b[1]} rows, {b[2]} ms)")
-    m = p["metrics"]
-    used = m.get(("otelbpf.profiler.unwind.table.memory", (("state", "used"),)), 0)
-    cap = m.get(("otelbpf.profiler.unwind.table.memory", (("state", "capacity"),)), 0)
-    tables = m.get(("otelbpf.profiler.unwind.tables", ()), 0)
+    g = p["gauges"]
+    used = g.get(("otelbpf.profiler.unwind.table.memory", (("state", "used"),)), 0)
+    cap = g.get(("otelbpf.profiler.unwind.table.memory", (("state", "capacity"),)), 0)
+    tables = g.get(("otelbpf.profiler.unwind.tables", ()), 0)
     print(f"   row pool at the last round's end: {used / 2**20:.2f} of {cap / 2**20:.0f} MiB used, {tables:.0f} tables")
 
-    print(f"\n3. The agent with every probe on, default config, after {args.steady:g} s (target: RSS <= 100 MiB)")
+    print(f"\n3. The agent with every probe on, default config, after {args.steady:g} s (target: RSS <= 100 MiB); "
+          f"CPU with its children")
     print(f"   {'exporter':<10} {'RSS MiB':>8} {'(peak)':>7} {'USS MiB':>8} {'PSS MiB':>8} {'CPU %':>6} "
           f"{'threads':>8}  probes")
     for e, r in mem:
