@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 
 from collector import perf
@@ -55,14 +56,24 @@ class PythonFrames:
 
     def __init__(self):
         self.symbols = python.PythonSymbolizer()
+        self._lock = threading.Lock()   # register() runs in the unwind thread, the rest in collect()
 
     def register(self, pid: int):
         """From the unwind thread: (py_procs value or None, whether to ask again later)."""
         proc, why = python.detect(pid)
         if proc is None:
             return None, why.startswith("not ready")
-        self.symbols.track(proc)
+        with self._lock:
+            self.symbols.track(proc)
         return proc.pack(), False
+
+    def merge(self, pid: int, frames: list, pairs: list) -> list:
+        with self._lock:
+            return python.merge(frames, pairs, lambda code, word: self.symbols.resolve(pid, code, word))
+
+    def forget(self, pid: int) -> None:
+        with self._lock:
+            self.symbols.forget(pid)
 
 
 def online_cpus(path: str = "/sys/devices/system/cpu/online") -> list:
@@ -90,8 +101,8 @@ class CpuProfileProbe(BpfProbe):
                        "to cpu-clock where absent)", choices=("cpu-clock", "cycles")),
         "idle": Field("str", "drop", "samples of idle CPUs: drop (counted only) or keep",
                       choices=("drop", "keep")),
-        "max_stacks": Field("int", 16384, "distinct stacks per interval (kernel stack map size); beyond it "
-                            "stacks are lost, counted", minimum=256),
+        "max_stacks": Field("int", 4096, "distinct kernel stacks per interval (1 KiB each, two buffers); "
+                            "beyond it kernel stacks are lost, counted", minimum=256),
         "max_keys": Field("int", 16384, "distinct (process, thread, stacks) per interval; beyond it samples "
                           "are dropped, counted", minimum=256),
         "unwind": Field("str", "dwarf", "user stacks: dwarf (tables from .eh_frame, frame pointers where none) "
@@ -240,8 +251,7 @@ class CpuProfileProbe(BpfProbe):
         frames = [self._usyms.resolve(pid, addr & ~stacks_mod.PC_EXACT, return_address=i > 0 and not addr & stacks_mod.PC_EXACT)
                   for i, addr in enumerate(walked.native)]
         if walked.python and self._python is not None:
-            frames = python.merge(frames, list(walked.python),
-                                  lambda code, word: self._python.symbols.resolve(pid, code, word))
+            frames = self._python.merge(pid, frames, list(walked.python))
         return frames
 
     def collect(self) -> list:
@@ -268,7 +278,7 @@ class CpuProfileProbe(BpfProbe):
             if pid not in live and not alive(pid):
                 self._usyms.forget(pid)
                 if self._python is not None:
-                    self._python.symbols.forget(pid)
+                    self._python.forget(pid)
         profile = Profile(samples, start_time_ns=self._last_ns, duration_ns=now - self._last_ns,
                           period_ns=self.period_ns)
         self._last_ns = now

@@ -16,6 +16,7 @@ import collections
 import functools
 import json
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -25,7 +26,8 @@ from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import ExportProfilesServiceRequest
 
-from conftest import ROOT, build_c, needs_root
+from collector.unwind.builder import TableBuilder
+from conftest import BIN, ROOT, build_c, needs_root
 from otlp_data import exp_buckets, latest_per_series, points, profile_samples
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -44,18 +46,19 @@ pytestmark = [needs_root, pytest.mark.skipif(os.environ.get("OTELBPF_KERNEL_MATR
 class Guest:
     """One kernel's run, started in the background and waited for once."""
 
-    def __init__(self, series: str, workdir: Path, bin_dir: Path):
+    def __init__(self, series: str, workdir: Path, bin_dir: Path, unwind_cache: Path):
         self.series = series
         self.workdir = workdir
         self.result = None
         self.error = None
-        self._thread = threading.Thread(target=self._run, args=(bin_dir,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(bin_dir, unwind_cache), daemon=True)
         self._thread.start()
 
-    def _run(self, bin_dir: Path) -> None:
+    def _run(self, bin_dir: Path, unwind_cache: Path) -> None:
         try:
             kernel = kernel_vm.prepare(self.series)
-            script = (f"cd {ROOT} && {sys.executable} tests/workloads/matrix_guest.py /tmp/vm {bin_dir}\n")
+            script = (f"cd {ROOT} && {sys.executable} tests/workloads/matrix_guest.py /tmp/vm {bin_dir} "
+                      f"{unwind_cache}\n")
             self.result = kernel_vm.run(kernel, script, self.workdir, timeout=GUEST_TIMEOUT_S)
         except Exception as e:  # reported by the test that waits for it
             self.error = e
@@ -99,11 +102,28 @@ def guests(tmp_path_factory):
     missing = kernel_vm.missing_host_tools()
     assert not missing, f"the kernel matrix needs {missing}: `make setup` installs them"
     bin_dir = build_c("sc_workload").parent
-    build_c("cpu_work", src=ROOT / "bench" / "cpu_work.c")
+    cpu_work = build_c("cpu_work", src=ROOT / "bench" / "cpu_work.c")
     base = tmp_path_factory.mktemp("matrix")
+    # under the checkout: the guests see this machine's /tmp hidden by their own
+    unwind_cache = prebuilt_unwind_tables(BIN / "unwind-cache", [cpu_work, Path(sys.executable).resolve()])
     # kernel packages first, one apt run for all three, before the boots
     kernel_vm.fetch_debs(KERNELS)
-    return {k: Guest(k, base / k, bin_dir) for k in KERNELS}
+    return {k: Guest(k, base / k, bin_dir, unwind_cache) for k in KERNELS}
+
+
+def prebuilt_unwind_tables(cache: Path, binaries: list) -> Path:
+    """Tables of the guests' busiest binaries and their libraries, built
+    here: the guests read them (same files, same build ids) instead of
+    building them under software emulation."""
+    libs = set()
+    for b in binaries:
+        out = subprocess.run(["ldd", str(b)], capture_output=True, text=True).stdout
+        libs.update(part for line in out.splitlines() for part in line.split() if part.startswith("/"))
+    builder = TableBuilder(str(cache))
+    for path in sorted({str(b) for b in binaries} | libs):
+        table = builder.get(path)
+        assert table, f"no unwind table for {path}: {table.reason}"
+    return cache
 
 
 
@@ -198,3 +218,20 @@ def test_cpu_profile_samples_follow_cpu_time(guests, series):
     # process's CPU time, within the sampling's jitter
     assert 0.5 * expected <= samples <= 1.5 * expected, f"{series}: {samples} samples for {truth['cpu_seconds']:.2f} s"
 
+
+
+@pytest.mark.parametrize("series", KERNELS)
+def test_cpu_profile_stacks_are_whole_without_frame_pointers(guests, series):
+    """cpu_work is built -O2 (no frame pointers): only the .eh_frame walk
+    reaches _start from main. The second run of the binary finds its tables
+    (and libc's) built, so nearly all its samples are whole."""
+    g = guests[series].wait()
+    pid = g.truth()["cpu_again"]["pid"]
+    _metrics, profiles = g.telemetry
+    mine = [(names, kernel, n) for attrs, names, kernel, n in profile_samples(profiles)
+            if attrs.get("process.pid") == pid]
+    total = sum(n for *_, n in mine)
+    whole = sum(n for names, kernel, n in mine
+                if [f for f, k in zip(names, kernel) if not k][-1:] == ["_start"])
+    assert total > 50, f"{series}: {total} samples"
+    assert whole >= 0.8 * total, f"{series}: {whole} of {total} samples reach _start\n{g.context()}"

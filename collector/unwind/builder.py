@@ -12,10 +12,11 @@ import io
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from ..symbolize.elf import build_id, build_id_of
 from . import cachefile
@@ -24,8 +25,10 @@ from .rows import UnwindTable
 from .vdso import vdso_image
 
 DEFAULT_CACHE_DIR = "/var/cache/otelbpf/unwind"
-DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = 600.0            # wall clock: a busy host gives a nice-10 child little CPU
+DEFAULT_CPU_LIMIT = 120            # CPU seconds (RLIMIT_CPU): postgres 15 takes about 4 here
 DEFAULT_AS_LIMIT = 1 << 30         # postgres 15 (73k rows) peaks at 160 MB of address space
+DEFAULT_CACHE_BYTES = 256 << 20    # disk the cache may use; the least recently built files go first
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -41,10 +44,33 @@ def cache_key(path: str, bid: Optional[str]) -> Optional[str]:
     return f"i-{st.st_dev}-{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
 
 
+def prune(cache_dir: str, limit: int) -> int:
+    """Delete the oldest table files until the directory holds at most
+    `limit` bytes; returns how many went."""
+    try:
+        files = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(cache_dir) if e.is_file()]
+    except OSError:
+        return 0
+    total, gone = sum(f[1] for f in files), 0
+    for _mtime, size, path in sorted(files):
+        if total <= limit:
+            break
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        total -= size
+        gone += 1
+    return gone
+
+
 class TableBuilder:
     def __init__(self, cache_dir: str = DEFAULT_CACHE_DIR, timeout: float = DEFAULT_TIMEOUT,
-                 as_limit: int = DEFAULT_AS_LIMIT, python: str = sys.executable):
+                 as_limit: int = DEFAULT_AS_LIMIT, python: str = sys.executable,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, cpu_limit: int = DEFAULT_CPU_LIMIT):
         self.cache_dir = cache_dir
+        self.cpu_limit = cpu_limit
+        self.cache_bytes = cache_bytes
         self.timeout = timeout
         self.as_limit = as_limit
         self.python = python
@@ -71,25 +97,38 @@ class TableBuilder:
     def _get(self, key: str, src: str) -> UnwindTable:
         if key in self._failed:
             return self._failed[key]
-        cache_dir = self._cache_dir()
+        cache_dir, writable = self._cache_dir()
         if cache_dir:
             cached = cachefile.read(os.path.join(cache_dir, key))
             if cached is not None:
                 self.stats["cache_hits"] += 1
+                if writable:
+                    os.utime(os.path.join(cache_dir, key))   # recently used: pruned last
                 return cached
-            return self._run(src, key, os.path.join(cache_dir, key))
+        if cache_dir and writable:
+            table = self._run(src, key, os.path.join(cache_dir, key))
+            if table:
+                prune(cache_dir, self.cache_bytes)
+            return table
         with tempfile.TemporaryDirectory(prefix="otelbpf-unwind-") as tmp:
             return self._run(src, key, os.path.join(tmp, key))
 
-    def _cache_dir(self) -> Optional[str]:
+    def _cache_dir(self) -> Tuple[Optional[str], bool]:
+        """(directory to read tables from, whether new ones can be kept there).
+        A read-only cache (one built ahead, shipped in an image) is still read."""
         if not self.cache_dir:
-            return None   # not kept across restarts: built in a temporary directory
+            return None, False   # not kept across restarts: built in a temporary directory
         try:
             os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
-            return self.cache_dir if os.access(self.cache_dir, os.W_OK) else None
         except OSError:
+            pass
+        if not os.path.isdir(self.cache_dir):
             self.stats["cache_unwritable"] += 1
-            return None
+            return None, False
+        writable = os.access(self.cache_dir, os.W_OK)
+        if not writable:
+            self.stats["cache_unwritable"] += 1
+        return self.cache_dir, writable
 
     def _run(self, src: str, key: str, out: str) -> UnwindTable:
         env = dict(os.environ)
@@ -103,7 +142,8 @@ class TableBuilder:
         except subprocess.TimeoutExpired:
             for stale in glob.glob(glob.escape(out) + ".tmp*"):   # killed while writing
                 os.unlink(stale)
-            return self._fail(key, "timeouts", f"build timed out after {self.timeout:g}s")
+            # not remembered: the host may be less busy next time
+            return self._fail(key, "timeouts", f"build timed out after {self.timeout:g}s", remember=False)
         except (OSError, subprocess.SubprocessError) as e:    # no python, a limit refused
             return self._fail(key, "child_errors", f"build child not started: {e}")
         table = cachefile.read(out) if proc.returncode == 0 else None
@@ -111,6 +151,8 @@ class TableBuilder:
             err = proc.stderr.decode(errors="replace")
             oom = proc.returncode == EXIT_NO_MEMORY or "MemoryError" in err
             what = "out of memory" if oom else (err.strip().splitlines() or [""])[-1][:200]
+            if proc.returncode == -signal.SIGXCPU:
+                what = f"more than {self.cpu_limit} s of CPU"
             # a file that could not be read (its process exited) may be
             # readable through the next process that maps it: not remembered
             return self._fail(key, "child_errors", f"build child exited {proc.returncode}: {what}",
@@ -121,6 +163,7 @@ class TableBuilder:
     def _limits(self) -> None:
         # in the child, before exec: its address space is capped, it yields the CPU
         resource.setrlimit(resource.RLIMIT_AS, (self.as_limit, self.as_limit))
+        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_limit, self.cpu_limit))
         os.nice(10)
 
     def _fail(self, key: str, counter: str, reason: str, remember: bool = True) -> UnwindTable:
@@ -128,4 +171,6 @@ class TableBuilder:
         table = UnwindTable(reason=reason)
         if remember:
             self._failed[key] = table
+        else:
+            table.stats["transient"] = 1   # the caller may ask again later
         return table

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 from ..metadata.process import alive
 from .pool import RowPool
 from .procs import BinaryIdentity, exec_mappings, mapping_bias, pack_proc
+from .table import transient
 
 log = logging.getLogger("otelbpf.unwind")
 
@@ -29,6 +30,7 @@ REAP_EVERY_S = 5.0          # entries of exited processes are removed this often
 _PID = struct.Struct("=I")
 _WANT = struct.Struct("=IIQ")    # struct want_key: pid, why, mapping start
 WANT_PROCESS, WANT_MAPPING, WANT_REFRESH = 1, 2, 3
+MAP_NO_TABLE = 1                 # UNW_MAP_NO_TABLE
 
 
 @dataclass
@@ -41,7 +43,7 @@ class TrackedProcess:
     binaries: set = field(init=False)
 
     def __post_init__(self):
-        self.binaries = set(self.keys.values())
+        self.binaries = {k for k in self.keys.values() if k is not None}
 
 
 class UnwindManager:
@@ -124,8 +126,12 @@ class UnwindManager:
         if entry is None:
             return
         for m, key in entry.keys.items():
-            if m.start == start and key in self._queue:
+            if m.start != start or key is None or key in self._failed:
+                continue
+            if key in self._queue:
                 self._queue[key][0] += samples
+            elif self.pool.get(key) is None:   # evicted since: wanted again
+                self._queue[key] = [samples, pid, m]
 
     def _refresh(self, pid: int, forced: bool) -> None:
         with self._lock:
@@ -145,6 +151,8 @@ class UnwindManager:
         for m in mappings:
             key = self._ids.key(pid, m)
             keys[m] = key
+            if key is None:
+                continue   # anonymous (JIT) code: in the table, walked by frame pointers
             if self.pool.get(key) is None and key not in self._failed and key not in self._queue:
                 self._queue[key] = [0, pid, m]
         tracked = TrackedProcess(mappings, keys, {m: mapping_bias(pid, m) for m in mappings}, now, now)
@@ -173,9 +181,11 @@ class UnwindManager:
             bias = entry.biases[m]
             if bias is None:
                 continue
-            t = self.pool.get(entry.keys[m])
+            key = entry.keys[m]
+            t = self.pool.get(key) if key is not None else None
+            never = key is None or key in self._failed
             rows.append((m.start, bias, min(m.end - m.start, 0xFFFFFFFF),
-                         t.start if t else 0, t.n_rows if t else 0, 0))
+                         t.start if t else 0, t.n_rows if t else 0, MAP_NO_TABLE if never else 0))
         self._gen += 1
         try:
             self._procs_map.update(_PID.pack(pid), pack_proc(rows, self._gen))
@@ -192,17 +202,18 @@ class UnwindManager:
         table = self._builder.get_vdso() if m.is_vdso else self._builder.get(m.open_path(pid), known_as=m.path)
         took = time.monotonic() - t0
         self.stats["build_seconds"] += took
+        if not table and transient(table):
+            log.info("no unwind table for %s yet: %s (asked again when sampled)", m.path, table.reason)
+            return
         if not table or self.pool.load(key, table.rows) is None:
             self._failed[key] = table.reason or "does not fit the row pool"
             self.stats["tables_failed"] += 1
             log.info("no unwind table for %s: %s (frame pointers there)", m.path, self._failed[key])
+            self._rewrite_users(key)   # the kernel stops asking for it
             return
         self.stats["tables_built"] += 1
         self.build_seconds[m.path] = took
-        with self._lock:
-            users = [p for p, e in self._procs.items() if key in e.binaries]
-        for p in users:
-            self._write(p)
+        self._rewrite_users(key)
 
     def _requeue_from_another_process(self, key, wanted: int) -> None:
         with self._lock:
@@ -214,6 +225,9 @@ class UnwindManager:
 
     def _evicted(self, key) -> None:
         """The pool drops this table: rewrite the entries that point at it."""
+        self._rewrite_users(key)
+
+    def _rewrite_users(self, key) -> None:
         with self._lock:
             users = [p for p, e in self._procs.items() if key in e.binaries]
         for p in users:

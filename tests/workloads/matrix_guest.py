@@ -3,7 +3,11 @@ then the agent with its default probes and a file exporter, real workloads
 with known counts, and the workloads' own ground truth, all written to OUT
 for tests/test_kernel_matrix.py to compare on the host.
 
-    python tests/workloads/matrix_guest.py OUT BIN_DIR
+    python tests/workloads/matrix_guest.py OUT BIN_DIR [UNWIND_CACHE]
+
+UNWIND_CACHE: unwind tables built ahead on the host (read-only here), so
+that the profiler walks whole stacks from the start: building them under
+software emulation takes minutes, and it is the walk that differs by kernel.
 
 Workloads (each its own process, so each is its own executable in the data):
 - HTTP: python's http.server on 127.0.0.1:HTTP_PORT serving a directory,
@@ -122,8 +126,8 @@ def syscall_workload(bin_dir: Path) -> dict:
     return {"pid": pid, "getppid": GETPPID, "nanosleep": SLEEPS, "sleep_ns": SLEEP_NS, "proc": w}
 
 
-def cpu_workload(bin_dir: Path) -> dict:
-    w = subprocess.Popen([str(bin_dir / "cpu_work"), str(CPU_LOOPS)], stdout=subprocess.PIPE, text=True)
+def cpu_workload(bin_dir: Path, loops: int = CPU_LOOPS) -> dict:
+    w = subprocess.Popen([str(bin_dir / "cpu_work"), str(loops)], stdout=subprocess.PIPE, text=True)
     _pid, _status, usage = os.wait4(w.pid, 0)
     w.returncode = 0
     return {"pid": w.pid, "cpu_seconds": usage.ru_utime + usage.ru_stime}
@@ -131,9 +135,12 @@ def cpu_workload(bin_dir: Path) -> dict:
 
 def main() -> int:
     out, bin_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    cache = sys.argv[3] if len(sys.argv) > 3 else "/var/cache/otelbpf/unwind"
     cfg = out / "otelbpf.yaml"
     cfg.write_text(json.dumps({"interval": f"{INTERVAL_S}s", "health": "",
-                               "exporters": {"file": {"path": str(out / "telemetry.jsonl")}}}))
+                               "exporters": {"file": {"path": str(out / "telemetry.jsonl")}},
+                               "probes": {"cpu_profile": {"unwind_cache_dir": cache}, "http": {},
+                                          "net_flows": {}, "syscall_latency": {}}}))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cli = [sys.executable, "-m", "collector.cli"]
     check = subprocess.run(cli + ["check", "--config", str(cfg)], cwd=ROOT, env=env, capture_output=True,
@@ -149,6 +156,9 @@ def main() -> int:
         truth["tcp"] = tcp_workload()
         sc = syscall_workload(bin_dir)
         truth["cpu"] = cpu_workload(bin_dir)
+        # the same binary again: its unwind tables (and libc's) exist by now,
+        # so its stacks are walked whole from its first poll on
+        truth["cpu_again"] = cpu_workload(bin_dir, 3 * CPU_LOOPS)
         time.sleep(2 * INTERVAL_S)   # the syscall workload is read while it lives
         proc = sc.pop("proc")
         proc.stdin.close()
