@@ -392,7 +392,17 @@ def test_timeout(tmp_path):
     t = builder.get(POSTGRES)
     assert not t.rows and "timed out" in t.reason and builder.stats["timeouts"] == 1
     assert os.listdir(tmp_path) == []          # nothing half-written stays
-    # remembered: asking again starts no second child
+    # a wall-clock timeout says the host was busy, not that the binary is
+    # bad: not remembered, the next ask builds again
+    assert transient(t)
+    assert builder.get(POSTGRES).reason == t.reason and builder.stats["children"] == 2
+
+
+def test_cpu_limit(tmp_path):
+    """A build that needs more CPU than allowed fails for good (remembered)."""
+    builder = TableBuilder(cache_dir=str(tmp_path), cpu_limit=1)
+    t = builder.get(POSTGRES)
+    assert not t.rows and "CPU" in t.reason and not transient(t), t.reason
     assert builder.get(POSTGRES).reason == t.reason and builder.stats["children"] == 1
 
 

@@ -86,12 +86,29 @@ class TableBuilder:
             return UnwindTable(reason=f"{known_as or path}: unreadable")
         return self._get(key, path)
 
-    def get_vdso(self) -> UnwindTable:
+    def cached(self, path: Optional[str]) -> Optional[UnwindTable]:
+        """The table if the disk cache has it (no child started), else None.
+        path None: the vdso."""
+        key = self._vdso_key() if path is None else cache_key(path, build_id(path))
+        cache_dir, _ = self._cache_dir()
+        if not key or not cache_dir:
+            return None
+        table = cachefile.read(os.path.join(cache_dir, key))
+        if table is not None:
+            self.stats["cache_hits"] += 1
+        return table
+
+    def _vdso_key(self) -> Optional[str]:
         image = vdso_image()
         if not image:
-            return UnwindTable(reason="no vdso")
+            return None
         bid = build_id_of(io.BytesIO(image))
-        key = f"b-{bid}" if bid else f"vdso-{os.uname().release}"
+        return f"b-{bid}" if bid else f"vdso-{os.uname().release}"
+
+    def get_vdso(self) -> UnwindTable:
+        key = self._vdso_key()
+        if key is None:
+            return UnwindTable(reason="no vdso")
         return self._get(key, VDSO)
 
     def _get(self, key: str, src: str) -> UnwindTable:
@@ -163,7 +180,8 @@ class TableBuilder:
     def _limits(self) -> None:
         # in the child, before exec: its address space is capped, it yields the CPU
         resource.setrlimit(resource.RLIMIT_AS, (self.as_limit, self.as_limit))
-        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_limit, self.cpu_limit))
+        # SIGXCPU at the soft limit, SIGKILL a second later if it was ignored
+        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_limit, self.cpu_limit + 1))
         os.nice(10)
 
     def _fail(self, key: str, counter: str, reason: str, remember: bool = True) -> UnwindTable:

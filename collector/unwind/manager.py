@@ -2,15 +2,19 @@
 
 The kernel asks (map `unwind_wanted`) for processes it sampled without a
 mapping table, or whose pc fell outside every mapping (dlopen, exec). This
-thread answers: it reads the process's mappings, builds missing tables in a
-child process (collector.unwind.build), writes them into the row pool and
-the process's entry. Nothing of this runs on the collection path; a sample
-taken before its table exists is walked by frame pointers and still counted.
+thread answers: it reads the process's mappings, takes tables from the disk
+cache at once, has the missing ones built (one at a time, most-sampled
+first) by a second thread that waits for a child process
+(collector.unwind.build), and writes them into the row pool and the
+process's entry. A build that takes minutes on a busy host holds up no
+other process. Nothing of this runs on the collection path; a sample taken
+before its table exists is walked by frame pointers and still counted.
 """
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import struct
 import threading
 import time
@@ -20,6 +24,7 @@ from typing import Callable, Optional
 from ..metadata.process import alive
 from .pool import RowPool
 from .procs import BinaryIdentity, exec_mappings, mapping_bias, pack_proc
+from .rows import UnwindTable
 from .table import transient
 
 log = logging.getLogger("otelbpf.unwind")
@@ -67,18 +72,26 @@ class UnwindManager:
         self._gen = 0
         self._python_later: set = set()   # pids whose interpreter was not ready yet
         self.build_seconds: dict = {}   # binary path -> seconds, the most recent builds
-        self.stats = {"tables_built": 0, "tables_failed": 0, "build_seconds": 0.0,
+        self.stats = {"tables_built": 0, "tables_from_cache": 0, "tables_failed": 0, "build_seconds": 0.0,
                       "processes_evicted": 0}
+        self._building = None            # binary key whose table the build thread is making
+        self._to_build: "queue.Queue" = queue.Queue()
+        self._built: "queue.Queue" = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="otelbpf-unwind", daemon=True)
+        self._build_thread = threading.Thread(target=self._build_loop, name="otelbpf-unwind-build", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._build_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._to_build.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        self.pool.close()
+        if not self._thread.is_alive():   # the pool is only written by that thread
+            self.pool.close()
+        # a build still running finishes in its own daemon thread, unused
 
     def sampled(self, pids) -> None:
         """From collect(): these processes had samples (their tables stay warm)."""
@@ -101,14 +114,15 @@ class UnwindManager:
                         self._wanted_mapping(pid, start, samples)
                     else:
                         self._refresh(pid, forced=(why == WANT_PROCESS))
-                if self._queue:
-                    self._build_next()
+                self._take_built()
+                if self._queue and self._building is None:
+                    self._start_build()
                 if time.monotonic() - last_reap > REAP_EVERY_S:
                     self._reap()
                     last_reap = time.monotonic()
             except Exception:   # the profiler keeps running on frame pointers
                 log.exception("unwind table upkeep failed")
-            self._stop.wait(0 if self._queue else POLL_S)
+            self._stop.wait(POLL_S)
 
     def _take_wanted(self) -> list:
         """(pid, why, mapping start, samples), processes before their mappings."""
@@ -154,7 +168,8 @@ class UnwindManager:
             if key is None:
                 continue   # anonymous (JIT) code: in the table, walked by frame pointers
             if self.pool.get(key) is None and key not in self._failed and key not in self._queue:
-                self._queue[key] = [0, pid, m]
+                if not self._from_cache(key, pid, m):
+                    self._queue[key] = [0, pid, m]
         tracked = TrackedProcess(mappings, keys, {m: mapping_bias(pid, m) for m in mappings}, now, now)
         with self._lock:
             self._procs[pid] = tracked
@@ -192,16 +207,43 @@ class UnwindManager:
         except OSError as e:
             log.debug("pid %d: mapping table not written: %s", pid, e)
 
-    def _build_next(self) -> None:
+    def _start_build(self) -> None:
         key = max(self._queue, key=lambda k: self._queue[k][0])   # the most wanted; ties: the oldest
         wanted, pid, m = self._queue.pop(key)
         if not m.is_vdso and not os.path.exists(m.open_path(pid)):
             self._requeue_from_another_process(key, wanted)   # that process exited: not the binary's fault
             return
-        t0 = time.monotonic()
-        table = self._builder.get_vdso() if m.is_vdso else self._builder.get(m.open_path(pid), known_as=m.path)
-        took = time.monotonic() - t0
-        self.stats["build_seconds"] += took
+        self._building = key
+        self._to_build.put((key, pid, m))
+
+    def _build_loop(self) -> None:
+        """The build thread: waits for one child process at a time."""
+        while True:
+            job = self._to_build.get()
+            if job is None or self._stop.is_set():
+                return
+            key, pid, m = job
+            t0 = time.monotonic()
+            try:
+                table = self._builder.get_vdso() if m.is_vdso else self._builder.get(m.open_path(pid), known_as=m.path)
+            except Exception as e:   # the builder never raises by design; a bug must not stop the profiler
+                log.exception("unwind table build failed")
+                table = UnwindTable(reason=f"build failed: {e}")
+            self._built.put((key, m, table, time.monotonic() - t0))
+
+    def _take_built(self) -> None:
+        while True:
+            try:
+                key, m, table, took = self._built.get_nowait()
+            except queue.Empty:
+                return
+            self._building = None
+            self.stats["build_seconds"] += took
+            self._install(key, m, table, took)
+
+    def _install(self, key, m, table, took: float = 0.0) -> None:
+        if self.pool.get(key) is not None:
+            return   # loaded from the disk cache meanwhile
         if not table and transient(table):
             log.info("no unwind table for %s yet: %s (asked again when sampled)", m.path, table.reason)
             return
@@ -212,8 +254,20 @@ class UnwindManager:
             self._rewrite_users(key)   # the kernel stops asking for it
             return
         self.stats["tables_built"] += 1
-        self.build_seconds[m.path] = took
+        if took:
+            self.build_seconds[m.path] = took
         self._rewrite_users(key)
+
+    def _from_cache(self, key, pid: int, m) -> bool:
+        """Load a table the disk cache already holds, now (no child process)."""
+        if key == self._building:
+            return False
+        table = self._builder.cached(None if m.is_vdso else m.open_path(pid))
+        if table is None or not table or self.pool.load(key, table.rows) is None:
+            return False
+        self.stats["tables_from_cache"] += 1
+        self._rewrite_users(key)   # other processes that map it
+        return True
 
     def _requeue_from_another_process(self, key, wanted: int) -> None:
         with self._lock:
