@@ -265,12 +265,19 @@ class CpuProfileProbe(BpfProbe):
         self._usyms.refresh(live)
         if self._unwind is not None:
             self._unwind.sampled(pids)
-        samples = []
+        samples, user_frames, kernel_frames = [], {}, {}
         for (pid, kernel_id, user_hash, comm), n in keys:
             thread = comm.split(b"\0", 1)[0].decode(errors="replace")
             attrs = {"process.pid": pid, "thread.name": thread,
                      "process.executable.name": self._procs.executable_name(pid, fallback=thread) or thread}
-            frames = self._kernel_frames(stacks, kernel_id) + self._user_frames(pid, user_hash)
+            # keys that differ only by thread or kernel stack share their user stack: resolved once
+            user = user_frames.get((pid, user_hash))
+            if user is None:
+                user = user_frames[(pid, user_hash)] = self._user_frames(pid, user_hash)
+            kernel = kernel_frames.get(kernel_id)
+            if kernel is None:
+                kernel = kernel_frames[kernel_id] = self._kernel_frames(stacks, kernel_id)
+            frames = kernel + user
             samples.append(ProfileSample(attrs, frames, n))
         self._ustacks.expire()
         # Only now, with their last samples resolved, forget processes that exited.

@@ -32,6 +32,7 @@ log = logging.getLogger("otelbpf.unwind")
 POLL_S = 0.2
 REFRESH_MIN_S = 1.0         # a process's mappings are re-read at most this often
 REAP_EVERY_S = 5.0          # entries of exited processes are removed this often
+MIN_SAMPLES_TO_BUILD = 3    # a binary seen in fewer walked samples is not worth a build child
 _PID = struct.Struct("=I")
 _WANT = struct.Struct("=IIQ")    # struct want_key: pid, why, mapping start
 WANT_PROCESS, WANT_MAPPING, WANT_REFRESH = 1, 2, 3
@@ -67,10 +68,11 @@ class UnwindManager:
         self._procs: dict = {}          # pid -> TrackedProcess
         self._failed: dict = {}         # binary key -> why no table (not retried)
         self._queue: dict = {}          # binary key -> [samples that lacked it, pid, mapping]
-        self._lock = threading.Lock()   # _procs is touched by collect() through sampled()
+        self._lock = threading.Lock()   # _sampled is filled by collect(); _procs read by stats
         self._stop = threading.Event()
         self._gen = 0
         self._python_later: set = set()   # pids whose interpreter was not ready yet
+        self._sampled: set = set()        # pids with samples since the upkeep thread last looked
         self.build_seconds: dict = {}   # binary path -> seconds, the most recent builds
         self.stats = {"tables_built": 0, "tables_from_cache": 0, "tables_failed": 0, "build_seconds": 0.0,
                       "processes_evicted": 0}
@@ -94,15 +96,20 @@ class UnwindManager:
         # a build still running finishes in its own daemon thread, unused
 
     def sampled(self, pids) -> None:
-        """From collect(): these processes had samples (their tables stay warm)."""
-        now = time.monotonic()
+        """From collect(): these processes had samples (their tables stay
+        warm). Only noted here: the pool is the upkeep thread's alone."""
         with self._lock:
-            for pid in pids:
-                entry = self._procs.get(pid)
-                if entry is not None:
-                    entry.sampled = now
-                    for key in entry.binaries:
-                        self.pool.touch(key)
+            self._sampled.update(pids)
+
+    def _touch_sampled(self) -> None:
+        with self._lock:
+            pids, self._sampled = self._sampled, set()
+            entries = [self._procs[p] for p in pids if p in self._procs]
+        now = time.monotonic()
+        for entry in entries:
+            entry.sampled = now
+            for key in entry.binaries:
+                self.pool.touch(key)
 
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
@@ -114,6 +121,7 @@ class UnwindManager:
                         self._wanted_mapping(pid, start, samples)
                     else:
                         self._refresh(pid, forced=(why == WANT_PROCESS))
+                self._touch_sampled()
                 self._take_built()
                 if self._queue and self._building is None:
                     self._start_build()
@@ -209,6 +217,8 @@ class UnwindManager:
 
     def _start_build(self) -> None:
         key = max(self._queue, key=lambda k: self._queue[k][0])   # the most wanted; ties: the oldest
+        if self._queue[key][0] < MIN_SAMPLES_TO_BUILD:
+            return   # nothing sampled enough to be worth a child process yet
         wanted, pid, m = self._queue.pop(key)
         if not m.is_vdso and not os.path.exists(m.open_path(pid)):
             self._requeue_from_another_process(key, wanted)   # that process exited: not the binary's fault

@@ -325,6 +325,9 @@ class CodeInfo:
     linetable: bytes
 
 
+_UNREADABLE = object()   # a code address that did not read as a code object
+
+
 class PythonSymbolizer:
     """(pid, code object, instruction word) -> Frame with function, file and
     line, reading code objects from the live process; cached per (pid, code
@@ -357,15 +360,15 @@ class PythonSymbolizer:
         info = self._codes.get(key)
         if info is not None:
             self._codes.move_to_end(key)
-            return info
+            return None if info is _UNREADABLE else info
         entry = self._procs.get(pid)
         if entry is None:
             return None
         lo, mem = entry
         info = self._read_code(mem, lo, code)
-        if info is None:
-            return None
-        self._codes[key] = info
+        # a failed read is remembered too: a process that exited, or an
+        # address that is no code object, is not read again every sample
+        self._codes[key] = _UNREADABLE if info is None else info
         if len(self._codes) > self._max_codes:
             self._codes.popitem(last=False)
         return info
