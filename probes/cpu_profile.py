@@ -138,10 +138,6 @@ class CpuProfileProbe(BpfProbe):
         self._ustacks = UserStacks(obj.map("prof_ustacks"))
         self._unwind = None
         self._python = None
-        if self.config["unwind"] == "dwarf":
-            self._unwind = UnwindManager(obj, self._table_builder(), self.config["max_processes"],
-                                         python=self._python_reader())
-            self._unwind.start()
         self._perf_fds: dict = {}   # cpu -> perf_event link (which owns the event's fd)
         self._event = self.config["event"]
         self._attach_cpus()
@@ -158,6 +154,11 @@ class CpuProfileProbe(BpfProbe):
         self.period_ns = round(NS_PER_S / self.config["frequency"])   # ns between samples at frequency Hz
         self.truncated = 0
         self.user_stack_missing = 0
+        if self.config["unwind"] == "dwarf":   # last: nothing above can fail with its thread running
+            self._unwind = UnwindManager(obj, self._table_builder(), self.config["max_processes"],
+                                         python=self._python_reader(),
+                                         on_new_process=lambda pid: self._usyms.refresh([pid]))
+            self._unwind.start()
 
     # ------------------------------------------------------------- perf events
     def _open_event(self, cpu: int) -> int:

@@ -105,10 +105,23 @@ def guests(tmp_path_factory):
     cpu_work = build_c("cpu_work", src=ROOT / "bench" / "cpu_work.c")
     base = tmp_path_factory.mktemp("matrix")
     # under the checkout: the guests see this machine's /tmp hidden by their own
-    unwind_cache = prebuilt_unwind_tables(BIN / "unwind-cache", [cpu_work, Path(sys.executable).resolve()])
+    unwind_cache = prebuilt_unwind_tables(BIN / "unwind-cache", [cpu_work] + agent_binaries())
     # kernel packages first, one apt run for all three, before the boots
     kernel_vm.fetch_debs(KERNELS)
     return {k: Guest(k, base / k, bin_dir, unwind_cache) for k in KERNELS}
+
+
+def agent_binaries() -> list:
+    """The files of executable code an agent maps: python and the extension
+    modules its imports load (the agent is the guests' busiest process)."""
+    code = ("import collector.cli, collector.agent, collector.export.otlp, collector.export.file, "
+            "probes.cpu_profile, probes.http, probes.net_flows, probes.syscall_latency, collector.libbpf; "
+            "collector.libbpf.lib(); "
+            "print(open('/proc/self/maps').read())")
+    maps = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout
+    return sorted({Path(line.split()[5]) for line in maps.splitlines()
+                   if len(line.split()) > 5 and "x" in line.split()[1] and line.split()[5].startswith("/")})
 
 
 def prebuilt_unwind_tables(cache: Path, binaries: list) -> Path:

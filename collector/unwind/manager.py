@@ -53,15 +53,19 @@ class TrackedProcess:
 
 
 class UnwindManager:
-    def __init__(self, obj, builder, max_processes: int, python: Optional[Callable] = None):
+    def __init__(self, obj, builder, max_processes: int, python: Optional[Callable] = None,
+                 on_new_process: Optional[Callable[[int], None]] = None):
         """builder: a collector.unwind.builder.TableBuilder; python(pid)
         -> (py_procs value or None, whether to ask again later: an
-        interpreter not initialised yet)."""
+        interpreter not initialised yet); on_new_process(pid): a process is
+        seen for the first time (the symbolizer reads its mappings then, so a
+        process that exits within the interval still resolves)."""
         self._procs_map = obj.map("unwind_procs")
         self._wanted_map = obj.map("unwind_wanted")
         self._py_map = obj.map("py_procs") if python else None
         self._builder = builder
         self._python = python
+        self._on_new_process = on_new_process
         self._max_processes = max_processes
         self.pool = RowPool(obj.map("unwind_rows"), self._evicted)
         self._ids = BinaryIdentity()
@@ -169,6 +173,8 @@ class UnwindManager:
             return
         if entry is None and len(self._procs) >= self._max_processes:
             self._evict_process()
+        if entry is None and self._on_new_process is not None:
+            self._on_new_process(pid)
         keys = {}
         for m in mappings:
             key = self._ids.key(pid, m)

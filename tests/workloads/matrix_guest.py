@@ -139,8 +139,13 @@ def main() -> int:
     cfg = out / "otelbpf.yaml"
     cfg.write_text(json.dumps({"interval": f"{INTERVAL_S}s", "health": "",
                                "exporters": {"file": {"path": str(out / "telemetry.jsonl")}},
-                               "probes": {"cpu_profile": {"unwind_cache_dir": cache}, "http": {},
-                                          "net_flows": {}, "syscall_latency": {}}}))
+                               # small kernel maps: the guest's CPU is emulated, and zeroing
+                               # the default 36 MiB at each start costs it seconds
+                               "probes": {"cpu_profile": {"unwind_cache_dir": cache,
+                                                          "unwind_table_memory": "4MiB",
+                                                          "max_user_stacks": 1024, "max_stacks": 1024,
+                                                          "max_processes": 128},
+                                          "http": {}, "net_flows": {}, "syscall_latency": {}}}))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cli = [sys.executable, "-m", "collector.cli"]
     check = subprocess.run(cli + ["check", "--config", str(cfg)], cwd=ROOT, env=env, capture_output=True,
