@@ -30,7 +30,8 @@ from .table import transient
 log = logging.getLogger("otelbpf.unwind")
 
 POLL_S = 0.2
-REFRESH_MIN_S = 1.0         # a process's mappings are re-read at most this often
+REFRESH_MIN_S = 5.0         # a process's mappings are re-read at most this often (garbage pcs of a
+                            # frame-pointer walk ask for it too)
 REAP_EVERY_S = 5.0          # entries of exited processes are removed this often
 MIN_SAMPLES_TO_BUILD = 3    # a binary seen in fewer walked samples is not worth a build child
 _PID = struct.Struct("=I")
@@ -171,10 +172,10 @@ class UnwindManager:
         if entry is not None and entry.mappings == mappings:
             entry.refreshed = now
             return
+        if entry is None and self._on_new_process is not None:
+            self._on_new_process(pid)   # first: a short-lived process is still there
         if entry is None and len(self._procs) >= self._max_processes:
             self._evict_process()
-        if entry is None and self._on_new_process is not None:
-            self._on_new_process(pid)
         keys = {}
         for m in mappings:
             key = self._ids.key(pid, m)

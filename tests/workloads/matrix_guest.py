@@ -163,7 +163,7 @@ def main() -> int:
         truth["cpu"] = cpu_workload(bin_dir)
         # the same binary again: its unwind tables (and libc's) exist by now,
         # so its stacks are walked whole from its first poll on
-        truth["cpu_again"] = cpu_workload(bin_dir, 3 * CPU_LOOPS)
+        truth["cpu_again"] = cpu_workload(bin_dir, 6 * CPU_LOOPS)
         time.sleep(2 * INTERVAL_S)   # the syscall workload is read while it lives
         proc = sc.pop("proc")
         proc.stdin.close()
