@@ -138,13 +138,15 @@ class UnwindManager:
             self._stop.wait(POLL_S)
 
     def _take_wanted(self) -> list:
-        """(pid, why, mapping start, samples), processes before their mappings."""
+        """(pid, why, mapping start, samples): processes before their
+        mappings, the most sampled first (on a busy host the thread may take
+        a while to read them all)."""
         out = []
         for k in list(self._wanted_map.keys()):
             v = self._wanted_map.lookup_and_delete(k)
             if v is not None:
                 out.append(_WANT.unpack(k) + _PID.unpack(v))
-        return sorted(out, key=lambda w: w[1])
+        return sorted(out, key=lambda w: (w[1], -w[3]))
 
     def _wanted_mapping(self, pid: int, start: int, samples: int) -> None:
         """Samples walked through a mapping without rows: its table moves up the queue."""
