@@ -174,8 +174,6 @@ class UnwindManager:
         if entry is not None and entry.mappings == mappings:
             entry.refreshed = now
             return
-        if entry is None and self._on_new_process is not None:
-            self._on_new_process(pid)   # first: a short-lived process is still there
         if entry is None and len(self._procs) >= self._max_processes:
             self._evict_process()
         keys = {}
@@ -191,6 +189,8 @@ class UnwindManager:
         with self._lock:
             self._procs[pid] = tracked
         self._write(pid)
+        if entry is None and self._on_new_process is not None:
+            self._on_new_process(pid)   # right after its tables: a short-lived process is still there
         if self._python is not None and (entry is None or pid in self._python_later):
             self._register_python(pid)
 

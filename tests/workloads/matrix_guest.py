@@ -137,9 +137,11 @@ def whole_stacks(out: Path, cfg: Path, bin_dir: Path, cli: list, env: dict) -> d
     """`otelbpf profile` (the profiler alone) of cpu_work, an -O2 binary
     without frame pointers: only the .eh_frame walk gets from main to
     _start. Its tables, and libc's, are in the cache built ahead."""
-    w = subprocess.Popen([str(bin_dir / "cpu_work"), str(20 * CPU_LOOPS)], stdout=subprocess.DEVNULL)
+    w = subprocess.Popen([str(bin_dir / "cpu_work"), str(200 * CPU_LOOPS)], stdout=subprocess.DEVNULL)
     try:
-        prof = subprocess.run(cli + ["profile", "--duration", "6", "--pid", str(w.pid), "--config", str(cfg),
+        # its first samples, before the unwind thread has loaded the tables,
+        # are walked by frame pointers: a long run keeps them a small share
+        prof = subprocess.run(cli + ["profile", "--duration", "20", "--pid", str(w.pid), "--config", str(cfg),
                                      "--output", str(out / "whole.pb.gz")],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     finally:
