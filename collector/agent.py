@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from . import features, libbpf
+from . import features, heap, libbpf
 from .config import AgentConfig, ConfigError
 from .export.worker import ExportWorker, QueueLimits
 from .metadata.enrich import ProcessEnricher
@@ -174,6 +174,7 @@ class Agent:
         for name, pcfg in self.cfg.probes.items():
             if pcfg["enabled"]:
                 self._start_probe(name, pcfg)
+        heap.release_freed()   # what loading the objects freed
         return len(self.probes)
 
     # ------------------------------------------------------------- ticks
@@ -188,6 +189,7 @@ class Agent:
             self._restarts[name] = self._restarts.get(name, 0) + 1
             if self._start_probe(name, pcfg):
                 log.info("probe %s: restarted", name)
+            heap.release_freed()
 
     def tick(self) -> Batch:
         self._restart_due_probes()
@@ -262,6 +264,7 @@ class Agent:
         for name, pcfg in new.probes.items():
             if pcfg["enabled"] and name not in self.probes:
                 self._start_probe(name, pcfg)
+        heap.release_freed()
         for name in [n for n in self.probe_up if n not in new.probes]:
             self.probe_up.pop(name)  # no longer configured: no longer reported
         changed = [n for n in set(old.exporters) | set(new.exporters) if old.exporters.get(n) != new.exporters.get(n)]

@@ -33,7 +33,7 @@ from collector.selftelemetry import dropped, overflow
 
 from .http_routes import OVERFLOW_ROUTE, RouteTable, check_patterns
 from .syscall_latency import syscall_table
-from .uprobe_placement import place
+from .uprobe_placement import place_in_child
 
 NBUCKETS = 40                      # OTB_LOG2_BUCKETS
 NS_PER_S = 1_000_000_000           # kernel times are bpf_ktime_get_ns() ns; metrics are in s
@@ -323,7 +323,7 @@ class HttpProbe(BpfProbe):
         if ident in self._tls_seen:
             return False
         self._tls_seen.add(ident)
-        placement = place(path)
+        placement = place_in_child(path)   # capstone stays out of the agent
         self.log.info("%s", placement.summary())
         self.tls_placements.append(placement.summary())
         n = 0

@@ -23,18 +23,27 @@ The rules, checked by decoding the instructions with capstone:
 - anything else keeps the exported entry, attached by name. Whatever fails
   (no symbols, a truncated file, bytes that do not decode) falls back with a
   reason, never an exception.
+
+The agent runs place() in a child (place_in_child): capstone and its
+decoder tables cost the process that imports them ~10 MiB for good, and
+placement is needed only once per libssl file.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass, field
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from collector.symbolize.elf import load_segments
 
 log = logging.getLogger("otelbpf.probes.uprobe_placement")
 
+CHILD_TIMEOUT_S = 30.0
+_PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_INSNS = 24          # straight-line instructions decoded from an entry at most
 CODE_BYTES = 128        # bytes read at each entry (enough for MAX_INSNS prologue instructions)
 # push reg is emulated since Linux 5.9 ("uprobes/x86: emulate push insns":
@@ -339,3 +348,47 @@ def _place(dec: Decoder, code: _Code) -> LibraryPlacement:
 def _at(code: _Code, func: str, site: Optional[int]) -> str:
     delta = 0 if site is None else site - code.symbols[func]
     return "entry" if not delta else f"entry+{delta}"
+
+
+def place_in_child(path: str, timeout: float = CHILD_TIMEOUT_S) -> LibraryPlacement:
+    """place(path) in `python -m probes.uprobe_placement`; never raises: a
+    child that fails gives the exported entries, with why."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PKG_ROOT, env.get("PYTHONPATH")) if p)
+    try:
+        out = subprocess.run([sys.executable, "-m", "probes.uprobe_placement", path], env=env, cwd="/",
+                             stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as e:
+        return _fallback(path, f"placement child failed: {e}")
+    if out.returncode != 0:
+        last = (out.stderr.decode(errors="replace").strip().splitlines() or [""])[-1][:200]
+        return _fallback(path, f"placement child exited {out.returncode}: {last}")
+    try:
+        return from_json(path, out.stdout)
+    except (ValueError, KeyError, TypeError) as e:
+        return _fallback(path, f"placement child's answer unreadable: {e}")
+
+
+def to_json(lp: LibraryPlacement) -> str:
+    return json.dumps({"reason": lp.reason, "sites": {g: asdict(s) for g, s in lp.sites.items()}})
+
+
+def from_json(path: str, text) -> LibraryPlacement:
+    """The child's answer; raises ValueError/KeyError/TypeError when it is not one."""
+    d = json.loads(text)
+    lp = LibraryPlacement(path, reason=str(d["reason"]))
+    for group, s in d["sites"].items():
+        if group not in ALL_FUNCS and group not in {g[0] for g in IO_GROUPS}:
+            raise ValueError(f"unknown site group {group!r}")
+        offset = s["offset"]
+        if offset is not None and (type(offset) is not int or offset < 0):
+            raise ValueError(f"bad offset {offset!r}")
+        lp.sites[group] = Site(tuple(str(c) for c in s["covers"]), offset, str(s["kind"]), str(s["where"]),
+                               str(s["reason"]))
+    return lp
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m probes.uprobe_placement <libssl path>")
+    print(to_json(place(sys.argv[1])))

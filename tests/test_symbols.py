@@ -232,3 +232,38 @@ def test_frames_of_a_process_that_exited_mid_interval_still_resolve(variants):
     named = [n for n in leaves if n in ("hot_exported", "static_b.constprop.0", "static_c.constprop.0")]
     assert len(named) / len(leaves) >= 0.95, leaves[:20]
     assert pid not in probe._usyms.known_pids()   # then forgotten
+
+
+
+def _kallsyms_truth(path) -> dict:
+    """address -> names of the text symbols there, ordered by coreutils' sort."""
+    lines = _sh("sh", "-c", "awk '$2 ~ /^[tTwW]$/ && $1 !~ /^0+$/ && $4 != \"[bpf]\" {print $1, $3}' \"$0\" "
+                "| sort -s -k1,1", str(path))
+    truth: dict = {}
+    for line in lines.splitlines():
+        addr, name = line.split()
+        truth.setdefault(int(addr, 16), set()).add(name)
+    return truth
+
+
+def _wrong(ks, truth: dict) -> list:
+    return [(hex(a), names, ks.resolve(a)) for a, names in truth.items()
+            if (ks.resolve(a) or ("",))[0] not in names or ks.resolve(a)[1] != 0]
+
+
+@needs_root
+def test_kernel_symbols_agree_with_sorted_kallsyms(tmp_path):
+    """Every kernel text symbol (BPF programs aside: they come and go) resolves
+    to its own name or an alias at its address, offset 0, also when the file
+    is in no order at all (its blocks reversed): the packed table sorts what
+    kallsyms lists out of order (modules, BPF programs, after the core)."""
+    from collector.symbolize.kernel import KernelSymbols
+    copy = tmp_path / "kallsyms"
+    copy.write_bytes(Path("/proc/kallsyms").read_bytes())
+    truth = _kallsyms_truth(copy)
+    assert len(truth) > 1000
+    assert not _wrong(KernelSymbols(str(copy)), truth)
+    lines = copy.read_bytes().splitlines(keepends=True)
+    shuffled = tmp_path / "shuffled"
+    shuffled.write_bytes(b"".join(b"".join(lines[i:i + 1000]) for i in reversed(range(0, len(lines), 1000))))
+    assert not _wrong(KernelSymbols(str(shuffled)), truth)

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, AgentProcess, needs_root, wait_until
 from otlp_data import attrs_of, metrics
 
-from probes.uprobe_placement import place
+from probes.uprobe_placement import from_json, place, place_in_child
 
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 pytestmark = pytest.mark.skipif(not Path(LIBSSL).exists() or not shutil.which("objdump"),
@@ -84,6 +84,21 @@ def test_truncated_and_garbage_elf_fall_back_with_a_reason(tmp_path):
         assert set(lp.sites) == {"SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex", "SSL_do_handshake",
                                  "SSL_set_fd", "SSL_free"}
         assert lp.summary().startswith(f"TLS {path.name}: exported entries (")
+
+
+def test_the_agents_placement_child_answers_what_place_does(tmp_path):
+    """The agent places its uprobes through a child (capstone stays out of
+    it): same sites as in process; a file it cannot decode, a child that
+    cannot start and an answer that is not one fall back with a reason."""
+    assert place_in_child(LIBSSL) == place(LIBSSL)
+    garbage = tmp_path / "libgarbage.so"
+    garbage.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 8)
+    assert place_in_child(str(garbage)) == place(str(garbage))
+    assert place_in_child(LIBSSL, timeout=0.001).reason.startswith("placement child failed: ")
+    for answer in (b"", b"[]", b'{"reason": "", "sites": {"SSL_read": {"covers": ["SSL_read"], "offset": -1, '
+                   b'"kind": "", "where": "", "reason": ""}}}', b'{"reason": "", "sites": {"other": {}}}'):
+        with pytest.raises((ValueError, KeyError, TypeError)):
+            from_json(LIBSSL, answer)
 
 
 @pytest.fixture(scope="module")

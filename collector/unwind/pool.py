@@ -2,9 +2,12 @@
 binary's table occupies which range of it.
 
 Tables are written straight into the map through mmap (BPF_F_MMAPABLE):
-one copy, no syscall per row. The pool is bounded by its size; when a new
-table does not fit, the tables used least recently are evicted, after every
-process entry that points at them was rewritten without them (the caller's
+one copy, no syscall per row. Only the pages a table goes to are mapped,
+and only while it is written: the kernel maps every page of a BPF array at
+mmap time, so a mapping of the whole pool kept all of it (16 MiB) in the
+agent's RSS. The pool is bounded by its size; when a new table does not
+fit, the tables used least recently are evicted, after every process entry
+that points at them was rewritten without them (the caller's
 `on_evict`), so the kernel never walks with another binary's rows.
 """
 from __future__ import annotations
@@ -62,8 +65,7 @@ class RangeAllocator:
 class RowPool:
     def __init__(self, rows_map, on_evict: Callable[[object], None]):
         self.capacity = rows_map.max_entries
-        size = -(-self.capacity * ROW_BYTES // mmap.PAGESIZE) * mmap.PAGESIZE
-        self._mm = mmap.mmap(rows_map.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map = rows_map     # its fd stays open as long as the map
         self._alloc = RangeAllocator(self.capacity)
         self._tables: "collections.OrderedDict[object, LoadedTable]" = collections.OrderedDict()
         self._on_evict = on_evict
@@ -93,10 +95,17 @@ class RowPool:
             start = self._alloc.alloc(n)
         if start is None:
             return None
-        self._mm[start * ROW_BYTES:(start + n) * ROW_BYTES] = rows
+        self._write(start, rows)
         t = LoadedTable(start, n, time.monotonic())
         self._tables[key] = t
         return t
+
+    def _write(self, start: int, rows: bytes) -> None:
+        lo = start * ROW_BYTES
+        page = lo - lo % mmap.PAGESIZE
+        with mmap.mmap(self._map.fd, lo + len(rows) - page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                       offset=page) as mm:
+            mm[lo - page:] = rows
 
     def _evict_oldest(self) -> None:
         key, t = self._tables.popitem(last=False)
@@ -114,4 +123,4 @@ class RowPool:
         return len(self._tables)
 
     def close(self) -> None:
-        self._mm.close()
+        self._map = None

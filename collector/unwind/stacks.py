@@ -5,7 +5,10 @@ The kernel keeps each distinct stack once in `prof_ustacks` and counts
 refer to it by hash. User space drains that map into this cache and deletes
 only entries it has read, so a count can always be resolved: from the
 cache, or from the map if the kernel added the stack since. Stacks not
-referred to for a few collections leave the cache.
+referred to for a few collections leave the cache. The cache keeps each
+stack as the bytes the kernel wrote (its used slots only) and decodes it
+when asked: as tuples of Python ints a stack took ~5x the memory, and a
+busy host keeps thousands of them.
 """
 from __future__ import annotations
 
@@ -31,6 +34,12 @@ class WalkedStack:
     flags: int
 
 
+def _used(raw: bytes) -> bytes:
+    """struct ustack cut after its last used slot."""
+    n_native, n_py, _flags = _HEAD.unpack_from(raw, 0)
+    return raw[:_HEAD.size + 8 * (min(n_native, MAX_NATIVE) + 2 * min(n_py, MAX_PY))]
+
+
 def decode(raw: bytes) -> WalkedStack:
     n_native, n_py, flags = _HEAD.unpack_from(raw, 0)
     n_native = min(n_native, MAX_NATIVE)
@@ -43,7 +52,7 @@ def decode(raw: bytes) -> WalkedStack:
 class UserStacks:
     def __init__(self, stacks_map):
         self._map = stacks_map
-        self._cache: dict = {}      # hash -> [WalkedStack, collections since last use]
+        self._cache: dict = {}      # hash -> [used bytes of struct ustack, collections since last use]
 
     def drain(self) -> None:
         """Move what the kernel added into the cache; age the cache."""
@@ -52,7 +61,7 @@ class UserStacks:
         read = []
         for k, v in self._map.items():
             h = _HASH.unpack(k)[0]
-            self._cache[h] = [decode(v), 0]
+            self._cache[h] = [_used(v), 0]
             read.append(k)
         self._map.delete_many(read)
 
@@ -62,9 +71,9 @@ class UserStacks:
             raw = self._map.lookup(_HASH.pack(h))
             if raw is None:
                 return None
-            entry = self._cache[h] = [decode(raw), 0]
+            entry = self._cache[h] = [_used(raw), 0]
         entry[1] = 0
-        return entry[0]
+        return decode(entry[0])
 
     def expire(self) -> None:
         for h in [h for h, e in self._cache.items() if e[1] >= KEEP_COLLECTIONS]:
