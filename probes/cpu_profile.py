@@ -157,7 +157,8 @@ class CpuProfileProbe(BpfProbe):
         if self.config["unwind"] == "dwarf":   # last: nothing above can fail with its thread running
             self._unwind = UnwindManager(obj, self._table_builder(), self.config["max_processes"],
                                          python=self._python_reader(),
-                                         on_new_process=lambda pid: self._usyms.refresh([pid]))
+                                         on_new_process=lambda pid: self._usyms.refresh([pid]),
+                                         last_pid=self.ctx.agent_pid)
             self._unwind.start()
 
     # ------------------------------------------------------------- perf events

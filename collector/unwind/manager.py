@@ -55,18 +55,21 @@ class TrackedProcess:
 
 class UnwindManager:
     def __init__(self, obj, builder, max_processes: int, python: Optional[Callable] = None,
-                 on_new_process: Optional[Callable[[int], None]] = None):
+                 on_new_process: Optional[Callable[[int], None]] = None, last_pid: Optional[int] = None):
         """builder: a collector.unwind.builder.TableBuilder; python(pid)
         -> (py_procs value or None, whether to ask again later: an
         interpreter not initialised yet); on_new_process(pid): a process is
         seen for the first time (the symbolizer reads its mappings then, so a
-        process that exits within the interval still resolves)."""
+        process that exits within the interval still resolves); last_pid:
+        answered after every other process (the agent itself: busiest while it
+        starts, it would hold up the processes being profiled)."""
         self._procs_map = obj.map("unwind_procs")
         self._wanted_map = obj.map("unwind_wanted")
         self._py_map = obj.map("py_procs") if python else None
         self._builder = builder
         self._python = python
         self._on_new_process = on_new_process
+        self._last_pid = last_pid
         self._max_processes = max_processes
         self.pool = RowPool(obj.map("unwind_rows"), self._evicted)
         self._ids = BinaryIdentity()
@@ -146,7 +149,7 @@ class UnwindManager:
             v = self._wanted_map.lookup_and_delete(k)
             if v is not None:
                 out.append(_WANT.unpack(k) + _PID.unpack(v))
-        return sorted(out, key=lambda w: (w[1], -w[3]))
+        return sorted(out, key=lambda w: (w[0] == self._last_pid, w[1], -w[3]))
 
     def _wanted_mapping(self, pid: int, start: int, samples: int) -> None:
         """Samples walked through a mapping without rows: its table moves up the queue."""
