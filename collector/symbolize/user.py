@@ -61,6 +61,9 @@ class UserSymbolizer:
         self._maps: dict = {}        # pid -> ProcessMaps, refreshed while the process lives
         self._perf_maps: dict = {}   # pid -> PerfMap, only for processes that wrote one
         self._build_ids: dict = {}   # (dev, inode, path) -> build id
+        # (pid, addr, return_address) -> Frame until the next refresh: samples
+        # share most frames (a busy collection: 37k frames, 1.7k distinct)
+        self._frames: dict = {}
         self.binaries_loaded = 0
         # refresh() also runs in the profiler's unwind thread (a process is
         # read when first sampled, so one that exits within the interval
@@ -71,6 +74,7 @@ class UserSymbolizer:
         """Re-read the mappings of these live processes and load the symbols
         of binaries not seen before (while their files are reachable)."""
         with self._lock:
+            self._frames.clear()
             for pid in pids:
                 self._refresh_one(pid)
 
@@ -105,6 +109,7 @@ class UserSymbolizer:
         with self._lock:
             self._maps.pop(pid, None)
             self._perf_maps.pop(pid, None)
+            self._frames.clear()
 
     def known_pids(self):
         with self._lock:
@@ -114,9 +119,12 @@ class UserSymbolizer:
         """return_address: addr is where a call returns to, so the call itself
         (addr - 1) names the function (a call that ends a function returns
         into the next one)."""
-        at = addr - 1 if return_address else addr
+        key = (pid, addr, return_address)
         with self._lock:
-            return self._resolve(pid, addr, at)
+            frame = self._frames.get(key)
+            if frame is None:
+                frame = self._frames[key] = self._resolve(pid, addr, addr - 1 if return_address else addr)
+            return frame
 
     def _resolve(self, pid: int, addr: int, at: int) -> Frame:
         pm = self._maps.get(pid)
