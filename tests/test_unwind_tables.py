@@ -526,3 +526,41 @@ def test_live_walk_python(cache_dir):
     if gdb is not None:
         assert pcs == gdb
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loads the profiler's BPF object")
+def test_cached_tables_reach_the_kernel_when_a_process_is_first_seen(tmp_path):
+    """Tables already in the cache are loaded as soon as a process that
+    maps them is seen, not queued behind builds of other binaries: here the
+    builder cannot even start a child, yet python3.11's and libc's mappings
+    get their rows in the kernel's entry for the process, and nothing waits."""
+    import struct
+    from collector import libbpf
+    from collector.unwind import build
+    from collector.unwind.builder import cache_key
+    from collector.unwind.manager import UnwindManager
+    from collector.unwind.procs import unpack_proc
+    from collector.symbolize.elf import build_id
+    binaries = [PYTHON, os.path.realpath(LIBC)]
+    for path in binaries:
+        cachefile.write(str(tmp_path / cache_key(path, build_id(path))), build.build(path))
+    obj = libbpf.BpfObject(ROOT / "bpf" / "cpu_profile.bpf.o")
+    obj.load()
+    mgr = UnwindManager(obj, TableBuilder(cache_dir=str(tmp_path), python="/nonexistent/python"), 16)
+    proc = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.3)
+        mgr._refresh(proc.pid, forced=True)   # what the thread does when the kernel asks about a process
+        entries = unpack_proc(obj.map("unwind_procs").lookup(struct.pack("=I", proc.pid)))
+        rows = {start: n_rows for start, _bias, _size, _first, n_rows, _flags in entries}
+        starts = [int(line.split("-")[0], 16) for line in open(f"/proc/{proc.pid}/maps")
+                  if line.split()[1][2] == "x" and line.split()[-1] in binaries]
+        assert len(starts) == 2 and all(rows[s] > 0 for s in starts), (starts, rows)
+        assert mgr.stats["tables_cached"] == 2
+        assert mgr._builder.stats["children"] == 0
+        assert not any(entry[2].path in binaries for entry in mgr._queue.values())
+    finally:
+        proc.kill()
+        proc.wait()
+        mgr.pool.close()
+        obj.close()
