@@ -60,6 +60,17 @@ class TableBuilder:
             return UnwindTable(reason=f"{known_as or path}: unreadable")
         return self._get(key, path)
 
+    def cached(self, path: str) -> Optional[UnwindTable]:
+        """The table of path if the cache already holds it; never builds."""
+        cache_dir = self._cache_dir()
+        key = cache_key(path, build_id(path)) if cache_dir else None
+        if key is None or key in self._failed:
+            return None
+        table = cachefile.read(os.path.join(cache_dir, key))
+        if table is not None:
+            self.stats["cache_hits"] += 1
+        return table
+
     def get_vdso(self) -> UnwindTable:
         image = vdso_image()
         if not image:

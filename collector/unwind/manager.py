@@ -65,7 +65,7 @@ class UnwindManager:
         self._gen = 0
         self._python_later: set = set()   # pids whose interpreter was not ready yet
         self.build_seconds: dict = {}   # binary path -> seconds, the most recent builds
-        self.stats = {"tables_built": 0, "tables_failed": 0, "build_seconds": 0.0,
+        self.stats = {"tables_built": 0, "tables_cached": 0, "tables_failed": 0, "build_seconds": 0.0,
                       "processes_evicted": 0}
         self._thread = threading.Thread(target=self._run, name="otelbpf-unwind", daemon=True)
 
@@ -145,7 +145,8 @@ class UnwindManager:
         for m in mappings:
             key = self._ids.key(pid, m)
             keys[m] = key
-            if self.pool.get(key) is None and key not in self._failed and key not in self._queue:
+            if self.pool.get(key) is None and key not in self._failed and key not in self._queue \
+                    and not self._load_cached(key, pid, m):
                 self._queue[key] = [0, pid, m]
         tracked = TrackedProcess(mappings, keys, {m: mapping_bias(pid, m) for m in mappings}, now, now)
         with self._lock:
@@ -153,6 +154,22 @@ class UnwindManager:
         self._write(pid)
         if self._python is not None and (entry is None or pid in self._python_later):
             self._register_python(pid)
+
+    def _load_cached(self, key, pid: int, m) -> bool:
+        """A table the cache already holds goes into the pool now, not after
+        the builds queued before it (each may take minutes at nice 10 on a
+        busy host): a restarted agent walks whole stacks from the start."""
+        if m.is_vdso:
+            return False
+        table = self._builder.cached(m.open_path(pid))
+        if not table or self.pool.load(key, table.rows) is None:
+            return False   # none, or empty (its reason is logged by the build path)
+        self.stats["tables_cached"] += 1
+        with self._lock:
+            users = [p for p, e in self._procs.items() if key in e.binaries and p != pid]
+        for p in users:
+            self._write(p)
+        return True
 
     def _register_python(self, pid: int) -> None:
         value, later = self._python(pid)
