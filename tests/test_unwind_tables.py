@@ -564,3 +564,35 @@ def test_cached_tables_reach_the_kernel_when_a_process_is_first_seen(tmp_path):
         proc.wait()
         mgr.pool.close()
         obj.close()
+
+
+def test_build_child_dies_with_the_agent(tmp_path):
+    """An agent killed while a table builds leaves no build behind (it would
+    go on for minutes at nice 10, writing into a cache nobody reads)."""
+    import sys
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from collector.unwind.builder import TableBuilder\n"
+              f"TableBuilder(cache_dir={str(tmp_path)!r}).get({POSTGRES!r})\n")
+    agent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        child = None
+        while child is None and time.monotonic() < deadline:
+            out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+            child = int(out[0]) if out else None
+            time.sleep(0.02)
+        assert child is not None, "no build child started"
+        assert "collector.unwind.build" in Path(f"/proc/{child}/cmdline").read_text()
+    finally:
+        agent.kill()
+        agent.wait()
+
+    def gone():
+        try:
+            return Path(f"/proc/{child}/stat").read_text().split(") ")[1][0] == "Z"
+        except OSError:
+            return True
+    deadline = time.monotonic() + 1.0     # postgres' build alone takes 3 s of CPU
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(), f"build child {child} outlived its agent"
