@@ -7,11 +7,13 @@ agent's lifetime (not on disk: the next start may have more room)."""
 from __future__ import annotations
 
 import collections
+import ctypes
 import glob
 import io
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,7 @@ from .vdso import vdso_image
 DEFAULT_CACHE_DIR = "/var/cache/otelbpf/unwind"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_AS_LIMIT = 1 << 30         # postgres 15 (73k rows) peaks at 160 MB of address space
+_PR_SET_PDEATHSIG = 1
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -41,6 +44,14 @@ def cache_key(path: str, bid: Optional[str]) -> Optional[str]:
     return f"i-{st.st_dev}-{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
 
 
+def _libc_prctl():
+    """libc's prctl, looked up here: the child between fork and exec only calls it."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 class TableBuilder:
     def __init__(self, cache_dir: str = DEFAULT_CACHE_DIR, timeout: float = DEFAULT_TIMEOUT,
                  as_limit: int = DEFAULT_AS_LIMIT, python: str = sys.executable):
@@ -50,6 +61,8 @@ class TableBuilder:
         self.python = python
         self.stats: collections.Counter = collections.Counter()   # cache_hits, children, timeouts, ...
         self._failed: Dict[str, UnwindTable] = {}
+        self._prctl = _libc_prctl()
+        self._parent = os.getpid()
 
     def get(self, path: str, known_as: Optional[str] = None) -> UnwindTable:
         """The table of the ELF file readable at path (e.g. a process's
@@ -103,6 +116,7 @@ class TableBuilder:
             return None
 
     def _run(self, src: str, key: str, out: str) -> UnwindTable:
+        self._parent = os.getpid()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PKG_ROOT, env.get("PYTHONPATH")) if p)
         self.stats["children"] += 1
@@ -130,9 +144,15 @@ class TableBuilder:
         return table
 
     def _limits(self) -> None:
-        # in the child, before exec: its address space is capped, it yields the CPU
-        resource.setrlimit(resource.RLIMIT_AS, (self.as_limit, self.as_limit))
+        # in the child, before exec: it dies with the agent (killed, it would
+        # otherwise go on building for minutes at nice 10; prctl was looked
+        # up before the fork), yields the CPU, and its address space is capped
+        if self._prctl is not None:
+            self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != self._parent:
+                os._exit(1)   # the agent died before prctl took effect
         os.nice(10)
+        resource.setrlimit(resource.RLIMIT_AS, (self.as_limit, self.as_limit))
 
     def _fail(self, key: str, counter: str, reason: str, remember: bool = True) -> UnwindTable:
         self.stats[counter] += 1
