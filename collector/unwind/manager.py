@@ -2,9 +2,10 @@
 
 The kernel asks (map `unwind_wanted`) for processes it sampled without a
 mapping table, or whose pc fell outside every mapping (dlopen, exec). This
-thread answers: it reads the process's mappings, builds missing tables in a
-child process (collector.unwind.build), writes them into the row pool and
-the process's entry. Nothing of this runs on the collection path; a sample
+thread answers: it reads the process's mappings, loads the tables the cache
+holds, builds missing ones in a child process (collector.unwind.build; one
+at a time, waited for by a thread of its own so that new processes are not
+held up), writes them into the row pool and the process's entry. Nothing of this runs on the collection path; a sample
 taken before its table exists is walked by frame pointers and still counted.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Callable, Optional
 from ..metadata.process import alive
 from .pool import RowPool
 from .procs import BinaryIdentity, exec_mappings, mapping_bias, pack_proc
+from .rows import UnwindTable
 
 log = logging.getLogger("otelbpf.unwind")
 
@@ -44,6 +46,17 @@ class TrackedProcess:
         self.binaries = set(self.keys.values())
 
 
+@dataclass
+class _Build:
+    """One table being built, by a thread that waits for the build child."""
+    key: tuple
+    mapping: object                    # ExecMapping
+    started: float
+    thread: Optional[threading.Thread] = None
+    table: Optional[UnwindTable] = None
+    ended: Optional[float] = None
+
+
 class UnwindManager:
     def __init__(self, obj, builder, max_processes: int, python: Optional[Callable] = None):
         """builder: a collector.unwind.builder.TableBuilder; python(pid)
@@ -64,6 +77,7 @@ class UnwindManager:
         self._stop = threading.Event()
         self._gen = 0
         self._python_later: set = set()   # pids whose interpreter was not ready yet
+        self._building: Optional[_Build] = None
         self.build_seconds: dict = {}   # binary path -> seconds, the most recent builds
         self.stats = {"tables_built": 0, "tables_cached": 0, "tables_failed": 0, "build_seconds": 0.0,
                       "processes_evicted": 0}
@@ -99,14 +113,13 @@ class UnwindManager:
                         self._wanted_mapping(pid, start, samples)
                     else:
                         self._refresh(pid, forced=(why == WANT_PROCESS))
-                if self._queue:
-                    self._build_next()
+                self._build_step()
                 if time.monotonic() - last_reap > REAP_EVERY_S:
                     self._reap()
                     last_reap = time.monotonic()
             except Exception:   # the profiler keeps running on frame pointers
                 log.exception("unwind table upkeep failed")
-            self._stop.wait(0 if self._queue else POLL_S)
+            self._stop.wait(0 if self._queue and self._building is None else POLL_S)
 
     def _take_wanted(self) -> list:
         """(pid, why, mapping start, samples), processes before their mappings."""
@@ -199,15 +212,42 @@ class UnwindManager:
         except OSError as e:
             log.debug("pid %d: mapping table not written: %s", pid, e)
 
-    def _build_next(self) -> None:
+    def _build_step(self) -> None:
+        """Takes in the table of a finished build, then starts the next one.
+        A build is waited for by a thread of its own, so that new processes
+        are answered (and tables the cache holds loaded) while a big binary
+        builds, which at nice 10 on a busy host takes minutes."""
+        b = self._building
+        if b is not None:
+            if b.thread.is_alive():
+                return
+            self._building = None
+            self._built(b)
+        if self._queue:
+            self._start_build()
+
+    def _start_build(self) -> None:
         key = max(self._queue, key=lambda k: self._queue[k][0])   # the most wanted; ties: the oldest
         wanted, pid, m = self._queue.pop(key)
         if not m.is_vdso and not os.path.exists(m.open_path(pid)):
             self._requeue_from_another_process(key, wanted)   # that process exited: not the binary's fault
             return
-        t0 = time.monotonic()
-        table = self._builder.get_vdso() if m.is_vdso else self._builder.get(m.open_path(pid), known_as=m.path)
-        took = time.monotonic() - t0
+        b = _Build(key, m, time.monotonic())
+
+        def run():
+            try:
+                b.table = self._builder.get_vdso() if m.is_vdso else \
+                    self._builder.get(m.open_path(pid), known_as=m.path)
+            except Exception:
+                log.exception("unwind table build of %s failed", m.path)
+            b.ended = time.monotonic()
+        b.thread = threading.Thread(target=run, name="otelbpf-unwind-build", daemon=True)
+        self._building = b
+        b.thread.start()
+
+    def _built(self, b: "_Build") -> None:
+        key, m, table = b.key, b.mapping, b.table or UnwindTable(reason="build failed")
+        took = (b.ended or time.monotonic()) - b.started
         self.stats["build_seconds"] += took
         if not table or self.pool.load(key, table.rows) is None:
             self._failed[key] = table.reason or "does not fit the row pool"
