@@ -708,7 +708,7 @@ class Counters:
 
     def now(self) -> dict:
         t = time.time_ns()
-        assert wait_until(lambda: self.out.poll().last_end_ns() > t + INTERVAL_S * 10**9, timeout=15), \
+        assert wait_until(lambda: self.out.poll().last_end_ns() > t + INTERVAL_S * 10**9, timeout=60), \
             "the agent stopped exporting"
         return {r: self.out.counter(m, reason=r) for m, rs in self.NAMES.items() for r in rs}
 
@@ -778,7 +778,8 @@ def test_bad_input_is_counted_and_the_agent_keeps_exporting(table_cache, tmp_pat
         deep = samples["recursion"]
         depths = collections.Counter(sum(1 for fr in f if fr[1] == "native") for _p, f, n in deep)
         assert deep and set(depths) == {128}, depths
-        assert moved["unwind_truncated"] >= sum(n for _p, _f, n in deep) and moved["stack_truncated"] > 0
+        cut = sum(n for _p, _f, n in deep)
+        assert moved["unwind_truncated"] >= cut and moved["stack_truncated"] >= cut, (cut, moved)
 
         # processes that exit under the walker, sampled before any table of theirs:
         # still in the profiles (unnamed: gone before the agent read their mappings), and counted
