@@ -656,6 +656,15 @@ def test_a_long_build_does_not_hold_up_a_new_process(tmp_path):
         still = _building(POSTGRES, procs[0].pid)
         print(f"\nrows after {waited:.2f}s; postgres still building: {still}")
         assert python_rows(procs[1].pid) > 0 and still, (waited, still)
+        # another process mapping postgres meanwhile: the table being built is not queued a second time
+        procs.append(subprocess.Popen([PYTHON, "-c", mapper, POSTGRES], stdout=subprocess.PIPE))
+        procs[2].stdout.readline()
+        ask(procs[2].pid)
+        t0 = time.monotonic()
+        while procs[2].pid not in mgr._procs and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert procs[2].pid in mgr._procs and _building(POSTGRES, procs[0].pid)
+        assert not any(entry[2].path == POSTGRES for entry in mgr._queue.values())
     finally:
         for p in procs:
             p.kill()

@@ -5,8 +5,9 @@ mapping table, or whose pc fell outside every mapping (dlopen, exec). This
 thread answers: it reads the process's mappings, loads the tables the cache
 holds, builds missing ones in a child process (collector.unwind.build; one
 at a time, waited for by a thread of its own so that new processes are not
-held up), writes them into the row pool and the process's entry. Nothing of this runs on the collection path; a sample
-taken before its table exists is walked by frame pointers and still counted.
+held up), writes them into the row pool and the process's entry. Nothing of
+this runs on the collection path; a sample taken before its table exists is
+walked by frame pointers and still counted.
 """
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ class UnwindManager:
         for m in mappings:
             key = self._ids.key(pid, m)
             keys[m] = key
-            if self.pool.get(key) is None and key not in self._failed and key not in self._queue \
+            if self.pool.get(key) is None and key not in self._failed and not self._pending(key) \
                     and not self._load_cached(key, pid, m):
                 self._queue[key] = [0, pid, m]
         tracked = TrackedProcess(mappings, keys, {m: mapping_bias(pid, m) for m in mappings}, now, now)
@@ -167,6 +168,10 @@ class UnwindManager:
         self._write(pid)
         if self._python is not None and (entry is None or pid in self._python_later):
             self._register_python(pid)
+
+    def _pending(self, key) -> bool:
+        """Queued, or being built."""
+        return key in self._queue or (self._building is not None and self._building.key == key)
 
     def _load_cached(self, key, pid: int, m) -> bool:
         """A table the cache already holds goes into the pool now, not after
@@ -246,7 +251,8 @@ class UnwindManager:
         b.thread.start()
 
     def _built(self, b: "_Build") -> None:
-        key, m, table = b.key, b.mapping, b.table or UnwindTable(reason="build failed")
+        key, m = b.key, b.mapping
+        table = b.table if b.table is not None else UnwindTable(reason="build failed")
         took = (b.ended or time.monotonic()) - b.started
         self.stats["build_seconds"] += took
         if not table or self.pool.load(key, table.rows) is None:
