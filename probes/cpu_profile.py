@@ -241,15 +241,16 @@ class CpuProfileProbe(BpfProbe):
             frames.append(Frame(sym[0] if sym else None, addr, None, kernel=True))
         return frames
 
-    def _user_frames(self, pid: int, user_hash: int) -> list:
+    def _user_frames(self, pid: int, user_hash: int, samples: int) -> list:
+        """The samples' user frames; what is missing or cut is counted per sample."""
         if user_hash == 0:
             return []
         walked = self._ustacks.get(user_hash)
         if walked is None:
-            self.user_stack_missing += 1
+            self.user_stack_missing += samples
             return []
         if walked.flags & (stacks_mod.TRUNCATED | stacks_mod.PY_TRUNC):
-            self.truncated += 1
+            self.truncated += samples
         frames = [self._usyms.resolve(pid, addr & ~stacks_mod.PC_EXACT, return_address=i > 0 and not addr & stacks_mod.PC_EXACT)
                   for i, addr in enumerate(walked.native)]
         if walked.python and self._python is not None:
@@ -267,19 +268,12 @@ class CpuProfileProbe(BpfProbe):
         self._usyms.refresh(live)
         if self._unwind is not None:
             self._unwind.sampled(pids)
-        samples, user_frames, kernel_frames = [], {}, {}
+        samples = []
         for (pid, kernel_id, user_hash, comm), n in keys:
             thread = comm.split(b"\0", 1)[0].decode(errors="replace")
             attrs = {"process.pid": pid, "thread.name": thread,
                      "process.executable.name": self._procs.executable_name(pid, fallback=thread) or thread}
-            # keys that differ only by thread or kernel stack share their user stack: resolved once
-            user = user_frames.get((pid, user_hash))
-            if user is None:
-                user = user_frames[(pid, user_hash)] = self._user_frames(pid, user_hash)
-            kernel = kernel_frames.get(kernel_id)
-            if kernel is None:
-                kernel = kernel_frames[kernel_id] = self._kernel_frames(stacks, kernel_id)
-            frames = kernel + user
+            frames = self._kernel_frames(stacks, kernel_id) + self._user_frames(pid, user_hash, n)
             samples.append(ProfileSample(attrs, frames, n))
         self._ustacks.expire()
         # Only now, with their last samples resolved, forget processes that exited.

@@ -7,6 +7,7 @@ agent's lifetime (not on disk: the next start may have more room)."""
 from __future__ import annotations
 
 import collections
+import ctypes
 import glob
 import io
 import os
@@ -29,6 +30,7 @@ DEFAULT_TIMEOUT = 600.0            # wall clock: a busy host gives a nice-10 chi
 DEFAULT_CPU_LIMIT = 120            # CPU seconds (RLIMIT_CPU): postgres 15 takes about 4 here
 DEFAULT_AS_LIMIT = 1 << 30         # postgres 15 (73k rows) peaks at 160 MB of address space
 DEFAULT_CACHE_BYTES = 256 << 20    # disk the cache may use; the least recently built files go first
+_PR_SET_PDEATHSIG = 1
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -62,6 +64,12 @@ def prune(cache_dir: str, limit: int) -> int:
         total -= size
         gone += 1
     return gone
+def _libc_prctl():
+    """libc's prctl, looked up here: the child between fork and exec only calls it."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
 
 class TableBuilder:
@@ -76,6 +84,8 @@ class TableBuilder:
         self.python = python
         self.stats: collections.Counter = collections.Counter()   # cache_hits, children, timeouts, ...
         self._failed: Dict[str, UnwindTable] = {}
+        self._prctl = _libc_prctl()
+        self._parent = os.getpid()
 
     def get(self, path: str, known_as: Optional[str] = None) -> UnwindTable:
         """The table of the ELF file readable at path (e.g. a process's
@@ -148,6 +158,7 @@ class TableBuilder:
         return self.cache_dir, writable
 
     def _run(self, src: str, key: str, out: str) -> UnwindTable:
+        self._parent = os.getpid()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PKG_ROOT, env.get("PYTHONPATH")) if p)
         self.stats["children"] += 1
@@ -178,11 +189,18 @@ class TableBuilder:
         return table
 
     def _limits(self) -> None:
-        # in the child, before exec: its address space is capped, it yields the CPU
-        resource.setrlimit(resource.RLIMIT_AS, (self.as_limit, self.as_limit))
+        # in the child, before exec: it dies with the agent (killed, it would
+        # otherwise go on building for minutes at nice 10; prctl was looked
+        # up before the fork), yields the CPU, its address space and CPU time
+        # are capped
+        if self._prctl is not None:
+            self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != self._parent:
+                os._exit(1)   # the agent died before prctl took effect
         # SIGXCPU at the soft limit, SIGKILL a second later if it was ignored
         resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_limit, self.cpu_limit + 1))
         os.nice(10)
+        resource.setrlimit(resource.RLIMIT_AS, (self.as_limit, self.as_limit))
 
     def _fail(self, key: str, counter: str, reason: str, remember: bool = True) -> UnwindTable:
         self.stats[counter] += 1

@@ -162,7 +162,7 @@ class UnwindManager:
                 continue
             if key in self._queue:
                 self._queue[key][0] += samples
-            elif self.pool.get(key) is None:   # evicted since: wanted again
+            elif self.pool.get(key) is None and key != self._building:   # evicted since: wanted again
                 self._queue[key] = [samples, pid, m]
 
     def _refresh(self, pid: int, forced: bool) -> None:
@@ -185,7 +185,8 @@ class UnwindManager:
             keys[m] = key
             if key is None:
                 continue   # anonymous (JIT) code: in the table, walked by frame pointers
-            if self.pool.get(key) is None and key not in self._failed and key not in self._queue:
+            if (self.pool.get(key) is None and key not in self._failed and key not in self._queue
+                    and key != self._building):   # being built: a second build would leak the first rows
                 if not self._from_cache(key, pid, m):
                     self._queue[key] = [0, pid, m]
         tracked = TrackedProcess(mappings, keys, {m: mapping_bias(pid, m) for m in mappings}, now, now)
