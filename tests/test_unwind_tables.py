@@ -566,7 +566,7 @@ def test_cached_tables_reach_the_kernel_when_a_process_is_first_seen(tmp_path):
         starts = [int(line.split("-")[0], 16) for line in open(f"/proc/{proc.pid}/maps")
                   if line.split()[1][2] == "x" and line.split()[-1] in binaries]
         assert len(starts) == 2 and all(rows[s] > 0 for s in starts), (starts, rows)
-        assert mgr.stats["tables_cached"] == 2
+        assert mgr.stats["tables_from_cache"] == 2
         assert mgr._builder.stats["children"] == 0
         assert not any(entry[2].path in binaries for entry in mgr._queue.values())
     finally:
@@ -618,7 +618,7 @@ def test_a_long_build_does_not_hold_up_a_new_process(tmp_path):
     from collector import libbpf
     from collector.unwind import build
     from collector.unwind.builder import cache_key
-    from collector.unwind.manager import WANT_PROCESS, UnwindManager
+    from collector.unwind.manager import MIN_SAMPLES_TO_BUILD, WANT_PROCESS, UnwindManager
     from collector.unwind.procs import unpack_proc
     from collector.symbolize.elf import build_id
     cache = tmp_path / "cache"
@@ -636,7 +636,9 @@ def test_a_long_build_does_not_hold_up_a_new_process(tmp_path):
     procs = []
 
     def ask(pid):
-        obj.map("unwind_wanted").update(struct.pack("=IIQ", pid, WANT_PROCESS, 0), struct.pack("=I", 1))
+        # as many samples as make a binary worth a build child
+        obj.map("unwind_wanted").update(struct.pack("=IIQ", pid, WANT_PROCESS, 0),
+                                        struct.pack("=I", MIN_SAMPLES_TO_BUILD))
 
     def python_rows(pid) -> int:
         raw = obj.map("unwind_procs").lookup(struct.pack("=I", pid))

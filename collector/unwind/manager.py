@@ -128,7 +128,7 @@ class UnwindManager:
                     if why == WANT_MAPPING:
                         self._wanted_mapping(pid, start, samples)
                     else:
-                        self._refresh(pid, forced=(why == WANT_PROCESS))
+                        self._refresh(pid, forced=(why == WANT_PROCESS), samples=samples)
                 self._touch_sampled()
                 self._take_built()
                 if self._queue and self._building is None:
@@ -165,7 +165,9 @@ class UnwindManager:
             elif self.pool.get(key) is None and key != self._building:   # evicted since: wanted again
                 self._queue[key] = [samples, pid, m]
 
-    def _refresh(self, pid: int, forced: bool) -> None:
+    def _refresh(self, pid: int, forced: bool, samples: int = 0) -> None:
+        """samples: how many samples of the process lacked a table; each of
+        its binaries starts that wanted."""
         with self._lock:
             entry = self._procs.get(pid)
         now = time.monotonic()
@@ -188,7 +190,7 @@ class UnwindManager:
             if (self.pool.get(key) is None and key not in self._failed and key not in self._queue
                     and key != self._building):   # being built: a second build would leak the first rows
                 if not self._from_cache(key, pid, m):
-                    self._queue[key] = [0, pid, m]
+                    self._queue[key] = [samples, pid, m]
         tracked = TrackedProcess(mappings, keys, {m: mapping_bias(pid, m) for m in mappings}, now, now)
         with self._lock:
             self._procs[pid] = tracked
