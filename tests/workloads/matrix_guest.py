@@ -133,15 +133,20 @@ def cpu_workload(bin_dir: Path, loops: int = CPU_LOOPS) -> dict:
     return {"pid": w.pid, "cpu_seconds": usage.ru_utime + usage.ru_stime}
 
 
-def whole_stacks(out: Path, cfg: Path, bin_dir: Path, cli: list, env: dict) -> dict:
+def whole_stacks(out: Path, cache: str, bin_dir: Path, cli: list, env: dict) -> dict:
     """`otelbpf profile` (the profiler alone) of cpu_work, an -O2 binary
     without frame pointers: only the .eh_frame walk gets from main to
-    _start. Its tables, and libc's, are in the cache built ahead."""
+    _start. Its tables, and libc's, are in the cache built ahead; small
+    kernel maps (zeroing the default 36 MiB takes an emulated CPU seconds)."""
+    cfg = out / "profile.yaml"
+    cfg.write_text(json.dumps({"probes": {"cpu_profile": {
+        "unwind_cache_dir": cache, "unwind_table_memory": "4MiB", "max_user_stacks": 1024,
+        "max_stacks": 1024, "max_processes": 128}}}))
     w = subprocess.Popen([str(bin_dir / "cpu_work"), str(200 * CPU_LOOPS)], stdout=subprocess.DEVNULL)
     try:
         # its first samples, before the unwind thread has loaded the tables,
         # are walked by frame pointers: a long run keeps them a small share
-        prof = subprocess.run(cli + ["profile", "--duration", "20", "--pid", str(w.pid), "--config", str(cfg),
+        prof = subprocess.run(cli + ["profile", "--duration", "30", "--pid", str(w.pid), "--config", str(cfg),
                                      "--output", str(out / "whole.pb.gz")],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     finally:
@@ -157,12 +162,11 @@ def main() -> int:
     cfg = out / "otelbpf.yaml"
     cfg.write_text(json.dumps({"interval": f"{INTERVAL_S}s", "health": "",
                                "exporters": {"file": {"path": str(out / "telemetry.jsonl")}},
-                               # small kernel maps: the guest's CPU is emulated, and zeroing
-                               # the default 36 MiB at each start costs it seconds
-                               "probes": {"cpu_profile": {"unwind_cache_dir": cache,
-                                                          "unwind_table_memory": "4MiB",
-                                                          "max_user_stacks": 1024, "max_stacks": 1024,
-                                                          "max_processes": 128},
+                               # frame pointers only for the agent with every probe: under
+                               # software emulation its table builds and Python frames cost
+                               # the guest more CPU than the other probes' tests can spare;
+                               # the .eh_frame walk has its own run (whole_stacks)
+                               "probes": {"cpu_profile": {"unwind": "frame-pointers"},
                                           "http": {}, "net_flows": {}, "syscall_latency": {}}}))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cli = [sys.executable, "-m", "collector.cli"]
@@ -195,7 +199,7 @@ def main() -> int:
             agent.kill()
             truth["agent_exit"] = "killed after 300 s"
     if "error" not in truth:
-        truth["whole_stacks"] = whole_stacks(out, cfg, bin_dir, cli, env)
+        truth["whole_stacks"] = whole_stacks(out, cache, bin_dir, cli, env)
     (out / "truth.json").write_text(json.dumps(truth, indent=1))
     return 0
 
