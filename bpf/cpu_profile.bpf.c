@@ -318,7 +318,7 @@ static __always_inline int unwind_frame(struct prof_walk *s, struct unwind_proc 
 		m = find_mapping(proc, lookup);
 		if (!m)
 			want(s->pid, WANT_REFRESH, 0);	/* a mapping newer than the table (dlopen, exec) */
-		else if (!m->table_len)
+		else if (!m->table_len && !(m->flags & UNW_MAP_NO_TABLE))
 			want(s->pid, WANT_MAPPING, m->start);
 		else
 			row = find_row(m, lookup - m->bias);
@@ -360,15 +360,14 @@ static __always_inline int unwind_frame(struct prof_walk *s, struct unwind_proc 
 		return s->pc == 0;
 	}
 	case UNW_CFA_UNSUPPORTED:
+		/* an expression or register rule: frame pointers in code that
+		 * has them not is garbage, so the walk stops here */
 		otb_count(&prof_stats, PROF_STAT_UNWIND_UNSUPPORTED);
-		/* fall through */
+		return 1;
 	default:
 		/* No row: frame pointers (rbp -> saved rbp, return address above it). */
-		if (!s->bp_valid || s->bp == 0) {
-			if (s->bp_valid)
-				s->st.flags |= UNW_F_COMPLETE;	/* rbp 0: the outermost frame */
+		if (!s->bp_valid || s->bp == 0)
 			return 1;
-		}
 		s->st.flags |= UNW_F_FP_USED;
 		otb_count(&prof_stats, PROF_STAT_UNWIND_FP_FRAMES);
 		cfa = s->bp + 16;
@@ -376,7 +375,7 @@ static __always_inline int unwind_frame(struct prof_walk *s, struct unwind_proc 
 		break;
 	}
 
-	if (cfa <= s->sp && !(type == UNW_CFA_UNKNOWN || type == UNW_CFA_UNSUPPORTED)) {
+	if (cfa <= s->sp) {	/* a frame must move up the stack: else garbage, or a loop */
 		otb_count(&prof_stats, PROF_STAT_UNWIND_BAD_FRAME);
 		return 1;
 	}
@@ -388,10 +387,6 @@ static __always_inline int unwind_frame(struct prof_walk *s, struct unwind_proc 
 		if (read_user_u64(&s->bp, cfa + (__s64)rbp_off8 * 8))
 			goto read_fail;
 		s->bp_valid = 1;
-	}
-	if (cfa <= s->sp) {	/* frame pointers pointing down the stack: garbage */
-		otb_count(&prof_stats, PROF_STAT_UNWIND_BAD_FRAME);
-		return 1;
 	}
 	s->sp = cfa;
 	s->pc = ra;

@@ -45,7 +45,7 @@ struct unwind_mapping {
 	__u32 flags;		/* UNW_MAP_* */
 };
 
-#define UNW_MAP_PYTHON_EVAL 1	/* reserved: the interpreter's mapping (Python frames) */
+#define UNW_MAP_NO_TABLE 1	/* never gets rows (JIT code, no CFI): frame pointers, nothing to ask for */
 
 #define UNWIND_MAX_MAPPINGS 128	/* per process, sorted by start; the rest: frame pointers */
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 
 from collector import perf
@@ -55,14 +56,24 @@ class PythonFrames:
 
     def __init__(self):
         self.symbols = python.PythonSymbolizer()
+        self._lock = threading.Lock()   # register() runs in the unwind thread, the rest in collect()
 
     def register(self, pid: int):
         """From the unwind thread: (py_procs value or None, whether to ask again later)."""
         proc, why = python.detect(pid)
         if proc is None:
             return None, why.startswith("not ready")
-        self.symbols.track(proc)
+        with self._lock:
+            self.symbols.track(proc)
         return proc.pack(), False
+
+    def merge(self, pid: int, frames: list, pairs: list) -> list:
+        with self._lock:
+            return python.merge(frames, pairs, lambda code, word: self.symbols.resolve(pid, code, word))
+
+    def forget(self, pid: int) -> None:
+        with self._lock:
+            self.symbols.forget(pid)
 
 
 def online_cpus(path: str = "/sys/devices/system/cpu/online") -> list:
@@ -90,8 +101,8 @@ class CpuProfileProbe(BpfProbe):
                        "to cpu-clock where absent)", choices=("cpu-clock", "cycles")),
         "idle": Field("str", "drop", "samples of idle CPUs: drop (counted only) or keep",
                       choices=("drop", "keep")),
-        "max_stacks": Field("int", 16384, "distinct stacks per interval (kernel stack map size); beyond it "
-                            "stacks are lost, counted", minimum=256),
+        "max_stacks": Field("int", 4096, "distinct kernel stacks per interval (1 KiB each, two buffers); "
+                            "beyond it kernel stacks are lost, counted", minimum=256),
         "max_keys": Field("int", 16384, "distinct (process, thread, stacks) per interval; beyond it samples "
                           "are dropped, counted", minimum=256),
         "unwind": Field("str", "dwarf", "user stacks: dwarf (tables from .eh_frame, frame pointers where none) "
@@ -127,10 +138,6 @@ class CpuProfileProbe(BpfProbe):
         self._ustacks = UserStacks(obj.map("prof_ustacks"))
         self._unwind = None
         self._python = None
-        if self.config["unwind"] == "dwarf":
-            self._unwind = UnwindManager(obj, self._table_builder(), self.config["max_processes"],
-                                         python=self._python_reader())
-            self._unwind.start()
         self._perf_fds: dict = {}   # cpu -> perf_event link (which owns the event's fd)
         self._event = self.config["event"]
         self._attach_cpus()
@@ -147,6 +154,12 @@ class CpuProfileProbe(BpfProbe):
         self.period_ns = round(NS_PER_S / self.config["frequency"])   # ns between samples at frequency Hz
         self.truncated = 0
         self.user_stack_missing = 0
+        if self.config["unwind"] == "dwarf":   # last: nothing above can fail with its thread running
+            self._unwind = UnwindManager(obj, self._table_builder(), self.config["max_processes"],
+                                         python=self._python_reader(),
+                                         on_new_process=lambda pid: self._usyms.refresh([pid]),
+                                         last_pid=self.ctx.agent_pid)
+            self._unwind.start()
 
     # ------------------------------------------------------------- perf events
     def _open_event(self, cpu: int) -> int:
@@ -228,20 +241,20 @@ class CpuProfileProbe(BpfProbe):
             frames.append(Frame(sym[0] if sym else None, addr, None, kernel=True))
         return frames
 
-    def _user_frames(self, pid: int, user_hash: int) -> list:
+    def _user_frames(self, pid: int, user_hash: int, samples: int) -> list:
+        """The samples' user frames; what is missing or cut is counted per sample."""
         if user_hash == 0:
             return []
         walked = self._ustacks.get(user_hash)
         if walked is None:
-            self.user_stack_missing += 1
+            self.user_stack_missing += samples
             return []
         if walked.flags & (stacks_mod.TRUNCATED | stacks_mod.PY_TRUNC):
-            self.truncated += 1
+            self.truncated += samples
         frames = [self._usyms.resolve(pid, addr & ~stacks_mod.PC_EXACT, return_address=i > 0 and not addr & stacks_mod.PC_EXACT)
                   for i, addr in enumerate(walked.native)]
         if walked.python and self._python is not None:
-            frames = python.merge(frames, list(walked.python),
-                                  lambda code, word: self._python.symbols.resolve(pid, code, word))
+            frames = self._python.merge(pid, frames, list(walked.python))
         return frames
 
     def collect(self) -> list:
@@ -260,7 +273,7 @@ class CpuProfileProbe(BpfProbe):
             thread = comm.split(b"\0", 1)[0].decode(errors="replace")
             attrs = {"process.pid": pid, "thread.name": thread,
                      "process.executable.name": self._procs.executable_name(pid, fallback=thread) or thread}
-            frames = self._kernel_frames(stacks, kernel_id) + self._user_frames(pid, user_hash)
+            frames = self._kernel_frames(stacks, kernel_id) + self._user_frames(pid, user_hash, n)
             samples.append(ProfileSample(attrs, frames, n))
         self._ustacks.expire()
         # Only now, with their last samples resolved, forget processes that exited.
@@ -268,7 +281,7 @@ class CpuProfileProbe(BpfProbe):
             if pid not in live and not alive(pid):
                 self._usyms.forget(pid)
                 if self._python is not None:
-                    self._python.symbols.forget(pid)
+                    self._python.forget(pid)
         profile = Profile(samples, start_time_ns=self._last_ns, duration_ns=now - self._last_ns,
                           period_ns=self.period_ns)
         self._last_ns = now

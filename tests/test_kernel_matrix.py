@@ -16,6 +16,7 @@ import collections
 import functools
 import json
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -25,7 +26,8 @@ from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import ExportProfilesServiceRequest
 
-from conftest import ROOT, build_c, needs_root
+from collector.unwind.builder import TableBuilder
+from conftest import BIN, ROOT, build_c, needs_root
 from otlp_data import exp_buckets, latest_per_series, points, profile_samples
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -44,18 +46,19 @@ pytestmark = [needs_root, pytest.mark.skipif(os.environ.get("OTELBPF_KERNEL_MATR
 class Guest:
     """One kernel's run, started in the background and waited for once."""
 
-    def __init__(self, series: str, workdir: Path, bin_dir: Path):
+    def __init__(self, series: str, workdir: Path, bin_dir: Path, unwind_cache: Path):
         self.series = series
         self.workdir = workdir
         self.result = None
         self.error = None
-        self._thread = threading.Thread(target=self._run, args=(bin_dir,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(bin_dir, unwind_cache), daemon=True)
         self._thread.start()
 
-    def _run(self, bin_dir: Path) -> None:
+    def _run(self, bin_dir: Path, unwind_cache: Path) -> None:
         try:
             kernel = kernel_vm.prepare(self.series)
-            script = (f"cd {ROOT} && {sys.executable} tests/workloads/matrix_guest.py /tmp/vm {bin_dir}\n")
+            script = (f"cd {ROOT} && {sys.executable} tests/workloads/matrix_guest.py /tmp/vm {bin_dir} "
+                      f"{unwind_cache}\n")
             self.result = kernel_vm.run(kernel, script, self.workdir, timeout=GUEST_TIMEOUT_S)
         except Exception as e:  # reported by the test that waits for it
             self.error = e
@@ -99,11 +102,41 @@ def guests(tmp_path_factory):
     missing = kernel_vm.missing_host_tools()
     assert not missing, f"the kernel matrix needs {missing}: `make setup` installs them"
     bin_dir = build_c("sc_workload").parent
-    build_c("cpu_work", src=ROOT / "bench" / "cpu_work.c")
+    cpu_work = build_c("cpu_work", src=ROOT / "bench" / "cpu_work.c")
     base = tmp_path_factory.mktemp("matrix")
+    # under the checkout: the guests see this machine's /tmp hidden by their own
+    unwind_cache = prebuilt_unwind_tables(BIN / "unwind-cache", [cpu_work] + agent_binaries())
     # kernel packages first, one apt run for all three, before the boots
     kernel_vm.fetch_debs(KERNELS)
-    return {k: Guest(k, base / k, bin_dir) for k in KERNELS}
+    return {k: Guest(k, base / k, bin_dir, unwind_cache) for k in KERNELS}
+
+
+def agent_binaries() -> list:
+    """The files of executable code an agent maps: python and the extension
+    modules its imports load (the agent is the guests' busiest process)."""
+    code = ("import collector.cli, collector.agent, collector.export.otlp, collector.export.file, "
+            "probes.cpu_profile, probes.http, probes.net_flows, probes.syscall_latency, collector.libbpf; "
+            "collector.libbpf.lib(); "
+            "print(open('/proc/self/maps').read())")
+    maps = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout
+    return sorted({Path(line.split()[5]) for line in maps.splitlines()
+                   if len(line.split()) > 5 and "x" in line.split()[1] and line.split()[5].startswith("/")})
+
+
+def prebuilt_unwind_tables(cache: Path, binaries: list) -> Path:
+    """Tables of the guests' busiest binaries and their libraries, built
+    here: the guests read them (same files, same build ids) instead of
+    building them under software emulation."""
+    libs = set()
+    for b in binaries:
+        out = subprocess.run(["ldd", str(b)], capture_output=True, text=True).stdout
+        libs.update(part for line in out.splitlines() for part in line.split() if part.startswith("/"))
+    builder = TableBuilder(str(cache))
+    for path in sorted({str(b) for b in binaries} | libs):
+        table = builder.get(path)
+        assert table, f"no unwind table for {path}: {table.reason}"
+    return cache
 
 
 
@@ -198,3 +231,24 @@ def test_cpu_profile_samples_follow_cpu_time(guests, series):
     # process's CPU time, within the sampling's jitter
     assert 0.5 * expected <= samples <= 1.5 * expected, f"{series}: {samples} samples for {truth['cpu_seconds']:.2f} s"
 
+
+
+@pytest.mark.parametrize("series", KERNELS)
+def test_cpu_profile_stacks_are_whole_without_frame_pointers(guests, series):
+    """cpu_work is built -O2 (no frame pointers): only the .eh_frame walk
+    reaches _start from main. `otelbpf profile` in the guest, with tables
+    built ahead on this machine (same files, same build ids): the walk is
+    what differs by kernel."""
+    g = guests[series].wait()
+    run = g.truth()["whole_stacks"]
+    assert run["exit"] == 0, f"{series}: otelbpf profile failed\n{g.file('profile.log')[-3000:]}"
+    folded = [line.rsplit(" ", 1) for line in g.file("whole.pb.gz.folded").splitlines() if line]
+    total = sum(int(n) for _, n in folded)
+    # folded: comm;root;...;leaf (kernel frames end in _[k])
+    whole = sum(int(n) for stack, n in folded if stack.split(";")[1:2] == ["_start"])
+    assert total > 50, f"{series}: {total} samples\n{g.file('profile.log')[-3000:]}"
+    # the samples before the tables reach the kernel are walked by frame
+    # pointers (main alone): seconds under emulation (67-89% whole over 20 s
+    # in one run); a frame-pointer walk gets none of them to _start
+    assert whole >= 0.5 * total, (f"{series}: {whole} of {total} samples reach _start\n"
+                                  + "\n".join(sorted(g.file("whole.pb.gz.folded").splitlines())[:10]))

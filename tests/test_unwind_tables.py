@@ -392,7 +392,17 @@ def test_timeout(tmp_path):
     t = builder.get(POSTGRES)
     assert not t.rows and "timed out" in t.reason and builder.stats["timeouts"] == 1
     assert os.listdir(tmp_path) == []          # nothing half-written stays
-    # remembered: asking again starts no second child
+    # a wall-clock timeout says the host was busy, not that the binary is
+    # bad: not remembered, the next ask builds again
+    assert transient(t)
+    assert builder.get(POSTGRES).reason == t.reason and builder.stats["children"] == 2
+
+
+def test_cpu_limit(tmp_path):
+    """A build that needs more CPU than allowed fails for good (remembered)."""
+    builder = TableBuilder(cache_dir=str(tmp_path), cpu_limit=1)
+    t = builder.get(POSTGRES)
+    assert not t.rows and "CPU" in t.reason and not transient(t), t.reason
     assert builder.get(POSTGRES).reason == t.reason and builder.stats["children"] == 1
 
 
@@ -526,3 +536,157 @@ def test_live_walk_python(cache_dir):
     if gdb is not None:
         assert pcs == gdb
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loads the profiler's BPF object")
+def test_cached_tables_reach_the_kernel_when_a_process_is_first_seen(tmp_path):
+    """Tables already in the cache are loaded as soon as a process that
+    maps them is seen, not queued behind builds of other binaries: here the
+    builder cannot even start a child, yet python3.11's and libc's mappings
+    get their rows in the kernel's entry for the process, and nothing waits."""
+    import struct
+    from collector import libbpf
+    from collector.unwind import build
+    from collector.unwind.builder import cache_key
+    from collector.unwind.manager import UnwindManager
+    from collector.unwind.procs import unpack_proc
+    from collector.symbolize.elf import build_id
+    binaries = [PYTHON, os.path.realpath(LIBC)]
+    for path in binaries:
+        cachefile.write(str(tmp_path / cache_key(path, build_id(path))), build.build(path))
+    obj = libbpf.BpfObject(ROOT / "bpf" / "cpu_profile.bpf.o")
+    obj.load()
+    mgr = UnwindManager(obj, TableBuilder(cache_dir=str(tmp_path), python="/nonexistent/python"), 16)
+    proc = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.3)
+        mgr._refresh(proc.pid, forced=True)   # what the thread does when the kernel asks about a process
+        entries = unpack_proc(obj.map("unwind_procs").lookup(struct.pack("=I", proc.pid)))
+        rows = {start: n_rows for start, _bias, _size, _first, n_rows, _flags in entries}
+        starts = [int(line.split("-")[0], 16) for line in open(f"/proc/{proc.pid}/maps")
+                  if line.split()[1][2] == "x" and line.split()[-1] in binaries]
+        assert len(starts) == 2 and all(rows[s] > 0 for s in starts), (starts, rows)
+        assert mgr.stats["tables_from_cache"] == 2
+        assert mgr._builder.stats["children"] == 0
+        assert not any(entry[2].path in binaries for entry in mgr._queue.values())
+    finally:
+        proc.kill()
+        proc.wait()
+        mgr.pool.close()
+        obj.close()
+
+
+def test_build_child_dies_with_the_agent(tmp_path):
+    """An agent killed while a table builds leaves no build behind (it would
+    go on for minutes at nice 10, writing into a cache nobody reads)."""
+    import sys
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from collector.unwind.builder import TableBuilder\n"
+              f"TableBuilder(cache_dir={str(tmp_path)!r}).get({POSTGRES!r})\n")
+    agent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        child = None
+        while child is None and time.monotonic() < deadline:
+            out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+            child = int(out[0]) if out else None
+            time.sleep(0.02)
+        assert child is not None, "no build child started"
+        assert "collector.unwind.build" in Path(f"/proc/{child}/cmdline").read_text()
+    finally:
+        agent.kill()
+        agent.wait()
+
+    def gone():
+        try:
+            return Path(f"/proc/{child}/stat").read_text().split(") ")[1][0] == "Z"
+        except OSError:
+            return True
+    deadline = time.monotonic() + 1.0     # postgres' build alone takes 3 s of CPU
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(), f"build child {child} outlived its agent"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="loads the profiler's BPF object")
+def test_a_long_build_does_not_hold_up_a_new_process(tmp_path):
+    """While a big binary's table builds (postgres: seconds of CPU at nice
+    10, minutes on a busy host), a process first seen meanwhile gets the
+    rows its cache holds in the kernel at once. The kernel's requests are
+    written into its own map (unwind_wanted), as the sampling program would."""
+    import struct
+    from collector import libbpf
+    from collector.unwind import build
+    from collector.unwind.builder import cache_key
+    from collector.unwind.manager import MIN_SAMPLES_TO_BUILD, WANT_PROCESS, UnwindManager
+    from collector.unwind.procs import unpack_proc
+    from collector.symbolize.elf import build_id
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for path in (PYTHON, os.path.realpath(LIBC)):
+        cachefile.write(str(cache / cache_key(path, build_id(path))), build.build(path))
+    mapper = ("import mmap, sys, time\n"
+              "f = open(sys.argv[1], 'rb')\n"
+              "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ | mmap.PROT_EXEC)\n"
+              "print(1, flush=True)\n"
+              "time.sleep(60)\n")
+    obj = libbpf.BpfObject(ROOT / "bpf" / "cpu_profile.bpf.o")
+    obj.load()
+    mgr = UnwindManager(obj, TableBuilder(cache_dir=str(cache)), 16)
+    procs = []
+
+    def ask(pid):
+        # as many samples as make a binary worth a build child
+        obj.map("unwind_wanted").update(struct.pack("=IIQ", pid, WANT_PROCESS, 0),
+                                        struct.pack("=I", MIN_SAMPLES_TO_BUILD))
+
+    def python_rows(pid) -> int:
+        raw = obj.map("unwind_procs").lookup(struct.pack("=I", pid))
+        if raw is None:
+            return 0
+        starts = [int(line.split("-")[0], 16) for line in open(f"/proc/{pid}/maps")
+                  if line.split()[1][2] == "x" and line.split()[-1] == PYTHON]
+        return sum(n for start, _b, _s, _f, n, _fl in unpack_proc(raw) if start in starts)
+
+    try:
+        mgr.start()
+        procs.append(subprocess.Popen([PYTHON, "-c", mapper, POSTGRES], stdout=subprocess.PIPE))
+        procs[0].stdout.readline()
+        ask(procs[0].pid)
+        deadline = time.monotonic() + 60
+        while not _building(POSTGRES, procs[0].pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _building(POSTGRES, procs[0].pid), "postgres' table is not being built"
+        procs.append(subprocess.Popen([PYTHON, "-c", "import time; print(1, flush=True); time.sleep(60)"],
+                                      stdout=subprocess.PIPE))
+        procs[1].stdout.readline()
+        ask(procs[1].pid)
+        t0 = time.monotonic()
+        while not python_rows(procs[1].pid) and time.monotonic() - t0 < 2:
+            time.sleep(0.05)
+        waited = time.monotonic() - t0
+        still = _building(POSTGRES, procs[0].pid)
+        print(f"\nrows after {waited:.2f}s; postgres still building: {still}")
+        assert python_rows(procs[1].pid) > 0 and still, (waited, still)
+        # another process mapping postgres meanwhile: the table being built is not queued a second time
+        procs.append(subprocess.Popen([PYTHON, "-c", mapper, POSTGRES], stdout=subprocess.PIPE))
+        procs[2].stdout.readline()
+        ask(procs[2].pid)
+        t0 = time.monotonic()
+        while procs[2].pid not in mgr._procs and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert procs[2].pid in mgr._procs and _building(POSTGRES, procs[0].pid)
+        assert not any(entry[2].path == POSTGRES for entry in mgr._queue.values())
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        mgr.stop()
+        obj.close()
+
+
+def _building(path: str, pid: int) -> bool:
+    """A build child is at work on pid's mapping of path."""
+    starts = {line.split()[0] for line in open(f"/proc/{pid}/maps") if line.split()[-1] == path}
+    out = subprocess.run(["pgrep", "-af", "collector.unwind.build"], capture_output=True, text=True).stdout
+    return any(f"/proc/{pid}/map_files/{s}" in line for line in out.splitlines() for s in starts)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 from typing import Optional
 
 from ..records import Frame
@@ -64,58 +65,68 @@ class UserSymbolizer:
         # share most frames (a busy collection: 37k frames, 1.7k distinct)
         self._frames: dict = {}
         self.binaries_loaded = 0
+        # refresh() also runs in the profiler's unwind thread (a process is
+        # read when first sampled, so one that exits within the interval
+        # still resolves); every entry point holds this lock
+        self._lock = threading.RLock()
 
     def refresh(self, pids) -> None:
         """Re-read the mappings of these live processes and load the symbols
         of binaries not seen before (while their files are reachable)."""
-        self._frames.clear()
-        for pid in pids:
-            maps = []
-            for m in read_maps(pid):
-                via = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
-                key = (m.dev, m.inode, m.path)
-                if key not in self._build_ids:
-                    if len(self._build_ids) > 16 * self._max_binaries:
-                        self._build_ids.clear()   # bounded: re-read a note rather than grow
-                    self._build_ids[key] = build_id(via)
-                info = MappingInfo(m.start, m.end, m.file_offset, m.path, m.inode, m.dev, self._build_ids[key])
-                if info.binary_key not in self._binaries:
-                    self._binaries[info.binary_key] = BinarySymbols(via, m.path, info.build_id, f"/proc/{pid}/root")
-                    self.binaries_loaded += 1
-                    if len(self._binaries) > self._max_binaries:
-                        self._binaries.popitem(last=False)
-                maps.append(info)
-            if maps:
-                self._maps[pid] = ProcessMaps(maps)
-                # addresses outside every file mapping are looked up only where
-                # a JIT wrote a perf map: elsewhere they are garbage from a
-                # frame-pointer walk of code built without frame pointers
-                pmap = self._perf_maps.get(pid) or PerfMap(pid)
-                if pmap.exists():
-                    pmap.refresh()
-                    self._perf_maps[pid] = pmap
+        with self._lock:
+            self._frames.clear()
+            for pid in pids:
+                self._refresh_one(pid)
+
+    def _refresh_one(self, pid: int) -> None:
+        maps = []
+        for m in read_maps(pid):
+            via = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+            key = (m.dev, m.inode, m.path)
+            if key not in self._build_ids:
+                if len(self._build_ids) > 16 * self._max_binaries:
+                    self._build_ids.clear()   # bounded: re-read a note rather than grow
+                self._build_ids[key] = build_id(via)
+            info = MappingInfo(m.start, m.end, m.file_offset, m.path, m.inode, m.dev, self._build_ids[key])
+            if info.binary_key not in self._binaries:
+                self._binaries[info.binary_key] = BinarySymbols(via, m.path, info.build_id, f"/proc/{pid}/root")
+                self.binaries_loaded += 1
+                if len(self._binaries) > self._max_binaries:
+                    self._binaries.popitem(last=False)
+            maps.append(info)
+        if maps:
+            self._maps[pid] = ProcessMaps(maps)
+            # addresses outside every file mapping are looked up only where
+            # a JIT wrote a perf map: elsewhere they are garbage from a
+            # frame-pointer walk of code built without frame pointers
+            pmap = self._perf_maps.get(pid) or PerfMap(pid)
+            if pmap.exists():
+                pmap.refresh()
+                self._perf_maps[pid] = pmap
 
     def forget(self, pid: int) -> None:
         """A process exited (and its last samples were resolved): drop its maps."""
-        self._maps.pop(pid, None)
-        self._perf_maps.pop(pid, None)
-        self._frames.clear()
+        with self._lock:
+            self._maps.pop(pid, None)
+            self._perf_maps.pop(pid, None)
+            self._frames.clear()
 
     def known_pids(self):
-        return list(self._maps)
+        with self._lock:
+            return list(self._maps)
 
     def resolve(self, pid: int, addr: int, return_address: bool = False) -> Frame:
         """return_address: addr is where a call returns to, so the call itself
         (addr - 1) names the function (a call that ends a function returns
         into the next one)."""
         key = (pid, addr, return_address)
-        frame = self._frames.get(key)
-        if frame is None:
-            frame = self._frames[key] = self._resolve(pid, addr, return_address)
-        return frame
+        with self._lock:
+            frame = self._frames.get(key)
+            if frame is None:
+                frame = self._frames[key] = self._resolve(pid, addr, addr - 1 if return_address else addr)
+            return frame
 
-    def _resolve(self, pid: int, addr: int, return_address: bool) -> Frame:
-        at = addr - 1 if return_address else addr
+    def _resolve(self, pid: int, addr: int, at: int) -> Frame:
         pm = self._maps.get(pid)
         mapping = pm.find(at) if pm else None
         if mapping is not None:

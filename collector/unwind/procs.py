@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ..symbolize.elf import build_id, load_segments
+from .lookup import bias_of
 
 MAX_MAPPINGS = 128                      # UNWIND_MAX_MAPPINGS
 _MAPPING = struct.Struct("<QQIIII")     # struct unwind_mapping
@@ -31,6 +32,12 @@ class ExecMapping:
     def is_vdso(self) -> bool:
         return self.path == "[vdso]"
 
+    @property
+    def is_anonymous(self) -> bool:
+        """Executable memory without a file: JIT code (V8, the JVM), walked
+        by frame pointers (JITs keep them) and named from perf-PID.map."""
+        return not self.path.startswith("/") and not self.is_vdso
+
     def open_path(self, pid: int) -> str:
         """The file itself, also when it lives in another mount namespace or was deleted."""
         return f"/proc/{pid}/map_files/{self.start:x}-{self.end:x}"
@@ -42,11 +49,11 @@ def exec_mappings(pid: int) -> List[ExecMapping]:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 parts = line.split(None, 5)
-                if len(parts) < 6 or "x" not in parts[1]:
+                if len(parts) < 5 or "x" not in parts[1]:
                     continue
-                path = parts[5].strip()
-                if not (path.startswith("/") or path == "[vdso]"):
-                    continue   # anonymous/JIT code: frame pointers (a JIT keeps them)
+                path = parts[5].strip() if len(parts) > 5 else ""
+                if path.startswith("[") and path != "[vdso]" and not path.startswith("[anon"):
+                    continue   # [vsyscall], [uprobes]: never a user stack frame worth a table
                 lo, hi = parts[0].split("-")
                 out.append(ExecMapping(int(lo, 16), int(hi, 16), int(parts[2], 16), path,
                                        parts[3], int(parts[4])))
@@ -62,9 +69,12 @@ class BinaryIdentity:
     def __init__(self):
         self._ids: dict = {}
 
-    def key(self, pid: int, m: ExecMapping) -> tuple:
+    def key(self, pid: int, m: ExecMapping) -> Optional[tuple]:
+        """None for anonymous code: it has no table."""
         if m.is_vdso:
             return VDSO_KEY
+        if m.is_anonymous:
+            return None
         file_key = (m.dev, m.inode, m.path)
         if file_key not in self._ids:
             if len(self._ids) > 65536:
@@ -77,12 +87,9 @@ class BinaryIdentity:
 def mapping_bias(pid: int, m: ExecMapping) -> Optional[int]:
     """pc - bias = the binary's link-time address, from the PT_LOAD segment
     that holds the mapping's file offset."""
-    if m.is_vdso:
-        return m.start   # the vdso is linked at 0
-    for p_offset, p_filesz, p_vaddr in load_segments(m.open_path(pid)):
-        if p_offset <= m.file_offset < p_offset + max(p_filesz, 1):
-            return m.start - m.file_offset + p_offset - p_vaddr
-    return None
+    if m.is_vdso or m.is_anonymous:
+        return m.start   # the vdso is linked at 0; anonymous code has no link-time addresses
+    return bias_of(m.start, m.file_offset, load_segments(m.open_path(pid)))
 
 
 def pack_proc(entries: list, gen: int) -> bytes:

@@ -24,6 +24,7 @@ from elftools.elf.elffile import ELFFile
 from ..records import Frame
 from ..symbolize.elf import load_segments
 from ..symbolize.procmaps import MappingInfo, read_maps
+from .lookup import bias_of
 from .python_layouts import DEBUG_313_SIZE, TABLES, Layout, from_debug_offsets, version_of_hex
 from .python_lines import line_of
 
@@ -131,10 +132,7 @@ def _binary_version(elf: ELFFile, syms: dict) -> Optional[tuple]:
 
 
 def _bias(via: str, m: MappingInfo) -> Optional[int]:
-    for off, size, va in load_segments(via):
-        if off <= m.file_offset < off + size:
-            return m.start - (m.file_offset - off + va)
-    return None
+    return bias_of(m.start, m.file_offset, load_segments(via))
 
 
 def _tid_match(pid: int, layout: Layout) -> int:
@@ -169,27 +167,15 @@ def detect(pid: int) -> Tuple[Optional[PythonProcess], str]:
     skipped = ""
     for m in _candidates(pid):
         via = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
-        try:
-            with open(via, "rb") as f:
-                elf = ELFFile(f)
-                syms = _symbols(elf, ("_PyRuntime", "Py_Version"))
-                if "_PyRuntime" not in syms:
-                    continue
-                version = _binary_version(elf, syms)
-                named = _BINARY.match(os.path.basename(m.path))
-                if version is None and named:
-                    version = (int(named.group(1)), int(named.group(2)))
-                if version is None:
-                    return None, f"unsupported: no CPython version found in {m.path}"
-                if version >= (3, 13):
-                    raw = _section_bytes(elf, syms["_PyRuntime"], DEBUG_313_SIZE)
-                    layout, why = from_debug_offsets(raw or b"")
-                else:
-                    layout = TABLES.get(version)
-                    why = "" if layout else f"unsupported CPython {version[0]}.{version[1]}"
-        except (OSError, ELFError, ValueError, struct.error) as e:
-            skipped = f"unreadable: {m.path}: {e}"   # a corrupt file: try the next candidate
+        info = _interpreter_of(via, m)
+        if info is None:
             continue
+        if isinstance(info, str):
+            if info.startswith("unreadable"):
+                skipped = info   # a corrupt file: try the next candidate
+                continue
+            return None, info
+        syms, version, layout, why = info
         if layout is None:
             _log_once((m.binary_key, why), "pid %d (%s): %s: native frames only", pid, m.path, why)
             return None, why
@@ -202,6 +188,44 @@ def detect(pid: int) -> Tuple[Optional[PythonProcess], str]:
             _log_once((m.binary_key, "layout"), "pid %d: %s: native frames only", pid, why)
         return (None, why) if why else (proc, "")
     return None, skipped or "not python: no interpreter with _PyRuntime mapped"
+
+
+_interpreters: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+
+
+def _interpreter_of(via: str, m: MappingInfo):
+    """What a binary says about the interpreter in it, read once per binary
+    (every sampled process is asked, most are not Python): None (no
+    _PyRuntime), a reason string, or (symbols, version, layout, why)."""
+    key = m.binary_key
+    if key in _interpreters:
+        return _interpreters[key]
+    try:
+        with open(via, "rb") as f:
+            elf = ELFFile(f)
+            syms = _symbols(elf, ("_PyRuntime", "Py_Version"))
+            if "_PyRuntime" not in syms:
+                info = None
+            else:
+                version = _binary_version(elf, syms)
+                named = _BINARY.match(os.path.basename(m.path))
+                if version is None and named:
+                    version = (int(named.group(1)), int(named.group(2)))
+                if version is None:
+                    info = f"unsupported: no CPython version found in {m.path}"
+                elif version >= (3, 13):
+                    raw = _section_bytes(elf, syms["_PyRuntime"], DEBUG_313_SIZE)
+                    layout, why = from_debug_offsets(raw or b"")
+                    info = (syms, version, layout, why)
+                else:
+                    layout = TABLES.get(version)
+                    info = (syms, version, layout, "" if layout else f"unsupported CPython {version[0]}.{version[1]}")
+    except (OSError, ELFError, ValueError, struct.error) as e:
+        return f"unreadable: {m.path}: {e}"   # not remembered: may be a process that just exited
+    _interpreters[key] = info
+    if len(_interpreters) > 1024:
+        _interpreters.popitem(last=False)
+    return info
 
 
 def _check_live(proc: PythonProcess) -> str:
@@ -301,6 +325,9 @@ class CodeInfo:
     linetable: bytes
 
 
+_UNREADABLE = object()   # a code address that did not read as a code object
+
+
 class PythonSymbolizer:
     """(pid, code object, instruction word) -> Frame with function, file and
     line, reading code objects from the live process; cached per (pid, code
@@ -339,15 +366,15 @@ class PythonSymbolizer:
         info = self._codes.get(key)
         if info is not None:
             self._codes.move_to_end(key)
-            return info
+            return None if info is _UNREADABLE else info
         entry = self._procs.get(pid)
         if entry is None:
             return None
         lo, mem = entry
         info = self._read_code(mem, lo, code)
-        if info is None:
-            return None
-        self._codes[key] = info
+        # a failed read is remembered too: a process that exited, or an
+        # address that is no code object, is not read again every sample
+        self._codes[key] = _UNREADABLE if info is None else info
         if len(self._codes) > self._max_codes:
             self._codes.popitem(last=False)
         return info

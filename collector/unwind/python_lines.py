@@ -13,6 +13,8 @@ A truncated or corrupt table gives None (no line), never an exception.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 from .python_layouts import LINETABLE_310, LNOTAB, LOCATIONS
@@ -101,9 +103,11 @@ def locations_line(table: bytes, first: int, unit: int) -> Optional[int]:
 _DECODERS = {LNOTAB: lnotab_line, LINETABLE_310: linetable310_line, LOCATIONS: locations_line}
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def line_of(fmt: str, table: bytes, first: int, unit: Optional[int]) -> Optional[int]:
     """The line of code unit `unit` (None: the frame has not started: its
-    first line)."""
+    first line). Cached: a hot loop's frames ask for the same few units of
+    the same table every sample, and a table is decoded from its start."""
     if unit is None:
         return first
     return _DECODERS[fmt](table, first, unit)

@@ -56,7 +56,7 @@ def build_rows(src: Union[str, os.PathLike, BinaryIO], build_id: Optional[str] =
 
 def transient(table: UnwindTable) -> bool:
     """The table is empty for a reason another try may not meet (memory, I/O)."""
-    return bool(table.stats.get("out_of_memory") or table.stats.get("io_errors"))
+    return bool(table.stats.get("out_of_memory") or table.stats.get("io_errors") or table.stats.get("transient"))
 
 
 def _short(e: BaseException) -> str:

@@ -3,7 +3,11 @@ then the agent with its default probes and a file exporter, real workloads
 with known counts, and the workloads' own ground truth, all written to OUT
 for tests/test_kernel_matrix.py to compare on the host.
 
-    python tests/workloads/matrix_guest.py OUT BIN_DIR
+    python tests/workloads/matrix_guest.py OUT BIN_DIR [UNWIND_CACHE]
+
+UNWIND_CACHE: unwind tables built ahead on the host (read-only here), so
+that the profiler walks whole stacks from the start: building them under
+software emulation takes minutes, and it is the walk that differs by kernel.
 
 Workloads (each its own process, so each is its own executable in the data):
 - HTTP: python's http.server on 127.0.0.1:HTTP_PORT serving a directory,
@@ -122,18 +126,48 @@ def syscall_workload(bin_dir: Path) -> dict:
     return {"pid": pid, "getppid": GETPPID, "nanosleep": SLEEPS, "sleep_ns": SLEEP_NS, "proc": w}
 
 
-def cpu_workload(bin_dir: Path) -> dict:
-    w = subprocess.Popen([str(bin_dir / "cpu_work"), str(CPU_LOOPS)], stdout=subprocess.PIPE, text=True)
+def cpu_workload(bin_dir: Path, loops: int = CPU_LOOPS) -> dict:
+    w = subprocess.Popen([str(bin_dir / "cpu_work"), str(loops)], stdout=subprocess.PIPE, text=True)
     _pid, _status, usage = os.wait4(w.pid, 0)
     w.returncode = 0
     return {"pid": w.pid, "cpu_seconds": usage.ru_utime + usage.ru_stime}
 
 
+def whole_stacks(out: Path, cache: str, bin_dir: Path, cli: list, env: dict) -> dict:
+    """`otelbpf profile` (the profiler alone) of cpu_work, an -O2 binary
+    without frame pointers: only the .eh_frame walk gets from main to
+    _start. Its tables, and libc's, are in the cache built ahead; small
+    kernel maps (zeroing the default 36 MiB takes an emulated CPU seconds)."""
+    cfg = out / "profile.yaml"
+    cfg.write_text(json.dumps({"probes": {"cpu_profile": {
+        "unwind_cache_dir": cache, "unwind_table_memory": "4MiB", "max_user_stacks": 1024,
+        "max_stacks": 1024, "max_processes": 128}}}))
+    w = subprocess.Popen([str(bin_dir / "cpu_work"), str(200 * CPU_LOOPS)], stdout=subprocess.DEVNULL)
+    try:
+        # its first samples, before the unwind thread has loaded the tables,
+        # are walked by frame pointers: a long run keeps them a small share
+        prof = subprocess.run(cli + ["profile", "--duration", "30", "--pid", str(w.pid), "--config", str(cfg),
+                                     "--output", str(out / "whole.pb.gz")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        w.kill()
+        w.wait()
+    (out / "profile.log").write_text(prof.stdout + prof.stderr)
+    return {"pid": w.pid, "exit": prof.returncode}
+
+
 def main() -> int:
     out, bin_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    cache = sys.argv[3] if len(sys.argv) > 3 else "/var/cache/otelbpf/unwind"
     cfg = out / "otelbpf.yaml"
     cfg.write_text(json.dumps({"interval": f"{INTERVAL_S}s", "health": "",
-                               "exporters": {"file": {"path": str(out / "telemetry.jsonl")}}}))
+                               "exporters": {"file": {"path": str(out / "telemetry.jsonl")}},
+                               # frame pointers only for the agent with every probe: under
+                               # software emulation its table builds and Python frames cost
+                               # the guest more CPU than the other probes' tests can spare;
+                               # the .eh_frame walk has its own run (whole_stacks)
+                               "probes": {"cpu_profile": {"unwind": "frame-pointers"},
+                                          "http": {}, "net_flows": {}, "syscall_latency": {}}}))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cli = [sys.executable, "-m", "collector.cli"]
     check = subprocess.run(cli + ["check", "--config", str(cfg)], cwd=ROOT, env=env, capture_output=True,
@@ -164,6 +198,8 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             agent.kill()
             truth["agent_exit"] = "killed after 300 s"
+    if "error" not in truth:
+        truth["whole_stacks"] = whole_stacks(out, cache, bin_dir, cli, env)
     (out / "truth.json").write_text(json.dumps(truth, indent=1))
     return 0
 
