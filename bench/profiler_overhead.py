@@ -10,9 +10,10 @@
    (cpu_profile only, 99 Hz on every CPU, the default 10 s interval, OTLP
    gRPC to a local receiver, that cache); every other round runs without
    the agent last. Prints the median of the rounds' slowdowns of each
-   (target <= 1%) and the agent's CPU as a share of one core while
-   they ran, after 1.5 intervals: its own, and its table build children's
-   (target <= 1%).
+   (target <= 1%), what a sample costs in the kernel (BPF run-time stats,
+   on while the rounds run), and the agent's CPU as a share of one core
+   while they ran, after 1.5 intervals: its own, and its table build
+   children's (target <= 1%).
 2. The tables the warm-up built, per binary, from the agent's debug log
    (wall time, the build child's own time and peak RSS), and the row pool's
    use at the end (otelbpf.profiler.unwind.table.memory, as exported).
@@ -31,6 +32,7 @@ Usage: python bench/profiler_overhead.py [--rounds 6] [--iterations N] [--py-ite
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -59,6 +61,7 @@ t = time.perf_counter()
 work(int(sys.argv[1]))
 print(time.perf_counter() - t)
 """
+SYS_BPF, BPF_ENABLE_STATS = 321, 32      # x86-64
 BUILT = re.compile(r"unwind table for (\S+): (\d+) rows in (\d+) ms \(built: child (\d+) ms, peak RSS (\d+) KiB\)")
 
 
@@ -99,6 +102,23 @@ class Agent:
         self.proc.terminate()
         self.proc.wait(timeout=60)
         return self.err.read_text()
+
+
+def bpf_run_stats():
+    """Run-time stats of every BPF program, on while the returned fd is open
+    (BPF_ENABLE_STATS: the kernel times each program run); None if refused."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(128)     # union bpf_attr, enable_stats.type = BPF_STATS_RUN_TIME (0)
+    fd = libc.syscall(SYS_BPF, BPF_ENABLE_STATS, attr, 4)
+    return fd if fd >= 0 else None
+
+
+def prog_stats(name: str) -> dict:
+    """id -> (run_time_ns, run_cnt) of the loaded programs called name, from bpftool."""
+    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True).stdout
+    return {p["id"]: (p.get("run_time_ns", 0), p.get("run_cnt", 0))
+            for p in json.loads(out or "[]") if p.get("name") == name}
 
 
 def grpc_receiver():
@@ -151,27 +171,36 @@ def profiler_rounds(args, tmp: Path) -> dict:
     warm_s = time.monotonic() - t0
     base = {w: [] for w in workloads}
     prof = {w: [] for w in workloads}
-    own, children = [], []
+    own, children, kernel_ns = [], [], []
+    stats_fd = bpf_run_stats()
     for r in range(args.rounds):
         if r % 2 == 0:   # odd rounds run without the agent last: drift (clock, neighbours) cancels out
             for w, cmd in workloads.items():
                 base[w].append(work(cmd))
+        others = prog_stats("prof_sample")          # another agent's, if any
         agent = Agent(tmp, "profiler", cfg)
         time.sleep(float(args.interval.rstrip("s")) * 1.5)   # first collections: symbol tables, tables from the cache
         o0, c0, t0 = agent.cpu_own(), agent.cpu_children(), time.monotonic()
+        k0 = {i: v for i, v in prog_stats("prof_sample").items() if i not in others}
         for w, cmd in workloads.items():
             prof[w].append(work(cmd))
         wall = time.monotonic() - t0
+        k1 = prog_stats("prof_sample")
+        runs = sum(k1[i][1] - k0[i][1] for i in k0 if i in k1)
+        if stats_fd is not None and runs:
+            kernel_ns.append(sum(k1[i][0] - k0[i][0] for i in k0 if i in k1) / runs)
         own.append((agent.cpu_own() - o0) / wall)
         children.append((agent.cpu_children() - c0) / wall)
         agent.stop()
         if r % 2 == 1:
             for w, cmd in workloads.items():
                 base[w].append(work(cmd))
+    if stats_fd is not None:
+        os.close(stats_fd)
     gauges = last_gauges(rx)
     rx.stop()
-    return {"base": base, "prof": prof, "own": own, "children": children, "warm_log": warm_log, "warm_s": warm_s,
-            "gauges": gauges}
+    return {"base": base, "prof": prof, "own": own, "children": children, "kernel_ns": kernel_ns,
+            "warm_log": warm_log, "warm_s": warm_s, "gauges": gauges}
 
 
 def memory_run(args, tmp: Path, exporter: str) -> dict:
@@ -229,6 +258,10 @@ def main() -> int:
         pairs = [100 * (x_ / b_ - 1) for b_, x_ in zip(p["base"][w], p["prof"][w])]
         print(f"   {w:<26} {b:10.3f} {x:9.3f} {statistics.median(pairs):+8.2f}%   (median of the rounds' "
               f"{', '.join(f'{d:+.1f}' for d in pairs)}; target <= 1%)")
+    if p["kernel_ns"]:
+        ns = statistics.median(p["kernel_ns"])
+        print(f"   in the kernel: {ns / 1000:.2f} us per sample (the walk included; median of the rounds, "
+              f"BPF run-time stats): {100 * ns * args.frequency / 1e9:.3f}% of each sampled CPU at {args.frequency} Hz")
     print(f"   agent CPU: {100 * statistics.median(p['own']):.2f}% of a core (median; rounds "
           f"{', '.join(f'{100 * x:.2f}' for x in p['own'])}), its table build children "
           f"{100 * statistics.median(p['children']):.2f}% (target <= 1% in all)")
