@@ -7,7 +7,10 @@ gzipping under wrk and postgres 15 backends under pgbench.
 1. The share of a process's samples whose user stack reaches its root
    (_start / main, or start_thread / clone3 / clone) is at least 95% of
    what `perf record -F 99 --call-graph dwarf -p PID` reaches.
-2. Leaf functions agree with perf's: the overlap of the two distributions
+2. Leaf names agree with perf's, two ways. Per sample: perf's samples'
+   addresses, named by the agent's symbolizers, get perf's name for at
+   least 95% of the samples (no sampling noise: the same samples). As
+   distributions: the agent's leaves against perf's, the overlap of the two
    (sum of min(share_ours, share_perf)) misses 1 by at most 5% more than
    sampling noise alone makes it miss (printed beside it). Whole user
    stacks, frame by frame, are held to the same. Code without symbols is
@@ -48,6 +51,8 @@ from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import ExportProfilesServiceRequest
 
+from collector.symbolize.kernel import KernelSymbols
+from collector.symbolize.user import UserSymbolizer
 from collector.unwind import cachefile
 from otlp_data import attr_value, latest_per_series, points
 
@@ -66,6 +71,7 @@ WARMUP_TIMEOUT_S = 90     # until the kernel has rows (the agent's unwind thread
 ROOTS = {"start", "main", "start_thread", "clone3", "clone"}    # compared without leading underscores
 ROOT_RATIO = 0.95
 OVERLAP = 0.95
+NAMES_AGREE = 0.95        # leaf names of the same samples, symbolized by the agent's code and by perf
 
 
 # ------------------------------------------------------------- names
@@ -426,6 +432,41 @@ def _differences(a: dict, b: dict, show) -> str:
     return ", ".join(f"{show(k)} {a.get(k, 0):.3f}/{b.get(k, 0):.3f}" for k in worst)
 
 
+def perf_leaf_ips(data: Path, pids) -> list:
+    """(pid, sampled ip, perf's name or None, dso) of each sample of the pids."""
+    text = subprocess.run(["perf", "script", "-i", str(data), "-F", "pid,ip,sym,dso", "--no-inline"],
+                          capture_output=True, text=True, check=True, timeout=120).stdout
+    out = []
+    for m in re.finditer(r"^\s*(\d+)\s+([0-9a-f]+)\s+(.*?)\s+\((.*)\)$", text, re.M):
+        if int(m.group(1)) in pids:
+            sym = None if m.group(3).startswith("[unknown]") else m.group(3)
+            out.append((int(m.group(1)), int(m.group(2), 16), sym, m.group(4)))
+    return out
+
+
+def names_per_sample(leaves, pids) -> float:
+    """The share of perf's samples whose leaf the agent's symbolizers
+    (collector.symbolize: the ELF one for user code, kallsyms for the
+    kernel) name as perf does, address by address: the same samples, so
+    no sampling noise. A pc neither can name agrees."""
+    usyms, ksyms = UserSymbolizer(), KernelSymbols()
+    usyms.refresh(pids)
+    agree, apart = 0, collections.Counter()
+    for pid, ip, theirs, dso in leaves:
+        if dso == "[kernel.kallsyms]":
+            got = ksyms.resolve(ip)
+            ours = got[0] if got else None
+        else:
+            ours = usyms.resolve(pid, ip).function
+        same = (ours is None and theirs is None) or (ours and theirs and normalise(ours) == normalise(theirs))
+        agree += bool(same)
+        if not same:
+            apart[(theirs, ours)] += 1
+    print(f"  leaf names per sample: {agree} of {len(leaves)} as perf names them; apart (perf, ours): "
+          f"{apart.most_common(4)}")
+    return agree / len(leaves)
+
+
 def compare_with_perf(label: str, out: AgentOutput, pids, tmp_path: Path) -> dict:
     """perf and the agent over one window. Stacks: perf's DWARF unwinding of
     the pids at 99 Hz, as the issue states it. Leaves: perf sampling every
@@ -453,7 +494,8 @@ def compare_with_perf(label: str, out: AgentOutput, pids, tmp_path: Path) -> dic
     leaves = perf_view(perf_samples(tmp_path / "leaves.data", pids), ranges)
     n = sum(v.count for v in ours)
     assert n > 100 and len(stacks) > 100 and len(leaves) > 300, (n, len(stacks), len(leaves))
-    res = {"window": (t0, t1), "ours": root_share(ours), "perf": root_share(stacks)}
+    res = {"window": (t0, t1), "ours": root_share(ours), "perf": root_share(stacks),
+           "names": names_per_sample(perf_leaf_ips(tmp_path / "leaves.data", pids), pids)}
     a, b = shares(ours, "leaf"), shares(leaves, "leaf")
     res.update(leaf=overlap(a, b), leaf_noise=noise_overlap(b, n, len(leaves)))
     sa, sb = shares(ours, "stack"), shares(stacks, "stack")
@@ -467,11 +509,13 @@ def compare_with_perf(label: str, out: AgentOutput, pids, tmp_path: Path) -> dic
 
 
 def assert_acceptance(res: dict) -> None:
-    """Whole stacks at least 95% as often as perf's; leaves, and whole
-    stacks frame by frame, that differ from perf's on at most 5% of the
+    """Whole stacks at least 95% as often as perf's; the leaf of perf's own
+    samples named as perf names it for at least 95% of them; the agent's
+    leaves, and whole stacks frame by frame, that differ from perf's on at most 5% of the
     samples beyond what two samplings of one distribution differ on anyway
     (at a few hundred samples of a flat profile, that alone is several %)."""
     assert res["ours"] >= ROOT_RATIO * res["perf"], res
+    assert res["names"] >= NAMES_AGREE, res
     for key in ("leaf", "stack"):
         assert 1 - res[key] <= (1 - OVERLAP) + (1 - res[f"{key}_noise"]), (key, res)
 
