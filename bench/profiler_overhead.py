@@ -25,7 +25,8 @@
    run` starts it, only the exporter set: OTLP gRPC to a local receiver, then
    the file exporter) after --steady seconds: RSS (median and peak of 10
    samples a second apart), USS and PSS, and its CPU meanwhile (children
-   included). Target: RSS <= 100 MiB.
+   included); then with OTLP gRPC again while bench/soak.py's mixed load
+   runs (forks, TCP, UDP, HTTP on new paths, Python CPU). Target: RSS <= 100 MiB.
 
 The host's load average is printed at the start and the end: other work on
 the machine moves every figure.
@@ -270,14 +271,26 @@ def profiler_rounds(args, tmp: Path) -> dict:
             "warm_log": warm_log, "warm_s": warm_s, "gauges": gauges, "toggled": toggled}
 
 
-def memory_run(args, tmp: Path, exporter: str) -> dict:
-    if exporter == "otlp grpc":
+def mixed_load():
+    """bench/soak.py's load (forks, TCP and UDP to new ports, HTTP on
+    ever-new paths, Python burning CPU) in threads; returns its stop event."""
+    import threading
+    import soak
+    stop = threading.Event()
+    for f in (soak.forks, soak.tcp, soak.udp, soak.http, soak.cpu):
+        threading.Thread(target=f, args=(stop,), daemon=True).start()
+    return stop
+
+
+def memory_run(args, tmp: Path, exporter: str, loaded: bool = False) -> dict:
+    if exporter.startswith("otlp grpc"):
         rx = grpc_receiver()
         exporters = {"otlp": {"endpoint": rx.endpoint, "protocol": "grpc", "insecure": True}}
     else:
         rx = None
         exporters = {"file": {"path": str(tmp / "all.jsonl")}}
-    agent = Agent(tmp, "all-" + exporter.replace(" ", "-"), {"exporters": exporters})   # every probe: no probes key
+    agent = Agent(tmp, f"all-{exporter.replace(' ', '-')}-{int(loaded)}", {"exporters": exporters})  # every probe
+    load_stop = mixed_load() if loaded else None
     time.sleep(args.steady / 2)
     c0, t0 = agent.cpu(), time.monotonic()
     time.sleep(args.steady / 2)
@@ -288,6 +301,8 @@ def memory_run(args, tmp: Path, exporter: str) -> dict:
     full = agent.ps.memory_full_info()
     cpu = (agent.cpu() - c0) / (time.monotonic() - t0)
     threads = agent.ps.num_threads()
+    if load_stop is not None:
+        load_stop.set()
     log = agent.stop()
     if rx is not None:
         rx.stop()
@@ -318,6 +333,7 @@ def main() -> int:
         tmp = Path(d)
         p = profiler_rounds(args, tmp)
         mem = [(e, memory_run(args, tmp, e)) for e in ("otlp grpc", "file")]
+        mem.append(("otlp grpc, mixed load", memory_run(args, tmp, "otlp grpc", loaded=True)))
 
     print(f"1. Workloads on CPU 0, {args.rounds} interleaved rounds, profiler at {args.frequency} Hz on every CPU, "
           f"interval {args.interval}")
@@ -360,10 +376,10 @@ def main() -> int:
 
     print(f"\n3. The agent with every probe on, default config, after {args.steady:g} s (target: RSS <= 100 MiB); "
           f"CPU with its children")
-    print(f"   {'exporter':<10} {'RSS MiB':>8} {'(peak)':>7} {'USS MiB':>8} {'PSS MiB':>8} {'CPU %':>6} "
+    print(f"   {'exporter':<21} {'RSS MiB':>8} {'(peak)':>7} {'USS MiB':>8} {'PSS MiB':>8} {'CPU %':>6} "
           f"{'threads':>8}  probes")
     for e, r in mem:
-        print(f"   {e:<10} {r['rss'] / 2**20:8.1f} {r['rss_max'] / 2**20:7.1f} {r['uss'] / 2**20:8.1f} "
+        print(f"   {e:<21} {r['rss'] / 2**20:8.1f} {r['rss_max'] / 2**20:7.1f} {r['uss'] / 2**20:8.1f} "
               f"{r['pss'] / 2**20:8.1f} {100 * r['cpu']:6.2f} {r['threads']:8d}  {r['probes']}")
     print(f"\nload average at the end: {load()}")
     return 0
