@@ -255,6 +255,9 @@ OTLP_SCHEMA = {
     "client_key": Field("str", None, "client private key (PEM) for mutual TLS", check=_check_existing_file),
     "compression": Field("str", None, "none or gzip", choices=("none", "gzip")),
     "timeout": Field("duration", 10.0, "per-export timeout"),
+    "max_points_per_request": Field("int", 1000, "metric data points per export request at most; more are split "
+                                    "across requests (less memory while encoding, and under the 4 MiB a gRPC "
+                                    "receiver accepts by default)", minimum=1),
     "histogram": Field("str", "exponential", "exponential (exact kernel log2 buckets) or explicit (for backends "
                        "without exponential histograms)", choices=("exponential", "explicit")),
 }

@@ -141,8 +141,8 @@ class NetFlowsProbe(BpfProbe):
                 self.log.warning("UDP/DNS counting disabled, TCP goes on: %s", str(e).splitlines()[0])
         self.start_ns = self._last_tick_ns = time.time_ns()
         self._prev: dict = {}
-        self._series: dict = {}   # (instrument name, attr tuple) -> record
-        self._flows_seen: dict = {}   # flow attrs -> (last active tick, series keys)
+        self._series: dict = {}   # (instrument name, flow, extra attr tuple) -> record
+        self._flows_seen: dict = {}   # flow attrs -> [last active tick, series keys, the flow attrs]
         self._tick = 0
         self._series_overflow = 0
         self._procs = ProcessNames()
@@ -256,7 +256,7 @@ class NetFlowsProbe(BpfProbe):
             h = self._series.get(k)
             if h is None:
                 h = self._series[k] = Log2Histogram(RTT, dict(base), [0] * RTT_BUCKETS, 0.0, self._last_tick_ns)
-                self._flows_seen[flow][1].add(k)
+                self._flows_seen[flow][1].append(k)
             h.buckets = [a + b for a, b in zip(h.buckets, rtt)]
             h.sum += d["rtt_sum_us"]
 
@@ -264,20 +264,24 @@ class NetFlowsProbe(BpfProbe):
         """(attributes, their sorted tuple) of the flow, or of the overflow
         flow once max_series flows are active."""
         flow = tuple(sorted(base.items()))
-        if flow not in self._flows_seen:
+        seen = self._flows_seen.get(flow)
+        if seen is None:
             if len(self._flows_seen) >= self.config["max_series"]:
                 self._series_overflow += 1
                 base = {"otelbpf.overflow": True, "network.transport": base.get("network.transport", "tcp")}
                 flow = tuple(sorted(base.items()))
-        self._flows_seen[flow] = (self._tick, self._flows_seen.get(flow, (0, set()))[1])
-        return base, flow
+                seen = self._flows_seen.get(flow)
+            if seen is None:
+                seen = self._flows_seen[flow] = [0, [], flow]
+        seen[0] = self._tick
+        return base, seen[2]     # the first tuple of the flow: its series keys share it
 
     def _retire_idle_flows(self) -> None:
         """Flows without traffic for flow_idle intervals stop being exported
         (their last values went out already), so max_series bounds the flows
         active now, not every flow ever seen."""
         limit = self.config["flow_idle"]
-        for flow, (last, series) in list(self._flows_seen.items()):
+        for flow, (last, series, _) in list(self._flows_seen.items()):
             if self._tick - last > limit:
                 for k in series:
                     self._series.pop(k, None)
@@ -286,12 +290,14 @@ class NetFlowsProbe(BpfProbe):
     def _add(self, inst: Instrument, base: dict, flow: tuple, value: int, extra: dict) -> None:
         if not value:
             return
-        attrs = dict(base, **extra)
-        k = (inst.name, tuple(sorted(attrs.items())))
+        # keyed by the flow's own tuple (one object, shared by its series and
+        # _flows_seen) and the few extra attributes: at max_series flows of
+        # ~8 series each, a whole sorted attribute tuple per key held ~10 MB
+        k = (inst.name, flow, tuple(extra.items()))
         rec = self._series.get(k)
         if rec is None:
-            rec = self._series[k] = Counter(inst, attrs, 0, self._last_tick_ns)
-            self._flows_seen[flow][1].add(k)
+            rec = self._series[k] = Counter(inst, dict(base, **extra), 0, self._last_tick_ns)
+            self._flows_seen[flow][1].append(k)
         rec.value += value
 
     def _sweep_unseen(self) -> None:

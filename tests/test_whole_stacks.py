@@ -451,7 +451,7 @@ def names_per_sample(leaves, pids) -> float:
     no sampling noise. A pc neither can name agrees."""
     usyms, ksyms = UserSymbolizer(), KernelSymbols()
     usyms.refresh(pids)
-    agree, apart = 0, collections.Counter()
+    agree, unnamed, apart = 0, 0, collections.Counter()
     for pid, ip, theirs, dso in leaves:
         if dso == "[kernel.kallsyms]":
             got = ksyms.resolve(ip)
@@ -460,10 +460,11 @@ def names_per_sample(leaves, pids) -> float:
             ours = usyms.resolve(pid, ip).function
         same = (ours is None and theirs is None) or (ours and theirs and normalise(ours) == normalise(theirs))
         agree += bool(same)
+        unnamed += ours is None and theirs is None
         if not same:
             apart[(theirs, ours)] += 1
-    print(f"  leaf names per sample: {agree} of {len(leaves)} as perf names them; apart (perf, ours): "
-          f"{apart.most_common(4)}")
+    print(f"  leaf names per sample: {agree} of {len(leaves)} as perf names them ({unnamed} of them unnamed by "
+          f"both: stripped static code); apart (perf, ours): {apart.most_common(4)}")
     return agree / len(leaves)
 
 

@@ -3,6 +3,7 @@ OTEL_EXPORTER_OTLP_* variables, TLS, headers, compression and retries behave
 as in any SDK. Explicit config keys win over the environment."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from urllib.parse import urlparse
@@ -96,9 +97,16 @@ def _http_kwargs(cfg: dict, path: str) -> dict:
 def make_metric_exporter(cfg: dict):
     if _protocol(cfg, "metrics") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        return OTLPMetricExporter(**_grpc_kwargs(cfg))
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return OTLPMetricExporter(**_http_kwargs(cfg, "/v1/metrics"))
+        kw = _grpc_kwargs(cfg)
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        kw = _http_kwargs(cfg, "/v1/metrics")
+    # Split big collections (2,000 flows are ~16k points): each request is
+    # encoded on its own, so the protobuf copy of a collection never exists
+    # whole. The HTTP exporter took the argument later than the gRPC one.
+    if "max_export_batch_size" in inspect.signature(OTLPMetricExporter.__init__).parameters:
+        kw["max_export_batch_size"] = cfg["max_points_per_request"]
+    return OTLPMetricExporter(**kw)
 
 
 def make_span_exporter(cfg: dict):
