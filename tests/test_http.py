@@ -275,7 +275,7 @@ def test_traceparent_makes_the_server_span_a_child(agent, rx, nginx):
 
 
 PY_SERVER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class H(BaseHTTPRequestHandler):
@@ -323,6 +323,8 @@ PY_SERVER = textwrap.dedent("""
             self.end_headers()
             self.body(body)
 
+    # the test stops it with SIGINT, which a shell's background job inherits as ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     srv = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
     print("ready", flush=True)
     srv.serve_forever()
