@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from opentelemetry.sdk.resources import Resource
 
-from collector.config import OTLP_SCHEMA
+from collector.config import OTLP_SCHEMA, parse_section
 from collector.export.otlp import OtlpExporter
 from collector.records import Batch, Counter, Instrument
 
@@ -14,9 +14,8 @@ C = Instrument("otelbpf.test.items", "{item}", "test counter")
 
 
 def _config(endpoint: str, protocol: str, limit: int) -> dict:
-    cfg = {k: f.default for k, f in OTLP_SCHEMA.items()}
-    cfg.update(endpoint=endpoint, protocol=protocol, insecure=True, max_points_per_request=limit)
-    return cfg
+    raw = {"endpoint": endpoint, "protocol": protocol, "insecure": True, "max_points_per_request": limit}
+    return parse_section(raw, OTLP_SCHEMA, "exporters.otlp")
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])

@@ -330,14 +330,18 @@ def exec_maps(pid: int) -> list:
     return out
 
 
-def perf_samples(data: Path, pids) -> list:
+def perf_script(data: Path) -> str:
+    """perf's samples as text: pid, ip, symbol and dso of each frame."""
+    return subprocess.run(["perf", "script", "-i", str(data), "-F", "pid,ip,sym,dso", "--no-inline"],
+                          capture_output=True, text=True, check=True, timeout=120).stdout
+
+
+def perf_samples(text: str, pids) -> list:
     """(pid, [(name or None, dso, offset in the dso's file)] leaf first) of
     each sample of the pids perf recorded; inlined frames left out (the
     agent names the function that holds the pc). perf prints call-graph
     frames relative to their file but a lone sampled ip as it was: that one
     goes through the process's mappings (the pids still run)."""
-    text = subprocess.run(["perf", "script", "-i", str(data), "-F", "pid,ip,sym,dso", "--no-inline"],
-                          capture_output=True, text=True, check=True, timeout=120).stdout
     maps: dict = {}
     out = []
     frame = re.compile(r"\s*([0-9a-f]+)\s+(.*?)\s+\((.*)\)$")
@@ -432,10 +436,9 @@ def _differences(a: dict, b: dict, show) -> str:
     return ", ".join(f"{show(k)} {a.get(k, 0):.3f}/{b.get(k, 0):.3f}" for k in worst)
 
 
-def perf_leaf_ips(data: Path, pids) -> list:
-    """(pid, sampled ip, perf's name or None, dso) of each sample of the pids."""
-    text = subprocess.run(["perf", "script", "-i", str(data), "-F", "pid,ip,sym,dso", "--no-inline"],
-                          capture_output=True, text=True, check=True, timeout=120).stdout
+def perf_leaf_ips(text: str, pids) -> list:
+    """(pid, sampled ip, perf's name or None, dso) of each sample of the pids
+    (a recording without call graphs: one frame per sample)."""
     out = []
     for m in re.finditer(r"^\s*(\d+)\s+([0-9a-f]+)\s+(.*?)\s+\((.*)\)$", text, re.M):
         if int(m.group(1)) in pids:
@@ -491,12 +494,13 @@ def compare_with_perf(label: str, out: AgentOutput, pids, tmp_path: Path) -> dic
     assert wait_until(lambda: out.poll().last_end_ns() >= t1, timeout=10), "no profile after the window"
     ranges = CodeRanges()
     ours = our_view(out.samples(pids, t0, t1), ranges)
-    stacks = perf_view(perf_samples(tmp_path / "stacks.data", pids), ranges)
-    leaves = perf_view(perf_samples(tmp_path / "leaves.data", pids), ranges)
+    leaves_text = perf_script(tmp_path / "leaves.data")
+    stacks = perf_view(perf_samples(perf_script(tmp_path / "stacks.data"), pids), ranges)
+    leaves = perf_view(perf_samples(leaves_text, pids), ranges)
     n = sum(v.count for v in ours)
     assert n > 100 and len(stacks) > 100 and len(leaves) > 300, (n, len(stacks), len(leaves))
     res = {"window": (t0, t1), "ours": root_share(ours), "perf": root_share(stacks),
-           "names": names_per_sample(perf_leaf_ips(tmp_path / "leaves.data", pids), pids)}
+           "names": names_per_sample(perf_leaf_ips(leaves_text, pids), pids)}
     a, b = shares(ours, "leaf"), shares(leaves, "leaf")
     res.update(leaf=overlap(a, b), leaf_noise=noise_overlap(b, n, len(leaves)))
     sa, sb = shares(ours, "stack"), shares(stacks, "stack")
