@@ -38,6 +38,7 @@ PROBES = ("cpu_profile", "http", "net_flows", "syscall_latency")
 HTTP_CAPTURE = {"5.10": "capture: sys_exit", "6.1": "capture: sys_exit",
                 "6.12": "capture: sock_send_length/sock_recv_length"}
 GUEST_TIMEOUT_S = 1200
+TCG_TEXT_POKE_OOPS = "Oops: int3"
 
 pytestmark = [needs_root, pytest.mark.skipif(os.environ.get("OTELBPF_KERNEL_MATRIX") == "off",
                                              reason="OTELBPF_KERNEL_MATRIX=off")]
@@ -60,6 +61,18 @@ class Guest:
             script = (f"cd {ROOT} && {sys.executable} tests/workloads/matrix_guest.py /tmp/vm {bin_dir} "
                       f"{unwind_cache}\n")
             self.result = kernel_vm.run(kernel, script, self.workdir, timeout=GUEST_TIMEOUT_S)
+            if TCG_TEXT_POKE_OOPS in self.result.console and not (self.workdir / "truth.json").exists():
+                # qemu's TCG races the kernel's live patching of jump labels
+                # (an int3 left where a nop was being written; seen on 6.12 in
+                # 1 of the 9 boots of this session's last three CI runs): boot once more,
+                # the first run kept aside
+                first = self.workdir / "attempt-1"
+                first.mkdir()
+                for f in self.workdir.iterdir():
+                    if f.is_file():
+                        f.rename(first / f.name)
+                print(f"\n{self.series}: the guest died of an int3 oops (TCG text patching); booting it again")
+                self.result = kernel_vm.run(kernel, script, self.workdir, timeout=GUEST_TIMEOUT_S)
         except Exception as e:  # reported by the test that waits for it
             self.error = e
 
