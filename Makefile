@@ -66,13 +66,13 @@ $(STAMP_VENV): pyproject.toml $(STAMP_APT)
 
 bpf: $(BPF_OBJS)
 
-%.bpf.o: %.bpf.c $(wildcard bpf/*.h) $(STAMP_APT)
+%.bpf.o: %.bpf.c $(wildcard bpf/*.h bpf/l7/*.h) $(STAMP_APT)
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
-bpf/http.nocast.bpf.o: bpf/http.bpf.c $(wildcard bpf/*.h) $(STAMP_APT)
+bpf/http.nocast.bpf.o: bpf/http.bpf.c $(wildcard bpf/*.h bpf/l7/*.h) $(STAMP_APT)
 	$(CLANG) $(BPF_CFLAGS) -DOTB_NO_RDONLY_CAST -c $< -o $@
 
-bpf/http.noloop.bpf.o: bpf/http.bpf.c $(wildcard bpf/*.h) $(STAMP_APT)
+bpf/http.noloop.bpf.o: bpf/http.bpf.c $(wildcard bpf/*.h bpf/l7/*.h) $(STAMP_APT)
 	$(CLANG) $(BPF_CFLAGS) -DOTB_NO_RDONLY_CAST -DOTB_NO_BPF_LOOP -c $< -o $@
 
 # The renderer `otelbpf profile` inlines into its HTML flame graph: d3 and

@@ -1,0 +1,535 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* HTTP/2 (and gRPC on it): frames found in the kernel, decoded in user space.
+ *
+ * A connection is HTTP/2 from the client's preface ("PRI * HTTP/2.0...";
+ * the side that writes it is the client) or, for one opened before we
+ * looked, from a first read or write that starts with a plausible HEADERS
+ * frame (user space then tells requests from responses by their pseudo
+ * headers). From then on every read and write of it is walked frame by
+ * frame, per direction: a frame header (9 bytes: length, type, flags,
+ * stream) gives where the next one starts, so payloads are skipped without
+ * being read, across calls, iovecs and TLS records alike.
+ *
+ * HPACK cannot be decoded here: a header block's meaning depends on every
+ * block before it on the connection (the dynamic table), and on Huffman
+ * codes. So the frames that matter go to user space as they are: header
+ * blocks (HEADERS, CONTINUATION, PUSH_PROMISE: up to H2_BLOCK_MAX bytes),
+ * DATA frames that end a stream (header only), RST_STREAM and GOAWAY. One
+ * ring record per read or write carries all of that call's frames, so a
+ * multiplexed read of many streams costs one record. DATA payloads, window
+ * updates, pings and settings never leave the kernel.
+ *
+ * Needs bpf_loop (5.17+): the HTTP/1-only build for older kernels leaves
+ * this out (user space says so).
+ */
+#ifndef OTB_L7_HTTP2_H
+#define OTB_L7_HTTP2_H
+
+#include "l7/conn.h"
+
+#define H2_PIECE_MAX 1024	/* payload bytes of one frame per piece (an item of a record) */
+#define H2_BLOCK_MAX 4096	/* payload bytes of one frame sent at most */
+#define H2_REC_DATA 8192	/* a record's item area (a power of two) */
+#define H2_REC_MASK (H2_REC_DATA - 1)
+#define H2_ITEM_ROOM (H2_REC_DATA - 64 - H2_PIECE_MAX)	/* fill level that sends the record */
+#define H2_STEPS 512		/* loop steps per call (a frame header or a piece each) */
+#define H2_MAX_IOVS 32		/* iovecs of one call followed */
+#define H2_MAX_FRAME 16777215	/* the 24-bit length field's limit */
+
+enum h2_type { H2_DATA = 0, H2_HEADERS = 1, H2_PRIORITY = 2, H2_RST = 3, H2_SETTINGS = 4, H2_PUSH = 5,
+	       H2_PING = 6, H2_GOAWAY = 7, H2_WINDOW = 8, H2_CONT = 9 };
+#define H2_END_STREAM 0x1
+#define H2_END_HEADERS 0x4
+
+const volatile __u32 h2_ring_bytes = 4 << 20;	/* h2_events' size */
+const volatile __u8 h2_enabled = 1;		/* probes.http.http2 */
+
+/* One direction of a connection, in its own byte offsets. */
+struct h2_dir {
+	__u64 pos;		/* bytes of this direction seen so far */
+	__u64 next;		/* offset of the next frame header */
+	__u64 frame;		/* offset of the frame whose payload is being sent */
+	__u64 cap_at;		/* offset of its next payload byte to send */
+	__u32 cap_left;		/* payload bytes of it still to send */
+	__u32 length;		/* that frame's header */
+	__u32 stream_id;
+	__u8 type;
+	__u8 flags;
+	__u8 part_len;		/* bytes of the next frame header already read (into part) */
+	__u8 resync;		/* offsets lost: the next call must start at a frame */
+	__u8 gap;		/* bytes were missed: the next record says so */
+	__u8 pad[3];
+	__u8 part[24];		/* a frame header split across calls or iovecs */
+};
+
+struct h2_state {
+	__u64 conn_id;
+	struct h2_dir d[2];	/* by enum io_dir */
+	__u8 fresh;		/* seen from its preface: user space knows the whole HPACK state */
+	__u8 role_hint;		/* enum http_role of the owner, from the preface; ROLE_NONE if joined */
+	__u8 pad[6];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);	/* struct sock * */
+	__type(value, struct h2_state);
+} h2_conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct h2_state);
+} h2_zero_state SEC(".maps");	/* stays zero: a new connection's frame state */
+
+/* A record: this head, then `used` bytes of items, each a struct h2_item
+ * and piece_len payload bytes, padded to 8. */
+struct h2_rec_head {
+	__u64 conn_id;
+	__u64 ts;		/* when the call returned */
+	__u32 tgid;
+	__u32 tid;
+	struct conn_tuple t;
+	__u16 used;
+	__u8 dir;
+	__u8 tls;
+	__u8 role_hint;
+	__u8 fresh;
+	__u8 gap;		/* bytes of this direction were missed before these frames */
+	__u8 closed;		/* no items: the connection ended */
+	char comm[16];
+};
+
+struct h2_item {
+	__u64 frame_pos;	/* the frame's offset in its direction */
+	__u32 length;
+	__u32 stream_id;
+	__u16 piece_off;	/* where the piece starts in the frame's payload */
+	__u16 piece_len;
+	__u8 type;
+	__u8 flags;
+	__u8 pad[2];
+};
+
+struct h2_rec {
+	struct h2_rec_head h;
+	__u8 data[H2_REC_DATA + H2_PIECE_MAX + 64];	/* slack: an item at a masked offset stays inside */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct h2_rec);
+} h2_rec_buf SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20);
+} h2_events SEC(".maps");
+
+/* A call's iovecs, read once. */
+struct h2_iovs {
+	struct iovec v[H2_MAX_IOVS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct h2_iovs);
+} h2_iov_buf SEC(".maps");
+
+/* The walk of one call: bpf_loop's context (on the stack: small). */
+struct h2_walk {
+	struct h2_dir *d;
+	struct h2_rec *rec;
+	struct h2_iovs *iov;	/* NULL: one buffer */
+	__u64 buf;		/* the buffer (one-buffer calls) */
+	__u64 start;		/* direction offset of the call's first byte */
+	__u64 end;		/* ... and one past its last */
+	__u32 niov;
+	__u32 seg;		/* iovec the cursor is in */
+	__u64 seg_start;	/* its first byte's direction offset */
+};
+
+/* The user address of direction offset pos, and how many bytes from there
+ * are in the same buffer (0: none). Offsets only grow within a call, so the
+ * iovec cursor only moves forward. */
+static __always_inline __u64 h2_addr(struct h2_walk *w, __u64 pos, __u64 *avail)
+{
+	__u64 lim = w->end;
+
+	*avail = 0;
+	if (pos < w->start || pos >= lim)
+		return 0;
+	if (!w->iov) {
+		*avail = lim - pos;
+		return w->buf + (pos - w->start);
+	}
+	for (int k = 0; k < H2_MAX_IOVS; k++) {
+		__u32 i = w->seg;
+		__u64 len;
+
+		if (i >= w->niov || i >= H2_MAX_IOVS)
+			return 0;
+		i = hide(i) & (H2_MAX_IOVS - 1);	/* a bound the verifier sees on the index register */
+		len = w->iov->v[i].iov_len;
+		if (pos < w->seg_start + len) {
+			__u64 seg_end = w->seg_start + len;
+
+			*avail = (seg_end < lim ? seg_end : lim) - pos;
+			return (__u64)w->iov->v[i].iov_base + (pos - w->seg_start);
+		}
+		w->seg_start += len;
+		w->seg = i + 1;
+	}
+	return 0;
+}
+
+/* Send the record built so far (if it holds anything) and start a new one. */
+static __always_inline void h2_flush(struct h2_rec *rec)
+{
+	__u32 used = rec->h.used;
+
+	if (!used && !rec->h.closed)
+		return;
+	__u64 wake = bpf_ringbuf_query(&h2_events, BPF_RB_AVAIL_DATA) > h2_ring_bytes / 8 ?
+		     BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+
+	if (bpf_ringbuf_output(&h2_events, rec, sizeof(rec->h) + (used & H2_REC_MASK), wake))
+		otb_count(&http_stats, HS_H2_RINGBUF_FULL);
+	rec->h.used = 0;
+	rec->h.gap = 0;
+}
+
+/* Append an item for the frame described in d, with n payload bytes from
+ * user address src (n may be 0). */
+static __always_inline void h2_item(struct h2_rec *rec, struct h2_dir *d, __u64 frame, __u32 piece_off,
+				    __u64 src, __u32 n)
+{
+	__u32 at = rec->h.used;
+
+	if (at > H2_ITEM_ROOM) {
+		h2_flush(rec);
+		at = 0;
+	}
+	at &= H2_REC_MASK;
+	struct h2_item *it = (struct h2_item *)&rec->data[at];
+
+	it->frame_pos = frame;
+	it->length = d->length;
+	it->stream_id = d->stream_id;
+	it->piece_off = piece_off;
+	it->type = d->type;
+	it->flags = d->flags;
+	__u64 size = n > H2_PIECE_MAX ? H2_PIECE_MAX : n;
+
+	/* the bound on the very register the helper takes (a 64-bit one: no
+	 * zero-extended copy without it) */
+	asm volatile("%0 &= 2047" : "+r"(size));
+	if (size > H2_PIECE_MAX)
+		size = H2_PIECE_MAX;
+	if (size && bpf_probe_read_user(&rec->data[(at + sizeof(*it)) & H2_REC_MASK], size, (void *)src))
+		size = 0;
+	n = size;
+	it->piece_len = n;
+	rec->h.used = at + ((sizeof(*it) + n + 7) & ~7U);
+}
+
+/* Whether 9 header bytes can start a frame: a known type on a stream it may
+ * use, the reserved bit clear, and a length no peer sends by default. */
+static __always_inline bool h2_plausible(const __u8 *h)
+{
+	__u32 len = (__u32)h[0] << 16 | (__u32)h[1] << 8 | h[2];
+	__u32 sid = ((__u32)(h[5] & 0x7f) << 24) | (__u32)h[6] << 16 | (__u32)h[7] << 8 | h[8];
+	__u8 type = h[3];
+
+	if ((h[5] & 0x80) || len > 16384 || type > H2_CONT)
+		return false;
+	if (type == H2_SETTINGS || type == H2_PING || type == H2_GOAWAY)
+		return sid == 0;
+	return type == H2_WINDOW || sid != 0;
+}
+
+/* One step of a call's walk: send a piece of the frame being captured, or
+ * read (part of) the next frame header. 1 ends the walk. */
+static long h2_step(__u32 i, void *data)
+{
+	struct h2_walk *w = data;
+	struct h2_dir *d = w->d;
+	__u64 avail, at;
+
+	if (d->cap_left) {
+		if (d->cap_at >= w->end)
+			return 1;	/* the payload goes on in the next call */
+		at = h2_addr(w, d->cap_at, &avail);
+		if (!at)
+			return 1;
+		__u32 n = d->cap_left;
+
+		if (n > avail)
+			n = avail;
+		if (n > H2_PIECE_MAX)
+			n = H2_PIECE_MAX;
+		h2_item(w->rec, d, d->frame, (__u32)(d->cap_at - d->frame - 9), at, n);
+		d->cap_at += n;
+		d->cap_left -= n;
+		return 0;
+	}
+	if (d->next >= w->end)
+		return 1;
+	/* the header's bytes not read yet: the rest of a split one, or all 9 */
+	__u32 have = d->part_len & 15;
+	__u64 need = 9 - (have < 9 ? have : 9);
+
+	at = h2_addr(w, d->next + have, &avail);
+	if (!at)
+		return 1;
+	if (need > avail)
+		need = avail;
+	need = hide(need);
+	if (need > 9)
+		need = 9;
+	if (need && bpf_probe_read_user(&d->part[have], need, (void *)at))
+		return 1;
+	have += need;
+	d->part_len = have;
+	if (have < 9)
+		return 0;	/* the header goes on in the next iovec or call */
+	d->part_len = 0;
+
+	__u64 frame = d->next;
+
+	d->length = (__u32)d->part[0] << 16 | (__u32)d->part[1] << 8 | d->part[2];
+	d->type = d->part[3];
+	d->flags = d->part[4];
+	d->stream_id = ((__u32)(d->part[5] & 0x7f) << 24) | (__u32)d->part[6] << 16 | (__u32)d->part[7] << 8 |
+		       d->part[8];
+	d->next = frame + 9 + d->length;
+	switch (d->type) {
+	case H2_HEADERS:
+	case H2_CONT:
+	case H2_PUSH:
+		d->cap_left = d->length < H2_BLOCK_MAX ? d->length : H2_BLOCK_MAX;
+		if (d->length > H2_BLOCK_MAX)
+			otb_count(&http_stats, HS_H2_BLOCK_CUT);
+		break;
+	case H2_RST:
+		d->cap_left = d->length < 4 ? d->length : 4;
+		break;
+	case H2_GOAWAY:
+		d->cap_left = d->length < 8 ? d->length : 8;
+		break;
+	case H2_DATA:
+		if (d->flags & H2_END_STREAM)
+			h2_item(w->rec, d, frame, 0, 0, 0);
+		return 0;
+	default:
+		return 0;
+	}
+	d->frame = frame;
+	d->cap_at = frame + 9;
+	if (!d->cap_left)	/* an empty block (a CONTINUATION ending it): its flags matter */
+		h2_item(w->rec, d, frame, 0, 0, 0);
+	return 0;
+}
+
+/* The call's bytes [d->pos, d->pos + len) of connection st, direction dir. */
+static __always_inline void h2_walk_call(struct data_ev *e, struct http_conn *c, struct h2_state *st)
+{
+	__u32 z = 0;
+	__u8 dir = e->dir & 1;
+	struct h2_dir *d = &st->d[dir];
+	struct h2_rec *rec = bpf_map_lookup_elem(&h2_rec_buf, &z);
+	struct h2_walk w = {};
+	__u64 start = d->pos;
+
+	if (!rec)
+		return;
+	d->pos = start + e->len;
+	if (e->nodata) {	/* bytes we cannot look at (sendfile): the frames are lost */
+		d->resync = 1;
+		return;
+	}
+	w.d = d;
+	w.rec = rec;
+	w.start = start;
+	w.end = start + e->len;
+	if (e->src.vec) {
+		struct h2_iovs *iov = bpf_map_lookup_elem(&h2_iov_buf, &z);
+		__u32 n = e->src.iovcnt;
+
+		if (!iov)
+			return;
+		if (n > H2_MAX_IOVS)
+			n = H2_MAX_IOVS;	/* frames past these are lost: resync below */
+		if (!n || bpf_probe_read_user(iov->v, n * sizeof(struct iovec), (void *)e->src.buf)) {
+			d->resync = 1;
+			return;
+		}
+		w.iov = iov;
+		w.niov = n;
+		w.seg_start = start;
+	} else {
+		w.buf = e->src.buf;
+	}
+	/* where the previous call left off must be where this one begins */
+	if (!d->resync && (d->cap_left ? d->cap_at < start : d->next + d->part_len < start))
+		d->resync = 1;
+	if (d->resync) {
+		__u8 h[9];
+		__u64 avail, at = h2_addr(&w, start, &avail);
+
+		if (!at || avail < 9 || bpf_probe_read_user(h, 9, (void *)at) || !h2_plausible(h))
+			return;	/* not at a frame: wait for a call that is */
+		d->resync = 0;
+		d->next = start;
+		d->part_len = 0;
+		d->cap_left = 0;
+		d->gap = 1;
+		otb_count(&http_stats, HS_H2_RESYNC);
+	}
+	rec->h.conn_id = st->conn_id;
+	rec->h.ts = e->t1;
+	__u64 id = bpf_get_current_pid_tgid();
+
+	rec->h.tgid = c->tgid;
+	rec->h.tid = (__u32)id;
+	rec->h.t = c->t;
+	rec->h.used = 0;
+	rec->h.dir = dir;
+	rec->h.tls = e->tls;
+	rec->h.role_hint = st->role_hint;
+	rec->h.fresh = st->fresh;
+	rec->h.gap = d->gap;
+	rec->h.closed = 0;
+	__builtin_memcpy(rec->h.comm, c->comm, sizeof(rec->h.comm));
+	bpf_loop(H2_STEPS, h2_step, &w, 0);
+	if (d->cap_left ? d->cap_at < w.end : d->next + d->part_len < w.end)
+		d->resync = 1;	/* more frames than steps: the rest of the call was not seen */
+	/* a gap is said by the first record sent after it (a call with no
+	 * frame to send keeps it for the next) */
+	if (!rec->h.gap || rec->h.used)
+		d->gap = 0;
+	h2_flush(rec);
+}
+
+/* A read or write on an HTTP/2 connection. */
+static __always_inline void http2_on_data(struct data_ev *e, struct http_conn *c)
+{
+	__u64 sk = e->sk;
+	struct h2_state *st = bpf_map_lookup_elem(&h2_conns, &sk);
+
+	c->last_ns = e->t1;
+	if (!st) {
+		/* evicted by newer connections: start again as if joined */
+		__u32 z = 0;
+		struct h2_state *zero = bpf_map_lookup_elem(&h2_zero_state, &z);
+
+		otb_count(&http_stats, HS_H2_STATE_LOST);
+		if (!zero || bpf_map_update_elem(&h2_conns, &sk, zero, BPF_ANY))
+			return;
+		st = bpf_map_lookup_elem(&h2_conns, &sk);
+		if (!st)
+			return;
+		st->conn_id = bpf_ktime_get_ns() * 0x9E3779B97F4A7C15ULL ^ sk;
+		st->d[0].resync = st->d[1].resync = 1;
+	}
+	h2_walk_call(e, c, st);
+}
+
+/* Whether a connection not tracked yet starts speaking HTTP/2 with this
+ * call, from its first 8 bytes: the preface, or a HEADERS frame that ends
+ * its header block (a connection older than the agent). */
+static __always_inline int h2_start_kind(__u64 w)
+{
+	const __u8 *b = (const __u8 *)&w;
+	__u32 len = (__u32)b[0] << 16 | (__u32)b[1] << 8 | b[2];
+
+	if (w == 0x5448202a20495250ULL)	/* "PRI * HT" */
+		return 1;
+	if (b[3] == H2_HEADERS && (b[4] & H2_END_HEADERS) && !(b[4] & ~0x2d) && !(b[5] & 0x80) && len &&
+	    len <= 16384)
+		return 2;
+	return 0;
+}
+
+/* A new connection's first call, if it is HTTP/2: tracked from now on and
+ * walked. Returns whether it was. */
+static __always_inline bool http2_start(struct data_ev *e)
+{
+	int kind;
+	__u32 z = 0;
+	__u64 sk = e->sk;
+
+	if (!h2_enabled || !e->head_ok || !(kind = h2_start_kind(e->head8)))
+		return false;
+	if (kind == 1 && e->len < 24)
+		return false;
+	struct http_conn *zc = bpf_map_lookup_elem(&http_zero_conn, &z);
+	struct h2_state *zs = bpf_map_lookup_elem(&h2_zero_state, &z);
+
+	if (!zc || !zs)
+		return false;
+	if (bpf_map_update_elem(&h2_conns, &sk, zs, BPF_ANY) ||
+	    bpf_map_update_elem(&http_conns, &sk, zc, BPF_ANY)) {
+		bpf_map_delete_elem(&h2_conns, &sk);
+		otb_count(&http_stats, HS_CONN_TABLE_FULL);
+		return true;
+	}
+	struct http_conn *c = bpf_map_lookup_elem(&http_conns, &sk);
+	struct h2_state *st = bpf_map_lookup_elem(&h2_conns, &sk);
+
+	if (!c || !st)
+		return true;
+	c->proto = L7_HTTP2;
+	c->tls = e->tls;
+	c->tgid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(c->comm, sizeof(c->comm));
+	read_tuple(sk, &c->t);
+	st->conn_id = bpf_ktime_get_ns() * 0x9E3779B97F4A7C15ULL ^ sk;
+	if (kind == 1) {
+		/* the preface: whoever writes it is the client; frames follow it */
+		st->fresh = 1;
+		st->role_hint = e->dir == DIR_OUT ? ROLE_CLIENT : ROLE_SERVER;
+		st->d[e->dir & 1].next = 24;
+	} else {
+		/* joined mid-way: this call starts at a frame, the other
+		 * direction's first call may not */
+		st->d[(e->dir & 1) ^ 1].resync = 1;
+	}
+	http2_on_data(e, c);
+	return true;
+}
+
+/* The connection ended: user space closes its streams and forgets it. */
+static __always_inline void http2_conn_gone(__u64 sk, struct http_conn *c)
+{
+	__u32 z = 0;
+	struct h2_state *st = bpf_map_lookup_elem(&h2_conns, &sk);
+	struct h2_rec *rec = bpf_map_lookup_elem(&h2_rec_buf, &z);
+
+	if (st && rec) {
+		rec->h.conn_id = st->conn_id;
+		rec->h.ts = bpf_ktime_get_ns();
+		rec->h.tgid = c->tgid;
+		rec->h.tid = 0;
+		rec->h.t = c->t;
+		rec->h.used = 0;
+		rec->h.dir = 0;
+		rec->h.tls = c->tls;
+		rec->h.role_hint = st->role_hint;
+		rec->h.fresh = st->fresh;
+		rec->h.gap = 0;
+		rec->h.closed = 1;
+		__builtin_memcpy(rec->h.comm, c->comm, sizeof(rec->h.comm));
+		h2_flush(rec);
+		rec->h.closed = 0;
+	}
+	bpf_map_delete_elem(&h2_conns, &sk);
+}
+
+#endif
