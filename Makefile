@@ -18,9 +18,10 @@ BPF_OBJS := $(BPF_SRCS:.bpf.c=.bpf.o) $(BPF_VARIANTS)
 # The kernel matrix (tests/test_kernel_matrix.py) boots Debian's kernels
 # under qemu: tools/kernel_vm.py.
 MATRIX_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils
+# nghttp2-client: h2load and nghttp, the HTTP/2 clients of tests/h2_peers.py and bench/h2_overhead.py.
 APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc bpfcc-tools python3-venv gdb \
 	libcap2-bin iproute2 make gcc libc6-dev linux-libc-dev linux-perf tshark openssl \
-	nginx wrk curl chromium tmux prometheus libssl-dev postgresql $(MATRIX_PACKAGES)
+	nginx wrk curl chromium tmux prometheus libssl-dev postgresql nghttp2-client $(MATRIX_PACKAGES)
 STAMP_APT := build/.apt-done
 STAMP_VENV := build/.venv-done
 

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""What the agent costs nginx serving HTTP/2, and whether it misses a request.
+
+h2load (-c16 -m16: 16 connections, 16 streams in flight on each) drives
+Debian's nginx (`return 200`, tests/h2_peers.py's nginx_h2) on loopback, in
+interleaved rounds so drift on a shared machine hits every setup alike:
+
+  none            nothing attached (h2c by prior knowledge, and h2 over TLS)
+  http            the real agent (`otelbpf run`) with only the http probe,
+                  exporting OTLP/HTTP to a local sink
+  default         the real agent with its default configuration: every
+                  probe on, as `make run` starts it
+
+Per setup it prints h2load's requests/s (median of rounds) and its ratio to
+`none` of the same transport, the agent's CPU as % of one core over the
+h2load run, and the requests nginx answered on that port (access log lines
+with bytes sent) against those in the exported http.server.request.duration
+of that server.port: the agent setups of all rounds summed. An agent that
+does not decode HTTP/2 exports none of them.
+
+Usage: python bench/h2_overhead.py [--rounds 5] [--seconds 5] [--conns 16] [--streams 16]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from common import ROOT  # noqa: E402  (puts the checkout on sys.path)
+
+sys.path.insert(0, str(ROOT / "tests"))
+import h2_peers  # noqa: E402  (the tests' HTTP/2 rigs)
+from http_overhead import Agent  # noqa: E402  (`otelbpf run` exporting to a local OTLP sink)
+
+
+def answered(nginx, port: int) -> int:
+    """Requests nginx answered on port: it also logs streams the client
+    reset before anything was sent (h2load -D stops with streams in flight)."""
+    return sum(1 for ln in nginx.lines(port) if ln.bytes_sent > 0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--conns", type=int, default=16)
+    ap.add_argument("--streams", type=int, default=16, help="streams in flight per connection (h2load -m)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    for tool in ("nginx", "h2load", "openssl"):
+        if not shutil.which(tool):
+            print(f"{tool} is not installed (make setup installs it)", file=sys.stderr)
+            return 2
+    d = tempfile.mkdtemp(prefix="otelbpf-bench-h2-")
+    res = {}
+    try:
+        with h2_peers.nginx_h2(d) as nginx:
+            h2c, tls = nginx.url("h2c", "/"), nginx.url("h2", "/")
+            http_only = {"http": {}}
+            setups = {  # name -> (url, port, setup or None)
+                "none (h2c)": (h2c, nginx.h2c_port, None),
+                "http (h2c)": (h2c, nginx.h2c_port, Agent(http_only, d)),
+                "default config (h2c)": (h2c, nginx.h2c_port, Agent(None, d)),
+                "none (TLS)": (tls, nginx.tls_port, None),
+                "http (TLS)": (tls, nginx.tls_port, Agent(http_only, d)),
+                "default config (TLS)": (tls, nginx.tls_port, Agent(None, d)),
+            }
+            res = {name: {"rps": [], "cpu": [], "logged": 0, "counted": 0, "errored": 0} for name in setups}
+
+            def load(url: str, seconds: float):
+                return h2_peers.h2load(url, c=args.conns, m=args.streams, threads=args.threads,
+                                       duration=seconds, timeout=seconds + 60)
+
+            load(h2c, 1)  # warm up
+            load(tls, 1)
+            for _rnd in range(args.rounds):
+                for name, (url, port, setup) in setups.items():
+                    r = res[name]
+                    agent = isinstance(setup, Agent)
+                    if agent:
+                        setup.start()
+                    try:
+                        before = answered(nginx, port)
+                        cpu0 = setup.cpu() if agent else 0.0
+                        t0 = time.monotonic()
+                        out = load(url, args.seconds)
+                        elapsed = time.monotonic() - t0
+                        if agent:
+                            r["cpu"].append(100 * (setup.cpu() - cpu0) / elapsed)
+                            time.sleep(0.5)   # let the last responses' writes return
+                        logged = answered(nginx, port) - before
+                    finally:
+                        stopped = setup.stop(port) if agent else {}
+                    r["rps"].append(out.rps)
+                    r["errored"] += out.errored
+                    if agent:
+                        r["logged"] += logged
+                        r["counted"] += stopped["counted"]
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    report(args, res)
+    return 0
+
+
+def report(args, res: dict) -> None:
+    base = {"h2c": statistics.median(res["none (h2c)"]["rps"]), "TLS": statistics.median(res["none (TLS)"]["rps"])}
+    print(f"h2load -c{args.conns} -m{args.streams} -t{args.threads} -D{args.seconds:g} against nginx (return 200, "
+          f"HTTP/2) on loopback, {args.rounds} interleaved rounds; medians\n")
+    print(f"{'setup':24} {'req/s':>9} {'vs none':>8} {'agent CPU':>9} {'h2load errors':>13} {'answered':>9} "
+          f"{'exported':>9} {'missing':>8}")
+    for name, r in res.items():
+        scheme = "TLS" if name.endswith("(TLS)") else "h2c"
+        med = statistics.median(r["rps"])
+        cpu = f"{statistics.median(r['cpu']):.1f}%" if r["cpu"] else "-"
+        counts = (f"{r['logged']:>9} {r['counted']:>9} {r['logged'] - r['counted']:>8}" if r["cpu"]
+                  else f"{'-':>9} {'-':>9} {'-':>8}")
+        print(f"{name:24} {med:9.0f} {100 * med / base[scheme]:7.1f}% {cpu:>9} {r['errored']:>13} {counts}")
+    print("\n(agent CPU: its user + system time over the h2load run, export included; answered: nginx's access "
+          "log lines with bytes sent on that port during the agent's rounds; exported: the count of "
+          "http.server.request.duration for that server.port in the agent's last export)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
