@@ -33,7 +33,8 @@
 #define H2_REC_MASK (H2_REC_DATA - 1)
 #define H2_ITEM_ROOM (H2_REC_DATA - 64 - H2_PIECE_MAX)	/* fill level that sends the record */
 #define H2_STEPS 512		/* loop steps per call (a frame header or a piece each) */
-#define H2_MAX_IOVS 32		/* iovecs of one call followed */
+#define H2_IOV_CHUNK 32		/* iovecs read at a time */
+#define H2_MAX_IOVS 1024	/* iovecs of one call followed (IOV_MAX) */
 #define H2_MAX_FRAME 16777215	/* the 24-bit length field's limit */
 
 enum h2_type { H2_DATA = 0, H2_HEADERS = 1, H2_PRIORITY = 2, H2_RST = 3, H2_SETTINGS = 4, H2_PUSH = 5,
@@ -130,9 +131,10 @@ struct {
 	__uint(max_entries, 4 << 20);
 } h2_events SEC(".maps");
 
-/* A call's iovecs, read once. */
+/* A call's iovecs, H2_IOV_CHUNK at a time (gRPC writes a header block as
+ * one iovec per field). */
 struct h2_iovs {
-	struct iovec v[H2_MAX_IOVS];
+	struct iovec v[H2_IOV_CHUNK];
 };
 
 struct {
@@ -147,17 +149,41 @@ struct h2_walk {
 	struct h2_dir *d;
 	struct h2_rec *rec;
 	struct h2_iovs *iov;	/* NULL: one buffer */
-	__u64 buf;		/* the buffer (one-buffer calls) */
+	__u64 buf;		/* the buffer, or the iovec array */
 	__u64 start;		/* direction offset of the call's first byte */
 	__u64 end;		/* ... and one past its last */
 	__u32 niov;
 	__u32 seg;		/* iovec the cursor is in */
 	__u64 seg_start;	/* its first byte's direction offset */
+	__u32 chunk;		/* index of the first iovec in iov */
 };
 
+/* Make iovec i readable in w->iov; false if it cannot be. */
+static __always_inline bool h2_iov_load(struct h2_walk *w, __u32 i)
+{
+	__u32 n;
+
+	if (i - w->chunk < H2_IOV_CHUNK)
+		return true;
+	n = w->niov - i;
+	if (n > H2_IOV_CHUNK)
+		n = H2_IOV_CHUNK;
+	__u64 size = (__u64)n * sizeof(struct iovec);
+
+	asm volatile("%0 &= 1023" : "+r"(size));	/* the bound on the helper's own register */
+	if (size == 0 || size > sizeof(w->iov->v) ||
+	    bpf_probe_read_user(w->iov->v, size, (void *)(w->buf + (__u64)i * sizeof(struct iovec))))
+		return false;
+	w->chunk = i;
+	return true;
+}
+
+#define H2_IOV_STEP 8		/* iovecs the cursor passes per loop step */
+
 /* The user address of direction offset pos, and how many bytes from there
- * are in the same buffer (0: none). Offsets only grow within a call, so the
- * iovec cursor only moves forward. */
+ * are in the same buffer; 0 if pos is not in this call, or (*avail set to
+ * 1) not reached yet: the cursor moves H2_IOV_STEP iovecs per call, and
+ * only forward (offsets only grow within a call). */
 static __always_inline __u64 h2_addr(struct h2_walk *w, __u64 pos, __u64 *avail)
 {
 	__u64 lim = w->end;
@@ -169,23 +195,27 @@ static __always_inline __u64 h2_addr(struct h2_walk *w, __u64 pos, __u64 *avail)
 		*avail = lim - pos;
 		return w->buf + (pos - w->start);
 	}
-	for (int k = 0; k < H2_MAX_IOVS; k++) {
-		__u32 i = w->seg;
+	/* one chunk of iovecs read per call at most: no helper in the loop */
+	if (w->seg >= w->niov || !h2_iov_load(w, w->seg))
+		return 0;
+	for (int k = 0; k < H2_IOV_STEP; k++) {
+		__u32 i = w->seg, j = i - w->chunk;
 		__u64 len;
 
-		if (i >= w->niov || i >= H2_MAX_IOVS)
-			return 0;
-		i = hide(i) & (H2_MAX_IOVS - 1);	/* a bound the verifier sees on the index register */
-		len = w->iov->v[i].iov_len;
+		if (i >= w->niov || j >= H2_IOV_CHUNK)
+			break;
+		j = hide(j) & (H2_IOV_CHUNK - 1);	/* a bound the verifier sees on the index register */
+		len = w->iov->v[j].iov_len;
 		if (pos < w->seg_start + len) {
 			__u64 seg_end = w->seg_start + len;
 
 			*avail = (seg_end < lim ? seg_end : lim) - pos;
-			return (__u64)w->iov->v[i].iov_base + (pos - w->seg_start);
+			return (__u64)w->iov->v[j].iov_base + (pos - w->seg_start);
 		}
 		w->seg_start += len;
 		w->seg = i + 1;
 	}
+	*avail = 1;	/* further on: the next step goes on from here */
 	return 0;
 }
 
@@ -267,7 +297,7 @@ static long h2_step(__u32 i, void *data)
 			return 1;	/* the payload goes on in the next call */
 		at = h2_addr(w, d->cap_at, &avail);
 		if (!at)
-			return 1;
+			return !avail;
 		__u32 n = d->cap_left;
 
 		if (n > avail)
@@ -287,7 +317,7 @@ static long h2_step(__u32 i, void *data)
 
 	at = h2_addr(w, d->next + have, &avail);
 	if (!at)
-		return 1;
+		return !avail;
 	if (need > avail)
 		need = avail;
 	need = hide(need);
@@ -366,16 +396,12 @@ static __always_inline void h2_walk_call(struct data_ev *e, struct http_conn *c,
 			return;
 		if (n > H2_MAX_IOVS)
 			n = H2_MAX_IOVS;	/* frames past these are lost: resync below */
-		if (!n || bpf_probe_read_user(iov->v, n * sizeof(struct iovec), (void *)e->src.buf)) {
-			d->resync = 1;
-			return;
-		}
 		w.iov = iov;
 		w.niov = n;
 		w.seg_start = start;
-	} else {
-		w.buf = e->src.buf;
+		w.chunk = 0x80000000;	/* none read: i - chunk is never below H2_IOV_CHUNK */
 	}
+	w.buf = e->src.buf;
 	/* where the previous call left off must be where this one begins */
 	if (!d->resync && (d->cap_left ? d->cap_at < start : d->next + d->part_len < start))
 		d->resync = 1;
@@ -488,7 +514,11 @@ static __always_inline bool http2_start(struct data_ev *e)
 	c->proto = L7_HTTP2;
 	c->tls = e->tls;
 	c->tgid = bpf_get_current_pid_tgid() >> 32;
-	bpf_get_current_comm(c->comm, sizeof(c->comm));
+	/* the process's name, not the thread's: gRPC and Node do their I/O on
+	 * threads named for the library (event_engine...) */
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+
+	BPF_CORE_READ_STR_INTO(&c->comm, task, group_leader, comm);
 	read_tuple(sk, &c->t);
 	st->conn_id = bpf_ktime_get_ns() * 0x9E3779B97F4A7C15ULL ^ sk;
 	if (kind == 1) {
