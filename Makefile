@@ -20,7 +20,7 @@ BPF_OBJS := $(BPF_SRCS:.bpf.c=.bpf.o) $(BPF_VARIANTS)
 MATRIX_PACKAGES := qemu-system-x86 busybox-static cpio kmod xz-utils
 APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc bpfcc-tools python3-venv gdb \
 	libcap2-bin iproute2 make gcc libc6-dev linux-libc-dev linux-perf tshark openssl \
-	nginx wrk curl chromium tmux prometheus libssl-dev postgresql $(MATRIX_PACKAGES)
+	nginx nghttp2-client wrk curl chromium tmux prometheus libssl-dev postgresql $(MATRIX_PACKAGES)
 STAMP_APT := build/.apt-done
 STAMP_VENV := build/.venv-done
 
