@@ -30,11 +30,16 @@ MAX_TABLE = 16384                           # larger size updates are clamped (p
 MAX_LIST = 65536                            # decoded header list bytes per block (RFC 7541 sizes: 32 + name + value)
 CACHE_BLOCK = 256                           # longest block worth caching
 CACHE_ENTRIES = 4096                        # the cache is cleared when it reaches this
+HUFF_MEMO = 64                              # longest Huffman string worth remembering decoded
 
 # Every table state gets a number no other table had: (gen, block) is a
 # process-wide cache key, so one bounded dict serves every connection.
 _GEN = itertools.count(1)
 _CACHE: dict = {}
+# Huffman strings decoded lately: servers re-insert the same values (nginx:
+# server and date with each response), which must be decoded to size the
+# table, and hpack's decoder is pure Python (~0.2 us a byte).
+_HUFF: dict = {}
 
 
 class _Malformed(Exception):
@@ -72,7 +77,14 @@ def _str(b: bytes, i: int, decode: bool):
         raise IndexError                    # runs past the end of the block
     s = b[i:j]
     if huff and decode:
-        s = decode_huffman(s)               # HPACKDecodingError on bad codes or padding
+        d = _HUFF.get(s)
+        if d is None:
+            d = decode_huffman(s)           # HPACKDecodingError on bad codes or padding
+            if n <= HUFF_MEMO:
+                if len(_HUFF) >= CACHE_ENTRIES:
+                    _HUFF.clear()
+                _HUFF[s] = d
+        s = d
     return s, j
 
 
