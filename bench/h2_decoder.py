@@ -47,8 +47,10 @@ def grpc_unary(n: int):
                     f.result()
         finally:
             ch.close()
-            relay.wait_closed(1)
-            relay.close()
+            try:
+                relay.wait_closed(1)
+            finally:
+                relay.close()
     return relay.conns[0]
 
 

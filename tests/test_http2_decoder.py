@@ -149,8 +149,10 @@ def grpc_rec():
                     hp.grpc_call(ch, "Again", b"a%d" % i, tp(400 + i)).result()
         finally:
             ch.close()
-            relay.wait_closed(1)
-            relay.close()
+            try:
+                relay.wait_closed(1)
+            finally:
+                relay.close()
     return relay.conns[0], res
 
 
@@ -589,6 +591,21 @@ def test_truncated_frames_and_orphans():
     assert tr.stats["truncated_block"] == 3 and tr.stats["bad_frame"] == 2
     for x in tr.take_exchanges():           # what is there is true: the cut request's method
         assert x.method in ("GET", None) and x.path is None and x.partial
+
+
+def test_given_up_while_one_record_finds_more():
+    """The third bad block ends a frame left pending, and the same record
+    is itself a bad frame: the connection is given up once."""
+    tr = Http2Tracker()
+    tr.feed(ev(b"\x80", pos=0))
+    tr.feed(ev(b"\x80", sid=3, pos=10))
+    tr.feed(ev(b"\x80\x80", sid=5, pos=20, length=30))                 # pending
+    tr.feed(ev(b"", sid=0, pos=60)._replace(gap=True))                 # ends it, and is on stream 0
+    tr.feed(ev(req_block(), sid=7, pos=70))
+    tr.feed(ev(ftype=CLOSED))
+    assert tr.take_exchanges() == []
+    assert (tr.stats["not_http2"], tr.stats["hpack_error"], tr.stats["internal_error"]) == (1, 3, 0)
+    assert not tr._conns and not tr._ignored
 
 
 def test_stream_and_connection_floods_are_bounded():

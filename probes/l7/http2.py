@@ -335,10 +335,10 @@ class Http2Tracker:
         if c.proven:
             return
         c.bad += 1
-        if c.bad >= NOT_H2_AFTER:
+        if c.bad == NOT_H2_AFTER:           # (== : once, though the same record may find more)
             self.stats["not_http2"] += 1
             cid = c.ev.conn_id
-            del self._conns[cid]
+            self._conns.pop(cid, None)
             self._ignored[cid] = True
             if len(self._ignored) > self.max_conns:
                 self._ignored.popitem(last=False)
