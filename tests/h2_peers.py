@@ -1,7 +1,7 @@
 """Real HTTP/2 conversations for the decoder's tests: a recording TCP relay,
 nginx serving cleartext HTTP/2, an in-process gRPC server, and walk(), the
 Python twin of the kernel's frame walker that turns recorded bytes into the
-FrameEvents the kernel would send (/work/scratch/h2/interface.md)."""
+FrameEvents the kernel would send (issue 14's interface note)."""
 from __future__ import annotations
 
 import os

@@ -2,11 +2,11 @@
 
 The kernel (bpf/l7/http2.h) sends one FrameEvent per interesting frame piece
 (HEADERS, PUSH_PROMISE and CONTINUATION payloads, DATA with END_STREAM,
-RST_STREAM, GOAWAY, and the connection's close); the contract is
-/work/scratch/h2/interface.md. Here, per connection and direction, header
-blocks are put back together and HPACK-decoded (hpack_tolerant), streams are
-paired into Exchanges: request headers, response headers and trailers, and
-how the stream ended.
+RST_STREAM, GOAWAY, and the connection's close); the contract is issue 14's
+interface note, FrameEvent below its Python form. Here, per connection and
+direction, header blocks are put back together and HPACK-decoded
+(hpack_tolerant), and streams are paired into Exchanges: request headers,
+response headers and trailers, and how the stream ended.
 
 Bounds: MAX_CONNS connections (the least recently active one goes first),
 MAX_STREAMS open streams per connection (the oldest goes first), header
@@ -35,7 +35,7 @@ NOT_H2_AFTER = 3                            # bad header blocks before a connect
 
 STATS = {
     "exchanges": "exchanges produced",
-    "partial": "exchanges with some header not decoded (joined mid-way, HPACK state lost)",
+    "partial": "exchanges with some header not decoded or not seen (joined mid-way, HPACK state or records lost)",
     "hpack_error": "header blocks that were not valid HPACK, or referenced an entry a complete table lacks",
     "truncated_block": "header blocks with bytes missing (kernel's per-frame cap, lost records, missed CONTINUATION)",
     "oversized": "header blocks whose decoded list passed 64 KiB: decoding stopped there",
