@@ -1,0 +1,1 @@
+"""User-space decoders, one module per L7 protocol."""
