@@ -1,10 +1,14 @@
-"""HTTP/1.x RED metrics and spans, server and client side, TLS included.
+"""HTTP/1.x, HTTP/2 and gRPC: RED metrics and spans, server and client
+side, TLS included.
 
-Kernel side: bpf/http.bpf.c pairs requests with responses and times them
-(socket-layer tracepoints, or the sys_exit raw tracepoint before 6.3; uprobes on OpenSSL for TLS
-plaintext). It counts every
-transaction in a histogram per (process, role, method, status, port, path
-hash), and sends sampled ones as span records through a ring buffer.
+Kernel side: bpf/http.bpf.c captures socket reads and writes (socket-layer
+tracepoints, or the sys_exit raw tracepoint before 6.3; uprobes on OpenSSL
+for TLS plaintext) and hands each connection to its protocol's parser.
+HTTP/1 (bpf/l7/http1.h) is paired and timed in the kernel: every
+transaction lands in a histogram per (process, role, method, status, port,
+path hash), and sampled ones come up as span records through a ring buffer.
+HTTP/2 (bpf/l7/http2.h) comes up as frames: probes/l7/http2.py decodes HPACK
+and pairs streams, probes/l7/exchanges.py names their metrics and spans.
 
 Here: paths become bounded routes (probes/http_routes.py), kernel series
 become http.server.request.duration / http.client.request.duration
@@ -32,6 +36,9 @@ from collector.records import Counter, Instrument, Log2Histogram, Span
 from collector.selftelemetry import dropped, overflow
 
 from .http_routes import OVERFLOW_ROUTE, RouteTable, check_patterns
+from .l7 import exchanges as h2x
+from .l7.http2 import Http2Tracker
+from .l7.http2_ring import frame_events
 from .syscall_latency import syscall_table
 from .uprobe_placement import place_in_child
 
@@ -55,7 +62,8 @@ _PATH = struct.Struct("=I256s")                              # struct http_path
 _EVENT = struct.Struct("=QQII16s16sHHB3sHHBBBB16sI256s56s128s64s")
 _CONN_LAST_NS = struct.Struct("=56xQ")                       # struct http_conn: last_ns
 STATS = ("conn_table_full", "agg_full", "sampled_out", "rate_limited", "ringbuf_full", "no_response",
-         "unpaired_response", "tls_no_socket", "detail_full", "detail_lost", "tls_slot_collision")  # enum http_stat
+         "unpaired_response", "tls_no_socket", "detail_full", "detail_lost", "tls_slot_collision",
+         "h2_ringbuf_full", "h2_block_cut", "h2_resync", "h2_state_lost")  # enum http_stat
 METHODS = {0: "_OTHER", 1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "HEAD", 6: "PATCH", 7: "OPTIONS",
            8: "CONNECT", 9: "TRACE"}
 ROLE_SERVER, ROLE_CLIENT = 1, 2
@@ -88,6 +96,13 @@ SERVER_DURATION = Instrument("http.server.request.duration", "s",
 UNSAMPLED = Instrument("otelbpf.http.spans.unsampled", "{span}",
                        "Requests counted in the metrics but not exported as spans (sample_ratio, or the "
                        "caller's traceparent said not sampled)")
+PARTIAL = Instrument("otelbpf.http.partial", "{request}",
+                     "HTTP/2 requests and gRPC calls counted with some header not decodable (a connection "
+                     "joined mid-way, or its header compression state lost): their series carry "
+                     "otelbpf.partial=true")
+# the decoder's counts (probes/l7/http2.py STATS) that are losses
+H2_LOSSES = ("hpack_error", "truncated_block", "oversized", "bad_frame", "streams_dropped", "connections_dropped",
+             "not_http2", "unpaired", "internal_error")
 CLIENT_DURATION = Instrument("http.client.request.duration", "s",
                              "Duration of HTTP client requests, first request byte written to last response "
                              "byte read, timed in the kernel")
@@ -153,6 +168,9 @@ def parse_traceparent(text: str):
     return trace_id, span_id
 
 
+_SEM_BOUNDS_NS = tuple(int(b * NS_PER_S) for b in SEM_BOUNDS)
+
+
 class _Series:
     __slots__ = ("log2", "sem", "sum_ns", "start_ns")
 
@@ -161,6 +179,21 @@ class _Series:
         self.sem = [0] * (len(SEM_BOUNDS) + 1)
         self.sum_ns = 0
         self.start_ns = start_ns
+
+    def add(self, dur_ns: int) -> None:
+        """One duration measured in user space (HTTP/2), into the buckets the
+        kernel's count_request() would have chosen."""
+        self.sum_ns += dur_ns
+        self.log2[log2_bucket(dur_ns)] += 1
+        self.sem[sum(1 for b in _SEM_BOUNDS_NS if dur_ns > b)] += 1
+
+
+def log2_bucket(dur_ns: int) -> int:
+    """count_request()'s bucket: units of 2^-30 s, rounded up; bucket i holds
+    (2^(i-1), 2^i] units, the last one everything above."""
+    dur_ns = min(dur_ns, 1 << 43)
+    units = -(-(dur_ns << 30) // NS_PER_S)
+    return min((units - 1).bit_length() if units > 1 else 0, NBUCKETS - 1)
 
 
 class HttpProbe(BpfProbe):
@@ -211,6 +244,8 @@ class HttpProbe(BpfProbe):
                          "load generators, health checkers (at most 4)", check=_check_excluded),
         "span_queue": Field("int", 20000, "spans held between collections; beyond it dropped, counted",
                             minimum=100),
+        "http2": Field("bool", True, "HTTP/2 and gRPC (kernels with bpf_loop, 5.17+): frames go to user space, "
+                       "which decodes their headers"),
     }
 
     def start(self) -> None:
@@ -239,6 +274,7 @@ class HttpProbe(BpfProbe):
         obj.map("http_conns").set_max_entries(cfg["max_connections"])
         obj.map("http_events").set_max_entries(cfg["ring_buffer_bytes"])
         obj.set_global("ring_bytes", struct.pack("=I", cfg["ring_buffer_bytes"]))
+        self.http2 = self._configure_http2(obj)
         self._choose_capture(obj)
         obj.load()
         self._hist = obj.map("http_hist")
@@ -252,11 +288,14 @@ class HttpProbe(BpfProbe):
         self.tls_placements: list = []  # one line per libssl: where its uprobes went (`otelbpf check`)
         self.tls_libraries = self._attach_tls(obj) if cfg["tls"] else []
         self.check_notes = list(self.tls_placements)
+        if self.http2:
+            self.check_notes.append("HTTP/2 and gRPC: frames found in the kernel, headers decoded here")
         self._tls_scanned = 0.0   # the first collection looks for other libssl copies
         self.start_ns = self._last_tick_ns = time.time_ns()
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
         self._prev: dict = {}           # kernel key -> (its value at the last read, the tick it changed)
         self._series: dict = {}
+        self._instruments: dict = {}    # name -> Instrument of the series
         self._path_names: dict = {}     # path hash -> path, for the active keys
         self._routes = RouteTable(cfg["routes"], cfg["max_routes"], cfg["learn_routes"])
         self._procs = ProcessNames()
@@ -266,11 +305,42 @@ class HttpProbe(BpfProbe):
         self._queue_full = 0
         self._bad_events = 0
         self._stop = threading.Event()
-        self._poller = None
+        self._spans_on = spans_on
+        self._pollers = []
         if spans_on:
             self._ring = obj.ring_buffer("http_events", self._on_event)
-            self._poller = threading.Thread(target=self._poll, name="http-spans", daemon=True)
-            self._poller.start()
+            self._pollers.append(threading.Thread(target=self._poll, args=(self._ring,), name="http-spans",
+                                                  daemon=True))
+        self._h2 = None
+        if self.http2:
+            self._h2 = Http2Tracker()
+            self._h2_lock = threading.Lock()
+            self._h2_bad = 0
+            self._h2_no_response = 0
+            self._h2_span_window = (0, 0)       # (second, spans sent in it): max_spans_per_second
+            self._h2_sampled_out = 0
+            self._h2_rate_limited = 0
+            self._h2_ring = obj.ring_buffer("h2_events", self._on_h2_record)
+            self._pollers.append(threading.Thread(target=self._poll, args=(self._h2_ring,), name="http2-frames",
+                                                  daemon=True))
+        for t in self._pollers:
+            t.start()
+
+    def _configure_http2(self, obj) -> bool:
+        """HTTP/2 on or off in the kernel (the 5.10 build has none: say so)."""
+        names = {m.name for m in obj.maps()}
+        if "h2_events" not in names:
+            if self.config["http2"]:
+                note = "HTTP/2 and gRPC: not on this kernel (needs bpf_loop, 5.17+); HTTP/1 is traced"
+                self.log.warning("%s", note)
+                self.variant_note = "; ".join(x for x in (self.variant_note, note) if x)
+            return False
+        obj.set_global("h2_enabled", struct.pack("=B", self.config["http2"]))
+        obj.set_global("h2_ring_bytes", struct.pack("=I", self.config["ring_buffer_bytes"]))
+        obj.map("h2_events").set_max_entries(self.config["ring_buffer_bytes"])
+        if not self.config["http2"]:
+            obj.map("h2_events").set_max_entries(4096)     # nothing comes: no memory for it
+        return self.config["http2"]
 
     def _uprobe_cost_ns(self, obj) -> float:
         """ns one uprobe hit adds here: an empty program on libc's getppid,
@@ -399,17 +469,27 @@ class HttpProbe(BpfProbe):
         self.log.info("%s", note)
 
     # ------------------------------------------------------------- spans
-    def _poll(self) -> None:
-        # The kernel adds spans without waking us (a wake-up per span costs the
-        # traced host a context switch), except when the ring fills past an
+    def _poll(self, ring) -> None:
+        # The kernel adds records without waking us (a wake-up per record costs
+        # the traced host a context switch), except when the ring fills past an
         # eighth: so drain on a timer, and early when woken.
         while not self._stop.is_set():
             try:
-                self._ring.poll(SPAN_DRAIN_MS)
-                self._ring.consume()
+                ring.poll(SPAN_DRAIN_MS)
+                ring.consume()
             except libbpf.BpfError as e:
-                self.log.error("span ring buffer: %s", e)
+                self.log.error("%s ring buffer: %s", ring.map_name, e)
                 return
+
+    def _on_h2_record(self, raw: bytes) -> None:
+        try:
+            events = frame_events(raw)
+        except struct.error:
+            self._h2_bad += 1
+            return
+        with self._h2_lock:
+            for ev in events:
+                self._h2.feed(ev)
 
     def _on_event(self, raw: bytes) -> None:
         if len(self._pending) >= self.config["span_queue"]:
@@ -463,6 +543,65 @@ class HttpProbe(BpfProbe):
         ring = getattr(self, "_ring", None)
         return ring.callback_errors if ring is not None else 0
 
+    # ------------------------------------------------------------- HTTP/2
+    def _h2_exchanges(self) -> list:
+        """Ended HTTP/2 streams into the series; sampled ones as spans."""
+        with self._h2_lock:
+            done = self._h2.take_exchanges()
+        spans = []
+        for ex in done:
+            if ex.role not in (ROLE_SERVER, ROLE_CLIENT):
+                continue
+            if not ex.is_grpc and ex.status is None:
+                self._h2_no_response += 1       # reset or closed before its response: as HTTP/1's no_response
+                continue
+            peer = _addr(ex.raddr, ex.family)
+            exe = self._procs.executable_name(ex.tgid, fallback=ex.comm) or ex.comm
+            kind, attrs = h2x.metric_attributes(ex, self._routes.route, exe, peer)
+            if self.config["per_pid"]:
+                attrs["process.pid"] = ex.tgid
+            if kind == "rpc":
+                inst = h2x.RPC_SERVER_DURATION if ex.role == ROLE_SERVER else h2x.RPC_CLIENT_DURATION
+            else:
+                inst = SERVER_DURATION if ex.role == ROLE_SERVER else CLIENT_DURATION
+            self._series_for(inst, attrs).add(max(ex.end_ns - ex.start_ns, 0))
+            if self._spans_on and self._h2_sampled(ex):
+                spans.append(self._h2_span(ex, peer))
+        return spans
+
+    def _h2_sampled(self, ex) -> bool:
+        """The kernel's span rules for HTTP/1, applied here: a traceparent's
+        sampled flag, else sample_ratio; at most max_spans_per_second."""
+        cfg = self.config
+        parent = ex.traceparent.strip().split("-") if ex.traceparent else None
+        flag = None
+        if cfg["parent_based"] and parent and len(parent) >= 4 and len(parent[3]) >= 2:
+            try:
+                flag = int(parent[3][:2], 16) & 1
+            except ValueError:
+                flag = None
+        if flag == 0 or (flag is None and random.random() >= cfg["sample_ratio"]):
+            self._h2_sampled_out += 1
+            return False
+        second = ex.end_ns // NS_PER_S
+        window, used = self._h2_span_window
+        if window != second:
+            window, used = second, 0
+        if used >= cfg["max_spans_per_second"]:
+            self._h2_rate_limited += 1
+            return False
+        self._h2_span_window = (window, used + 1)
+        return True
+
+    def _h2_span(self, ex, peer: str) -> Span:
+        name, kind, attrs, error = h2x.span_fields(ex, self._routes.route, peer)
+        thread = ex.comm
+        attrs["process.executable.name"] = self._procs.executable_name(ex.tgid, fallback=thread) or thread
+        parent = parse_traceparent(ex.traceparent or "")
+        trace_id, parent_id = parent if parent else (random.getrandbits(128) or 1, None)
+        return Span(name, kind, trace_id, random.getrandbits(64) or 1, parent_id,
+                    ex.start_ns + self._mono_to_wall, ex.end_ns + self._mono_to_wall, attrs, error)
+
     def _drain_spans(self) -> list:
         out = []
         while self._pending:
@@ -496,8 +635,10 @@ class HttpProbe(BpfProbe):
             self._tls_scanned = time.monotonic()
             self._discover_libssl()
         self._last_tick_ns = now
+        h2_spans = self._h2_exchanges() if self._h2 is not None else []
         records = self._records()
         records.extend(self._drain_spans())
+        records.extend(h2_spans)
         return records
 
     def _path(self, path_hash: int):
@@ -552,6 +693,17 @@ class HttpProbe(BpfProbe):
         role = key[3]
         attrs = self._attributes(key, _cstr(vals[-1]))
         inst = SERVER_DURATION if role == ROLE_SERVER else CLIENT_DURATION
+        acc = self._series_for(inst, attrs, count)
+        acc.sum_ns += vals[1] - (ov[1] if ov else 0)
+        for i in range(NBUCKETS):
+            acc.log2[i] += moved[i]
+        for i in range(len(SEM_BOUNDS) + 1):
+            acc.sem[i] += moved[NBUCKETS + i]
+        return vb
+
+    def _series_for(self, inst: Instrument, attrs: dict, count: int = 1) -> _Series:
+        """The series of (instrument, attributes); past max_series, the
+        instrument's overflow series (count is what overflowed)."""
         skey = (inst.name, tuple(sorted(attrs.items())))
         acc = self._series.get(skey)
         if acc is None:
@@ -562,12 +714,8 @@ class HttpProbe(BpfProbe):
                 acc = self._series.get(skey)
             if acc is None:
                 acc = self._series[skey] = _Series(self._last_tick_ns)
-        acc.sum_ns += vals[1] - (ov[1] if ov else 0)
-        for i in range(NBUCKETS):
-            acc.log2[i] += moved[i]
-        for i in range(len(SEM_BOUNDS) + 1):
-            acc.sem[i] += moved[NBUCKETS + i]
-        return vb
+                self._instruments[inst.name] = inst
+        return acc
 
     def _retire(self, keys: list) -> None:
         """Take keys out of the kernel map, adding what they counted since
@@ -605,7 +753,7 @@ class HttpProbe(BpfProbe):
     def _records(self) -> list:
         out = []
         for (name, akey), acc in self._series.items():
-            inst = SERVER_DURATION if name == SERVER_DURATION.name else CLIENT_DURATION
+            inst = self._instruments[name]
             out.append(Log2Histogram(inst, dict(akey), list(acc.log2), acc.sum_ns / NS_PER_S, acc.start_ns,
                                      exp_offset=EXP_OFFSET, explicit_bounds=SEM_BOUNDS,
                                      explicit_counts=list(acc.sem)))
@@ -622,11 +770,28 @@ class HttpProbe(BpfProbe):
                 overflow(self.name, "kernel_map_full", stats["agg_full"], s),
                 overflow(self.name, "max_series", self._series_overflow, s),
                 overflow(self.name, "max_routes", self._routes.overflowed, s)]
+        if self._h2 is not None:
+            out += self._h2_counters(stats, s)
+        return out
+
+    def _h2_counters(self, stats: dict, s: int) -> list:
+        """HTTP/2's losses: the kernel's, the decoder's, and spans not sent."""
+        h2 = dict(self._h2.stats)
+        out = [dropped(self.name, "h2_ringbuf_full", stats["h2_ringbuf_full"], s),
+               dropped(self.name, "h2_block_cut", stats["h2_block_cut"], s),
+               dropped(self.name, "h2_resync", stats["h2_resync"], s),
+               dropped(self.name, "h2_state_lost", stats["h2_state_lost"], s),
+               dropped(self.name, "h2_undecodable", self._h2_bad + self._h2_ring.callback_errors, s),
+               dropped(self.name, "h2_no_response", self._h2_no_response, s),
+               dropped(self.name, "h2_rate_limited", self._h2_rate_limited, s),
+               Counter(UNSAMPLED, {"network.protocol.version": "2"}, self._h2_sampled_out, s)]
+        out += [dropped(self.name, "h2_" + k, h2[k], s) for k in H2_LOSSES]
+        out.append(Counter(PARTIAL, {}, h2["partial"], s))
         return out
 
     def stop(self) -> None:
-        if getattr(self, "_poller", None) is not None:
-            self._stop.set()
-            self._poller.join(timeout=2)
-            self._poller = None
+        self._stop.set()
+        for t in getattr(self, "_pollers", []):
+            t.join(timeout=2)
+        self._pollers = []
         super().stop()

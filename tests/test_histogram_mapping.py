@@ -74,7 +74,7 @@ def test_quantile_upper_bound():
 
 
 def http_units(dur_ns: int) -> int:
-    """Python twin of count_request()'s conversion in bpf/http.bpf.c:
+    """Python twin of count_request()'s conversion in bpf/l7/http1.h:
     ceil(dur_ns * 2^30 / 10^9), split at whole seconds, after the clamp."""
     dur_ns = min(dur_ns, 1 << 43)
     q, r = divmod(dur_ns, 1_000_000_000)
@@ -89,6 +89,8 @@ def test_http_duration_units_put_edge_values_in_the_right_bucket():
     every power-of-two edge: the conversion rounds up, so a duration just
     above an edge is never pulled into the bucket below."""
     from fractions import Fraction
+
+    from probes.http import log2_bucket
     durations = [0, 1, 2, 931, 932, 999_999_999, 1_000_000_000, 1_000_000_001]
     for k in range(-30, 14):
         edge = Fraction(2) ** k * 10 ** 9          # 2^k s in ns (not a whole number below k = 9)
@@ -105,6 +107,8 @@ def test_http_duration_units_put_edge_values_in_the_right_bucket():
         while want < 39 and exact * 2 ** 30 > 2 ** want:
             want += 1
         assert kernel_bucket(http_units(d)) == want, (d, http_units(d), want)
+        # HTTP/2's durations are bucketed in user space: the same bucket
+        assert log2_bucket(d) == want, (d, log2_bucket(d), want)
         if want < 39:
             # and the exported range (offset -30) holds the true value
             lo_s, hi_s = Fraction(2) ** (want - 31), Fraction(2) ** (want - 30)
@@ -112,15 +116,34 @@ def test_http_duration_units_put_edge_values_in_the_right_bucket():
 
 
 def test_kernel_semconv_bounds_are_the_exported_ones_in_ns():
-    """sem_bucket() in bpf/http.bpf.c counts against ns literals; the
+    """sem_bucket() in bpf/l7/http1.h counts against ns literals; the
     explicit form exports SEM_BOUNDS in s. The known-duration tests reach
     bounds up to 2.5 s only, so compare the two lists themselves: a bound
     written in the wrong unit (5000000000000 for 5 s) fails here."""
     import re
     from pathlib import Path
     from probes.http import NS_PER_S, SEM_BOUNDS
-    src = (Path(__file__).resolve().parent.parent / "bpf" / "http.bpf.c").read_text()
+    src = (Path(__file__).resolve().parent.parent / "bpf" / "l7" / "http1.h").read_text()
     body = src[src.index("static __always_inline __u32 sem_bucket"):]
     body = body[:body.index("}")]
     kernel = [int(x) for x in re.findall(r"GT\(d, (\d+)ULL\)", body)]
     assert kernel == [round(b * NS_PER_S) for b in SEM_BOUNDS]
+
+
+def test_user_space_series_bucket_like_the_kernel():
+    """HTTP/2 durations go into the same series as HTTP/1's kernel counts
+    (_Series.add): log2 bucket as count_request(), explicit bucket as
+    sem_bucket() (a duration equal to a bound stays at or below it), sum in
+    ns."""
+    from probes.http import NS_PER_S, SEM_BOUNDS, _Series
+    s = _Series(0)
+    for b in SEM_BOUNDS:
+        ns = round(b * NS_PER_S)
+        s.add(ns)          # at the bound: bucket (previous, b]
+        s.add(ns + 1)      # above: the next bucket
+    assert s.sem[0] == 1 and s.sem[-1] == 1 and all(n == 2 for n in s.sem[1:-1]), s.sem
+    assert sum(s.log2) == 2 * len(SEM_BOUNDS)
+    assert s.sum_ns == sum(2 * round(b * NS_PER_S) + 1 for b in SEM_BOUNDS)
+    one = _Series(0)
+    one.add(100_000_000)   # 0.1 s: (2^-4, 2^-3] s, kernel bucket 27 (offset -30)
+    assert one.log2.index(1) == kernel_bucket(http_units(100_000_000)) == 27

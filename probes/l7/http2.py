@@ -115,8 +115,11 @@ class Exchange(NamedTuple):
 
     @property
     def is_grpc(self) -> bool:
+        """gRPC's content type, or (when that was not decodable: a connection
+        joined mid-way) a header only gRPC sends."""
         ct = self.content_type or self.resp_content_type or ""
-        return ct.startswith("application/grpc")
+        return ct.startswith("application/grpc") or not (
+            self.grpc_timeout is None and self.grpc_status is None and self.grpc_message is None)
 
     def grpc_method(self):
         """(service, method) of a gRPC path "/pkg.Service/Method", else None."""

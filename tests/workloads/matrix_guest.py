@@ -12,6 +12,8 @@ software emulation takes minutes, and it is the walk that differs by kernel.
 Workloads (each its own process, so each is its own executable in the data):
 - HTTP: python's http.server on 127.0.0.1:HTTP_PORT serving a directory,
   curl requests of known statuses; the server's log is the ground truth.
+- HTTP/2: Node's http2 server (tests/peers/node_h2.js) over h2c, curl
+  requests by prior knowledge; the server's own counts are the ground truth.
 - TCP: a server that reads to EOF and a client that sends TCP_BYTES; both
   print what they moved.
 - syscalls: sc_workload makes GETPPID getppid() calls and SLEEPS nanosleeps.
@@ -32,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HTTP_PORT, TCP_PORT = 18080, 18081
 HTTP_PLAN = [("/ok.txt", 200)] * 5 + [("/missing", 404)] * 2
+H2_PLAN = [("/", 200)] * 4 + [("/missing", 404)] * 2 + [("/boom", 500)]
 TCP_BYTES = 3_000_000
 GETPPID, SLEEPS, SLEEP_NS = 3000, 3, 20_000_000
 CPU_LOOPS = 150_000_000
@@ -104,6 +107,19 @@ def http_workload(out: Path) -> dict:
             status = line.rsplit('" ', 1)[1].split()[0]
             logged[status] = logged.get(status, 0) + 1
     return {"port": HTTP_PORT, "client_statuses": statuses, "server_logged": logged}
+
+
+def h2_workload(out: Path) -> dict:
+    """curl over h2c (one connection per request) against Node's http2
+    server; the server's counts per (method, path, status)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import h2_peers
+    d = out / "node"
+    with h2_peers.node_h2_server(d, tls=False) as srv:
+        statuses = [h2_peers.curl_h2(srv.url("h2c", path), tls=False, timeout=60) for path, _want in H2_PLAN]
+        counts = srv.counts(timeout=60)
+    return {"port": srv.h2c_port, "client_statuses": statuses,
+            "server_counts": {str(status): n for (_m, _p, status), n in counts.items()}}
 
 
 def tcp_workload() -> dict:
@@ -180,6 +196,7 @@ def main() -> int:
     try:
         wait_log(agent_log, "collecting every", agent, timeout=900)
         truth["http"] = http_workload(out)
+        truth["http2"] = h2_workload(out)
         truth["tcp"] = tcp_workload()
         sc = syscall_workload(bin_dir)
         truth["cpu"] = cpu_workload(bin_dir)
