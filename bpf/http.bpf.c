@@ -87,8 +87,9 @@ static __always_inline struct ssl_key ssl_key_of(__u32 tgid, __u64 ssl)
 /* ------------------------------------------------------------ dispatch */
 
 /* The first 8 bytes of what a call moved (of its first buffer), into e: how
- * every parser tells whether a connection it does not know starts here. */
-static __always_inline void read_head8(struct data_ev *e)
+ * every parser tells whether a connection it does not know starts here.
+ * Not inlined: its iovec stays out of the hooks' frames. */
+static __noinline void read_head8(struct data_ev *e)
 {
 	__u64 base = e->src.buf, seg = e->len;
 
@@ -108,9 +109,19 @@ static __always_inline void read_head8(struct data_ev *e)
 	e->head_ok = 1;
 }
 
+/* HTTP/1's parser in a frame of its own. Each parser's chain of calls (the
+ * hook, this, its global functions, a bpf_loop callback) must fit in 512
+ * bytes of stack, which 6.1's and 6.12's verifiers count strictly: so the
+ * dispatch is inlined into the hooks, and no parser's frame is on another's
+ * chain. */
+static __noinline void on_http1(struct data_ev *e, struct http_conn *c)
+{
+	http1_on_data(e, c);
+}
+
 /* A read or write of plaintext: to its connection's parser, or, on a
  * connection not tracked yet, to the first parser that recognises it. */
-static __noinline void on_data(struct data_ev *e)
+static __always_inline void on_data(struct data_ev *e)
 {
 	__u64 sk = e->sk;
 	struct http_conn *c = bpf_map_lookup_elem(&http_conns, &sk);
@@ -122,10 +133,16 @@ static __noinline void on_data(struct data_ev *e)
 		http2_on_data(e, c);
 		return;
 	}
-	if (!c && http2_start(e))
-		return;
+	if (!c) {
+		int started = http2_start(e);
+
+		if (started == H2_START_WALK && (c = bpf_map_lookup_elem(&http_conns, &sk)))
+			http2_on_data(e, c);
+		if (started)
+			return;
+	}
 #endif
-	http1_on_data(e, c);
+	on_http1(e, c);
 }
 
 
@@ -369,6 +386,11 @@ int BPF_PROG(http_sock_state, struct sock *sk, int oldstate, int newstate)
 		c->closed = 1;
 		return 0;
 	}
+	/* HTTP/2 multiplexes: a reset can race a response being written on
+	 * another stream, which then still counts. Its state goes with the
+	 * sock (tcp_destroy_sock), before the address can be reused. */
+	if (c->proto == L7_HTTP2)
+		return 0;
 	conn_gone(key);
 	return 0;
 }

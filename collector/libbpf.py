@@ -177,6 +177,7 @@ def _declare(l: ctypes.CDLL) -> None:
         "ring_buffer__new": (P, [I, P, P, P]),
         "ring_buffer__poll": (I, [P, I]),
         "ring_buffer__consume": (I, [P]),
+        "ring_buffer__epoll_fd": (I, [P]),
         "ring_buffer__free": (None, [P]),
     }
     for name, (res, args) in protos.items():
@@ -511,6 +512,11 @@ class RingBuffer:
         if ret < 0 and -ret != errno_mod.EINTR:
             raise BpfError(-ret, f"ring_buffer__poll({self.map_name})")
         return max(ret, 0)
+
+    def fileno(self) -> int:
+        """An epoll fd that is readable when the kernel woke the ring: wait on
+        it (select) without consuming, where two threads share the ring."""
+        return lib().ring_buffer__epoll_fd(self._ptr)
 
     def consume(self) -> int:
         ret = lib().ring_buffer__consume(self._ptr)

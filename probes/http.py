@@ -22,6 +22,7 @@ import collections
 import ipaddress
 import os
 import random
+import select
 import struct
 import subprocess
 import threading
@@ -61,6 +62,10 @@ _PATH = struct.Struct("=I256s")                              # struct http_path
 # struct http_event (the kernel pads it to a multiple of 8)
 _EVENT = struct.Struct("=QQII16s16sHHB3sHHBBBB16sI256s56s128s64s")
 _CONN_LAST_NS = struct.Struct("=56xQ")                       # struct http_conn: last_ns
+_H2_HKEY = struct.Struct("=QQI4xQI4xQI4xI4x")                # struct h2_hkey
+_H2_HIST = struct.Struct(f"=QQ{NBUCKETS}Q{len(SEM_BOUNDS) + 1}Q")  # struct h2_hist
+_H2_SKEY = struct.Struct("=QI4x")                            # struct h2_stream_key
+_H2_STREAM = struct.Struct("=QQI4xQI4xQI4xIB3x")             # struct h2_stream
 STATS = ("conn_table_full", "agg_full", "sampled_out", "rate_limited", "ringbuf_full", "no_response",
          "unpaired_response", "tls_no_socket", "detail_full", "detail_lost", "tls_slot_collision",
          "h2_ringbuf_full", "h2_block_cut", "h2_resync", "h2_state_lost")  # enum http_stat
@@ -321,8 +326,14 @@ class HttpProbe(BpfProbe):
             self._h2_sampled_out = 0
             self._h2_rate_limited = 0
             self._h2_ring = obj.ring_buffer("h2_events", self._on_h2_record)
-            self._pollers.append(threading.Thread(target=self._poll, args=(self._h2_ring,), name="http2-frames",
-                                                  daemon=True))
+            self._h2_ring_lock = threading.Lock()  # consumed by its poller and by collect()
+            self._h2_hist = obj.map("h2_hist")
+            self._h2_streams = obj.map("h2_streams")
+            self._h2_prev: dict = {}        # kernel key -> (value at the last read, tick it changed)
+            self._h2_kernel_partial = 0     # requests counted in the kernel whose blocks were not all decoded
+            self._h2_unresolved = 0         # kernel entries of connections no longer held
+            self._pollers.append(threading.Thread(target=self._poll_shared, args=(self._h2_ring, self._h2_ring_lock),
+                                                  name="http2-frames", daemon=True))
         for t in self._pollers:
             t.start()
 
@@ -336,6 +347,10 @@ class HttpProbe(BpfProbe):
                 self.variant_note = "; ".join(x for x in (self.variant_note, note) if x)
             return False
         obj.set_global("h2_enabled", struct.pack("=B", self.config["http2"]))
+        spans = self.config["spans"] and (self.config["sample_ratio"] > 0 or self.config["parent_based"])
+        obj.set_global("h2_max_spans_per_second", struct.pack("=Q", self.config["max_spans_per_second"]
+                                                                    if spans else 0))
+        obj.map("h2_hist").set_max_entries(self.config["max_keys"])
         obj.set_global("h2_ring_bytes", struct.pack("=I", self.config["ring_buffer_bytes"]))
         obj.map("h2_events").set_max_entries(self.config["ring_buffer_bytes"])
         if not self.config["http2"]:
@@ -481,6 +496,19 @@ class HttpProbe(BpfProbe):
                 self.log.error("%s ring buffer: %s", ring.map_name, e)
                 return
 
+    def _poll_shared(self, ring, lock) -> None:
+        """_poll for a ring collect() also drains: wait for a wake-up without
+        consuming, then consume under the lock."""
+        fd = ring.fileno()
+        while not self._stop.is_set():
+            try:
+                select.select([fd], [], [], SPAN_DRAIN_MS / 1000)
+                with lock:
+                    ring.consume()
+            except (OSError, libbpf.BpfError) as e:
+                self.log.error("%s ring buffer: %s", ring.map_name, e)
+                return
+
     def _on_h2_record(self, raw: bytes) -> None:
         try:
             events = frame_events(raw)
@@ -544,10 +572,11 @@ class HttpProbe(BpfProbe):
         return ring.callback_errors if ring is not None else 0
 
     # ------------------------------------------------------------- HTTP/2
-    def _h2_exchanges(self) -> list:
+    def _h2_exchanges(self, more: list = ()) -> list:
         """Ended HTTP/2 streams into the series; sampled ones as spans."""
         with self._h2_lock:
             done = self._h2.take_exchanges()
+        done.extend(more)
         spans = []
         for ex in done:
             if ex.role not in (ROLE_SERVER, ROLE_CLIENT):
@@ -556,18 +585,104 @@ class HttpProbe(BpfProbe):
                 self._h2_no_response += 1       # reset or closed before its response: as HTTP/1's no_response
                 continue
             peer = _addr(ex.raddr, ex.family)
-            exe = self._procs.executable_name(ex.tgid, fallback=ex.comm) or ex.comm
-            kind, attrs = h2x.metric_attributes(ex, self._routes.route, exe, peer)
-            if self.config["per_pid"]:
-                attrs["process.pid"] = ex.tgid
-            if kind == "rpc":
-                inst = h2x.RPC_SERVER_DURATION if ex.role == ROLE_SERVER else h2x.RPC_CLIENT_DURATION
-            else:
-                inst = SERVER_DURATION if ex.role == ROLE_SERVER else CLIENT_DURATION
-            self._series_for(inst, attrs).add(max(ex.end_ns - ex.start_ns, 0))
+            if not ex.counted:                  # (the kernel counted the streams it paired and ended)
+                kind, attrs = h2x.metric_attributes(ex, self._routes.route, self._h2_exe(ex), peer)
+                if self.config["per_pid"]:
+                    attrs["process.pid"] = ex.tgid
+                if kind == "rpc":
+                    inst = h2x.RPC_SERVER_DURATION if ex.role == ROLE_SERVER else h2x.RPC_CLIENT_DURATION
+                else:
+                    inst = SERVER_DURATION if ex.role == ROLE_SERVER else CLIENT_DURATION
+                self._series_for(inst, attrs).add(max(ex.end_ns - ex.start_ns, 0))
             if self._spans_on and self._h2_sampled(ex):
                 spans.append(self._h2_span(ex, peer))
         return spans
+
+    def _h2_kernel_series(self) -> list:
+        """What the kernel counted for the streams it paired (bpf/l7/http2_pair.h),
+        named from the header blocks it sent: the changes since the last read
+        into the series. Entries that did not change for a while, or whose
+        connection closed, are taken out of the map (their last counts read)."""
+        with self._h2_ring_lock:
+            self._h2_ring.consume()     # the blocks of what the kernel counted so far, first
+        with self._h2_lock:
+            idle = []
+            for kb, vb in self._h2_hist.items():
+                old, changed = self._h2_prev.get(kb, (None, self._tick))
+                conn_id = _H2_HKEY.unpack_from(kb)[0]
+                if old == vb:
+                    if self._tick - changed >= IDLE_TICKS or self._h2.is_closed(conn_id):
+                        idle.append(kb)
+                    continue
+                # a block the entry names may still be in the ring: wait a few
+                # collections for it before counting the entry partial
+                now = self._h2_add_delta(kb, vb, old, self._tick - changed < IDLE_TICKS)
+                self._h2_prev[kb] = (now, changed) if now is old else (now, self._tick)
+            for kb in idle:
+                last = self._h2_hist.lookup_and_delete(kb)
+                old = self._h2_prev.pop(kb)[0]
+                if last is not None and last != old:
+                    self._h2_add_delta(kb, last, old, wait=False)
+            left = self._h2_left_open()
+            self._h2.tick()
+        return left
+
+    def _h2_left_open(self) -> list:
+        """Streams the kernel still holds for connections that closed: out of
+        its map, into exchanges (their responses end with the close)."""
+        closed = self._h2.closed_ids()
+        if not closed:
+            return []
+        entries, keys = [], []
+        for kb, vb in self._h2_streams.items():
+            conn_id, sid = _H2_SKEY.unpack(kb)
+            if conn_id in closed:
+                start, rqh, rqg, rsh, rsg, tlh, tlg, _tid, state = _H2_STREAM.unpack(vb)
+                entries.append((conn_id, sid, start, (rqg, rqh), (rsg, rsh), (tlg, tlh), state))
+                keys.append(kb)
+        if keys:
+            self._h2_streams.delete_many(keys)
+        return self._h2.streams_left_open(entries)
+
+    def _h2_add_delta(self, kb: bytes, vb: bytes, old, wait: bool = True):
+        """Add the kernel's counts since `old` to the entry's series; returns
+        the value now accounted for (`old` again while its blocks are on
+        their way)."""
+        conn_id, rqh, rqg, rsh, rsg, tlh, tlg, _outcome = _H2_HKEY.unpack(kb)
+        vals = _H2_HIST.unpack(vb)
+        ov = _H2_HIST.unpack(old) if old is not None else None
+        lo, end = 2, 2 + NBUCKETS + len(SEM_BOUNDS) + 1
+        moved = vals[lo:end] if ov is None else tuple(a - b for a, b in zip(vals[lo:end], ov[lo:end]))
+        if not any(moved):
+            return old      # count or sum ahead of its bucket (see _add_delta)
+        count = sum(moved[:NBUCKETS])
+        ex = self._h2.resolve(conn_id, (rqg, rqh), (rsg, rsh), (tlg, tlh), wait)
+        if ex is Http2Tracker.PENDING:
+            return old
+        if ex is None:
+            self._h2_unresolved += count
+            return vb
+        if ex.role not in (ROLE_SERVER, ROLE_CLIENT):
+            return vb
+        if ex.partial:
+            self._h2_kernel_partial += count
+        kind, attrs = h2x.metric_attributes(ex, self._routes.route, self._h2_exe(ex), _addr(ex.raddr, ex.family))
+        if self.config["per_pid"]:
+            attrs["process.pid"] = ex.tgid
+        if kind == "rpc":
+            inst = h2x.RPC_SERVER_DURATION if ex.role == ROLE_SERVER else h2x.RPC_CLIENT_DURATION
+        else:
+            inst = SERVER_DURATION if ex.role == ROLE_SERVER else CLIENT_DURATION
+        acc = self._series_for(inst, attrs, count)
+        acc.sum_ns += vals[1] - (ov[1] if ov else 0)
+        for i in range(NBUCKETS):
+            acc.log2[i] += moved[i]
+        for i in range(len(SEM_BOUNDS) + 1):
+            acc.sem[i] += moved[NBUCKETS + i]
+        return vb
+
+    def _h2_exe(self, ex) -> str:
+        return self._procs.executable_name(ex.tgid, fallback=ex.comm) or ex.comm
 
     def _h2_sampled(self, ex) -> bool:
         """The kernel's span rules for HTTP/1, applied here: a traceparent's
@@ -634,8 +749,11 @@ class HttpProbe(BpfProbe):
         if self._tls_usable and time.monotonic() - self._tls_scanned >= every:
             self._tls_scanned = time.monotonic()
             self._discover_libssl()
+        h2_spans = []
+        if self._h2 is not None:     # (before the tick moves: a new series starts at the last one)
+            left = self._h2_kernel_series()
+            h2_spans = self._h2_exchanges(left)
         self._last_tick_ns = now
-        h2_spans = self._h2_exchanges() if self._h2 is not None else []
         records = self._records()
         records.extend(self._drain_spans())
         records.extend(h2_spans)
@@ -784,9 +902,10 @@ class HttpProbe(BpfProbe):
                dropped(self.name, "h2_undecodable", self._h2_bad + self._h2_ring.callback_errors, s),
                dropped(self.name, "h2_no_response", self._h2_no_response, s),
                dropped(self.name, "h2_rate_limited", self._h2_rate_limited, s),
+               dropped(self.name, "h2_unresolved", self._h2_unresolved, s),
                Counter(UNSAMPLED, {"network.protocol.version": "2"}, self._h2_sampled_out, s)]
         out += [dropped(self.name, "h2_" + k, h2[k], s) for k in H2_LOSSES]
-        out.append(Counter(PARTIAL, {}, h2["partial"], s))
+        out.append(Counter(PARTIAL, {}, h2["partial"] + self._h2_kernel_partial, s))
         return out
 
     def stop(self) -> None:

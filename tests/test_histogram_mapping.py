@@ -74,7 +74,7 @@ def test_quantile_upper_bound():
 
 
 def http_units(dur_ns: int) -> int:
-    """Python twin of count_request()'s conversion in bpf/l7/http1.h:
+    """Python twin of l7_count_duration()'s conversion in bpf/l7/duration.h:
     ceil(dur_ns * 2^30 / 10^9), split at whole seconds, after the clamp."""
     dur_ns = min(dur_ns, 1 << 43)
     q, r = divmod(dur_ns, 1_000_000_000)
@@ -116,14 +116,14 @@ def test_http_duration_units_put_edge_values_in_the_right_bucket():
 
 
 def test_kernel_semconv_bounds_are_the_exported_ones_in_ns():
-    """sem_bucket() in bpf/l7/http1.h counts against ns literals; the
+    """sem_bucket() in bpf/l7/duration.h counts against ns literals; the
     explicit form exports SEM_BOUNDS in s. The known-duration tests reach
     bounds up to 2.5 s only, so compare the two lists themselves: a bound
     written in the wrong unit (5000000000000 for 5 s) fails here."""
     import re
     from pathlib import Path
     from probes.http import NS_PER_S, SEM_BOUNDS
-    src = (Path(__file__).resolve().parent.parent / "bpf" / "l7" / "http1.h").read_text()
+    src = (Path(__file__).resolve().parent.parent / "bpf" / "l7" / "duration.h").read_text()
     body = src[src.index("static __always_inline __u32 sem_bucket"):]
     body = body[:body.index("}")]
     kernel = [int(x) for x in re.findall(r"GT\(d, (\d+)ULL\)", body)]

@@ -260,13 +260,17 @@ def test_node_http2_server_and_client(agent, receiver, tmp_path):
     assert sum(server.values()) == sum(client.values()) == 30, (server, client)
     want = collections.Counter({(m, p, s): n for (m, p, s), n in server.items()})
     keys = ("http.request.method", "http.route", "http.response.status_code")
-    settle(lambda: counted(rx, "http.server.request.duration", keys, server__port=srv.h2c_port) == want)
+    settle(lambda: counted(rx, "http.server.request.duration", keys, server__port=srv.h2c_port) == want,
+           why=lambda: (counted(rx, "http.server.request.duration", keys, server__port=srv.h2c_port), want,
+                        drops(rx)))
     ckeys = ("http.request.method", "http.response.status_code")
     cwant = collections.Counter()
     for (m, _p, s), n in client.items():
         cwant[(m, s)] += n
     settle(lambda: counted(rx, "http.client.request.duration", ckeys, server__port=srv.h2c_port,
-                           process__executable__name="node") == cwant)
+                           process__executable__name="node") == cwant,
+           why=lambda: (counted(rx, "http.client.request.duration", ckeys, server__port=srv.h2c_port,
+                                process__executable__name="node"), cwant))
     with rx.lock:
         reqs = list(rx.metrics)
     for name in ("http.server.request.duration", "http.client.request.duration"):

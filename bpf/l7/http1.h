@@ -20,12 +20,12 @@
 #define OTB_L7_HTTP1_H
 
 #include "l7/conn.h"
+#include "l7/duration.h"
 
 #define PATH_CAP 256		/* path bytes a span record can hold */
 #define UA_CAP 128
 #define HOST_CAP 64
 #define TP_LEN 55		/* "00-" 32 hex "-" 16 hex "-" 2 hex */
-#define SEM_BUCKETS 15		/* semantic-convention bounds 5 ms .. 10 s, plus +Inf */
 
 /* -DOTB_NO_BPF_LOOP: a build for kernels without bpf_loop (before 5.17) and
  * without pointer arguments to global functions (before 5.12), such as
@@ -718,19 +718,6 @@ static __always_inline void copy_value(struct hdr_ctx *h, struct http_event *ev,
 
 /* ------------------------------------------------------------ finishing */
 
-/* (bound - d) >> 63 is 1 when d > bound (both below 2^63): no branches, so
- * the verifier does not split its states 14 times */
-#define GT(d, bound) (((__u64)(bound) - (d)) >> 63)
-
-static __always_inline __u32 sem_bucket(__u64 d)
-{
-	/* bounds (s): .005 .01 .025 .05 .075 .1 .25 .5 .75 1 2.5 5 7.5 10 */
-	return GT(d, 5000000ULL) + GT(d, 10000000ULL) + GT(d, 25000000ULL) + GT(d, 50000000ULL) +
-	       GT(d, 75000000ULL) + GT(d, 100000000ULL) + GT(d, 250000000ULL) + GT(d, 500000000ULL) +
-	       GT(d, 750000000ULL) + GT(d, 1000000000ULL) + GT(d, 2500000000ULL) + GT(d, 5000000000ULL) +
-	       GT(d, 7500000000ULL) + GT(d, 10000000000ULL);
-}
-
 static __always_inline void count_request(struct http_conn *c, __u64 dur)
 {
 	struct http_key k = {};
@@ -769,30 +756,7 @@ static __always_inline void count_request(struct http_conn *c, __u64 dur)
 		if (!h)
 			return;
 	}
-	/* The log2 buckets count the duration in units of 2^-30 s: bucket i
-	 * holds (2^(i-1), 2^i] units = (2^(i-31), 2^(i-30)] s, which is OTLP's
-	 * scale-0 exponential bucket i-31 in seconds (EXP_OFFSET = -30 in
-	 * probes/http.py). units = dur_ns * 2^30 / 10^9 (x 1.073741824),
-	 * rounded up: a duration a hair above a power-of-two edge must stay in
-	 * the upper bucket, and ceil keeps that exact (an edge 2^k is a whole
-	 * number of units, so ceil(x) > 2^(k-1) exactly when x > 2^(k-1)).
-	 * Split at whole seconds so nothing overflows: q <= 2^43 / 10^9 < 2^14,
-	 * so q << 30 < 2^44; r < 10^9 < 2^30, so (r << 30) + 10^9 - 1 < 2^61. */
-	const __u32 unit_shift = 30;		/* 1 unit = 2^-30 s */
-
-	if (dur > (1ULL << 43))
-		dur = 1ULL << 43;	/* ~2.4 hours: past the last bucket ((256, 512] s) anyway */
-	__u64 q = dur / NS_PER_S, r = dur % NS_PER_S;
-	__u64 d30 = (q << unit_shift) + ((r << unit_shift) + NS_PER_S - 1) / NS_PER_S;
-	__u32 lb = hide(otb_log2_bucket(d30));
-	__u32 sb = hide(sem_bucket(dur));
-
-	__sync_fetch_and_add(&h->count, 1);
-	__sync_fetch_and_add(&h->sum_ns, dur);
-	if (lb < OTB_LOG2_BUCKETS)
-		__sync_fetch_and_add(&h->log2[lb], 1);
-	if (sb < SEM_BUCKETS)
-		__sync_fetch_and_add(&h->sem[sb], 1);
+	l7_count_duration(&h->count, &h->sum_ns, h->log2, h->sem, dur);
 }
 
 static __always_inline bool span_allowed(__u64 now)

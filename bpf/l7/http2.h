@@ -59,8 +59,16 @@ struct h2_dir {
 	__u8 part_len;		/* bytes of the next frame header already read (into part) */
 	__u8 resync;		/* offsets lost: the next call must start at a frame */
 	__u8 gap;		/* bytes were missed: the next record says so */
-	__u8 pad[3];
+	__u8 bflags;		/* the header block being read: its HEADERS frame's flags */
+	__u8 bpieces;		/* ... pieces so far (one: its structure can be read here) */
+	__u8 bcut;		/* ... bytes of it were not sent */
 	__u8 part[24];		/* a frame header split across calls or iovecs */
+	__u64 bhash;		/* the header block being read: hash of its bytes so far */
+	__u32 gen;		/* table generation: blocks that change the table sent so far */
+	__u8 dyn_used;		/* a block referenced the dynamic table */
+	__u8 stale;		/* a block that changes the table was not sent since */
+	__u8 btype;		/* the header block's first frame's type */
+	__u8 pad2;
 };
 
 struct h2_state {
@@ -111,7 +119,11 @@ struct h2_item {
 	__u16 piece_len;
 	__u8 type;
 	__u8 flags;
-	__u8 pad[2];
+	__u8 kflags;		/* enum h2_kflag */
+	__u8 pad;
+	__u64 bhash;		/* with H2K_BLOCK_END: the block's key */
+	__u32 bgen;
+	__u32 pad2;
 };
 
 struct h2_rec {
@@ -144,18 +156,37 @@ struct {
 	__type(value, struct h2_iovs);
 } h2_iov_buf SEC(".maps");
 
-/* The walk of one call: bpf_loop's context (on the stack: small). */
-struct h2_walk {
-	struct h2_dir *d;
-	struct h2_rec *rec;
-	struct h2_iovs *iov;	/* NULL: one buffer */
+/* Where the walk of one call is. Per CPU, not on the stack: the frames of
+ * the hook, on_data, the walk's callback and the functions it calls must fit
+ * in 512 bytes together (6.1 and 6.12 count them strictly). */
+struct h2_pos {
 	__u64 buf;		/* the buffer, or the iovec array */
 	__u64 start;		/* direction offset of the call's first byte */
 	__u64 end;		/* ... and one past its last */
+	__u64 seg_start;	/* the iovec the cursor is in: its first byte's direction offset */
 	__u32 niov;
-	__u32 seg;		/* iovec the cursor is in */
-	__u64 seg_start;	/* its first byte's direction offset */
-	__u32 chunk;		/* index of the first iovec in iov */
+	__u32 seg;		/* ... its index */
+	__u32 chunk;		/* index of the first iovec in the iovec buffer */
+	__u8 dir;
+	__u8 paired;		/* the kernel pairs this connection's streams */
+	__u8 vec;		/* an iovec array, not one buffer */
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct h2_pos);
+} h2_pos_buf SEC(".maps");
+
+/* The walk of one call: bpf_loop's context, its pointers only. */
+struct h2_walk {
+	struct h2_dir *d;
+	struct h2_rec *rec;
+	struct h2_iovs *iov;
+	struct h2_state *st;
+	struct h2_pos *p;
 };
 
 /* Make iovec i readable in w->iov; false if it cannot be. */
@@ -163,18 +194,18 @@ static __always_inline bool h2_iov_load(struct h2_walk *w, __u32 i)
 {
 	__u32 n;
 
-	if (i - w->chunk < H2_IOV_CHUNK)
+	if (i - w->p->chunk < H2_IOV_CHUNK)
 		return true;
-	n = w->niov - i;
+	n = w->p->niov - i;
 	if (n > H2_IOV_CHUNK)
 		n = H2_IOV_CHUNK;
 	__u64 size = (__u64)n * sizeof(struct iovec);
 
 	asm volatile("%0 &= 1023" : "+r"(size));	/* the bound on the helper's own register */
 	if (size == 0 || size > sizeof(w->iov->v) ||
-	    bpf_probe_read_user(w->iov->v, size, (void *)(w->buf + (__u64)i * sizeof(struct iovec))))
+	    bpf_probe_read_user(w->iov->v, size, (void *)(w->p->buf + (__u64)i * sizeof(struct iovec))))
 		return false;
-	w->chunk = i;
+	w->p->chunk = i;
 	return true;
 }
 
@@ -186,34 +217,35 @@ static __always_inline bool h2_iov_load(struct h2_walk *w, __u32 i)
  * only forward (offsets only grow within a call). */
 static __always_inline __u64 h2_addr(struct h2_walk *w, __u64 pos, __u64 *avail)
 {
-	__u64 lim = w->end;
+	struct h2_pos *p = w->p;
+	__u64 lim = p->end;
 
 	*avail = 0;
-	if (pos < w->start || pos >= lim)
+	if (pos < p->start || pos >= lim)
 		return 0;
-	if (!w->iov) {
+	if (!p->vec) {
 		*avail = lim - pos;
-		return w->buf + (pos - w->start);
+		return p->buf + (pos - p->start);
 	}
 	/* one chunk of iovecs read per call at most: no helper in the loop */
-	if (w->seg >= w->niov || !h2_iov_load(w, w->seg))
+	if (p->seg >= p->niov || !h2_iov_load(w, p->seg))
 		return 0;
 	for (int k = 0; k < H2_IOV_STEP; k++) {
-		__u32 i = w->seg, j = i - w->chunk;
+		__u32 i = p->seg, j = i - p->chunk;
 		__u64 len;
 
-		if (i >= w->niov || j >= H2_IOV_CHUNK)
+		if (i >= p->niov || j >= H2_IOV_CHUNK)
 			break;
 		j = hide(j) & (H2_IOV_CHUNK - 1);	/* a bound the verifier sees on the index register */
 		len = w->iov->v[j].iov_len;
-		if (pos < w->seg_start + len) {
-			__u64 seg_end = w->seg_start + len;
+		if (pos < p->seg_start + len) {
+			__u64 seg_end = p->seg_start + len;
 
 			*avail = (seg_end < lim ? seg_end : lim) - pos;
-			return (__u64)w->iov->v[j].iov_base + (pos - w->seg_start);
+			return (__u64)w->iov->v[j].iov_base + (pos - p->seg_start);
 		}
-		w->seg_start += len;
-		w->seg = i + 1;
+		p->seg_start += len;
+		p->seg = i + 1;
 	}
 	*avail = 1;	/* further on: the next step goes on from here */
 	return 0;
@@ -237,8 +269,8 @@ static __always_inline void h2_flush(struct h2_rec *rec)
 
 /* Append an item for the frame described in d, with n payload bytes from
  * user address src (n may be 0). */
-static __always_inline void h2_item(struct h2_rec *rec, struct h2_dir *d, __u64 frame, __u32 piece_off,
-				    __u64 src, __u32 n)
+static __always_inline __u32 h2_item(struct h2_rec *rec, struct h2_dir *d, __u64 frame, __u32 piece_off,
+				     __u64 src, __u32 n)
 {
 	__u32 at = rec->h.used;
 
@@ -255,6 +287,7 @@ static __always_inline void h2_item(struct h2_rec *rec, struct h2_dir *d, __u64 
 	it->piece_off = piece_off;
 	it->type = d->type;
 	it->flags = d->flags;
+	it->kflags = 0;
 	__u64 size = n > H2_PIECE_MAX ? H2_PIECE_MAX : n;
 
 	/* the bound on the very register the helper takes (a 64-bit one: no
@@ -267,7 +300,10 @@ static __always_inline void h2_item(struct h2_rec *rec, struct h2_dir *d, __u64 
 	n = size;
 	it->piece_len = n;
 	rec->h.used = at + ((sizeof(*it) + n + 7) & ~7U);
+	return at;
 }
+
+#include "l7/http2_pair.h"
 
 /* Whether 9 header bytes can start a frame: a known type on a stream it may
  * use, the reserved bit clear, and a length no peer sends by default. */
@@ -293,7 +329,7 @@ static long h2_step(__u32 i, void *data)
 	__u64 avail, at;
 
 	if (d->cap_left) {
-		if (d->cap_at >= w->end)
+		if (d->cap_at >= w->p->end)
 			return 1;	/* the payload goes on in the next call */
 		at = h2_addr(w, d->cap_at, &avail);
 		if (!at)
@@ -304,12 +340,18 @@ static long h2_step(__u32 i, void *data)
 			n = avail;
 		if (n > H2_PIECE_MAX)
 			n = H2_PIECE_MAX;
-		h2_item(w->rec, d, d->frame, (__u32)(d->cap_at - d->frame - 9), at, n);
+		__u32 off = (__u32)(d->cap_at - d->frame - 9);
+		__u32 it = h2_item(w->rec, d, d->frame, off, at, n);
+
 		d->cap_at += n;
 		d->cap_left -= n;
+		if (d->type == H2_HEADERS || d->type == H2_CONT || d->type == H2_PUSH)
+			h2_block_piece(w, it, n, off);
+		else if (d->type == H2_RST && w->p->paired && !d->cap_left)
+			h2_pair_reset(w, it);
 		return 0;
 	}
-	if (d->next >= w->end)
+	if (d->next >= w->p->end)
 		return 1;
 	/* the header's bytes not read yet: the rest of a split one, or all 9 */
 	__u32 have = d->part_len & 15;
@@ -354,7 +396,11 @@ static long h2_step(__u32 i, void *data)
 		d->cap_left = d->length < 8 ? d->length : 8;
 		break;
 	case H2_DATA:
-		if (d->flags & H2_END_STREAM)
+		if (!(d->flags & H2_END_STREAM))
+			return 0;
+		if (w->p->paired)
+			h2_pair_data_end(w);
+		else
 			h2_item(w->rec, d, frame, 0, 0, 0);
 		return 0;
 	default:
@@ -362,9 +408,26 @@ static long h2_step(__u32 i, void *data)
 	}
 	d->frame = frame;
 	d->cap_at = frame + 9;
-	if (!d->cap_left)	/* an empty block (a CONTINUATION ending it): its flags matter */
-		h2_item(w->rec, d, frame, 0, 0, 0);
+	if (!d->cap_left) {	/* an empty block (a CONTINUATION ending it): its flags matter */
+		__u32 it = h2_item(w->rec, d, frame, 0, 0, 0);
+
+		if (d->type != H2_RST && d->type != H2_GOAWAY)
+			h2_block_piece(w, it, 0, 0);
+	}
 	return 0;
+}
+
+/* Whether the call's first bytes (at direction offset start) are a plausible
+ * frame header. Not inlined: its buffer stays out of the walk's frame. */
+static __noinline bool h2_at_frame(struct h2_walk *w, __u64 start)
+{
+	__u8 h[9];
+	__u64 avail, at;
+
+	if (!w)
+		return false;
+	at = h2_addr(w, start, &avail);
+	return at && avail >= 9 && !bpf_probe_read_user(h, 9, (void *)at) && h2_plausible(h);
 }
 
 /* The call's bytes [d->pos, d->pos + len) of connection st, direction dir. */
@@ -374,48 +437,40 @@ static __always_inline void h2_walk_call(struct data_ev *e, struct http_conn *c,
 	__u8 dir = e->dir & 1;
 	struct h2_dir *d = &st->d[dir];
 	struct h2_rec *rec = bpf_map_lookup_elem(&h2_rec_buf, &z);
-	struct h2_walk w = {};
+	struct h2_pos *p = bpf_map_lookup_elem(&h2_pos_buf, &z);
+	struct h2_iovs *iov = bpf_map_lookup_elem(&h2_iov_buf, &z);
+	struct h2_walk w = { .d = d, .rec = rec, .iov = iov, .st = st, .p = p };
 	__u64 start = d->pos;
 
-	if (!rec)
+	if (!rec || !p || !iov)
 		return;
 	d->pos = start + e->len;
 	if (e->nodata) {	/* bytes we cannot look at (sendfile): the frames are lost */
 		d->resync = 1;
 		return;
 	}
-	w.d = d;
-	w.rec = rec;
-	w.start = start;
-	w.end = start + e->len;
-	if (e->src.vec) {
-		struct h2_iovs *iov = bpf_map_lookup_elem(&h2_iov_buf, &z);
-		__u32 n = e->src.iovcnt;
-
-		if (!iov)
-			return;
-		if (n > H2_MAX_IOVS)
-			n = H2_MAX_IOVS;	/* frames past these are lost: resync below */
-		w.iov = iov;
-		w.niov = n;
-		w.seg_start = start;
-		w.chunk = 0x80000000;	/* none read: i - chunk is never below H2_IOV_CHUNK */
-	}
-	w.buf = e->src.buf;
+	p->dir = dir;
+	p->paired = st->fresh && st->role_hint != ROLE_NONE;
+	p->start = start;
+	p->end = start + e->len;
+	p->buf = e->src.buf;
+	p->vec = e->src.vec;
+	p->niov = e->src.iovcnt < H2_MAX_IOVS ? e->src.iovcnt : H2_MAX_IOVS;	/* frames past these: resync */
+	p->seg = 0;
+	p->seg_start = start;
+	p->chunk = 0x80000000;	/* none read: i - chunk is never below H2_IOV_CHUNK */
 	/* where the previous call left off must be where this one begins */
 	if (!d->resync && (d->cap_left ? d->cap_at < start : d->next + d->part_len < start))
 		d->resync = 1;
 	if (d->resync) {
-		__u8 h[9];
-		__u64 avail, at = h2_addr(&w, start, &avail);
-
-		if (!at || avail < 9 || bpf_probe_read_user(h, 9, (void *)at) || !h2_plausible(h))
+		if (!h2_at_frame(&w, start))
 			return;	/* not at a frame: wait for a call that is */
 		d->resync = 0;
 		d->next = start;
 		d->part_len = 0;
 		d->cap_left = 0;
 		d->gap = 1;
+		d->gen++;	/* blocks were missed: none known before means the same now */
 		otb_count(&http_stats, HS_H2_RESYNC);
 	}
 	rec->h.conn_id = st->conn_id;
@@ -438,7 +493,7 @@ static __always_inline void h2_walk_call(struct data_ev *e, struct http_conn *c,
 	 * frame to send keeps it for the next) */
 	if (!rec->h.gap || rec->h.used)
 		d->gap = 0;
-	if (d->cap_left ? d->cap_at < w.end : d->next + d->part_len < w.end) {
+	if (d->cap_left ? d->cap_at < p->end : d->next + d->part_len < p->end) {
 		/* more frames than steps: the rest of the call was not seen */
 		d->resync = 1;
 		d->gap = 1;
@@ -447,8 +502,9 @@ static __always_inline void h2_walk_call(struct data_ev *e, struct http_conn *c,
 	h2_flush(rec);
 }
 
-/* A read or write on an HTTP/2 connection. */
-static __always_inline void http2_on_data(struct data_ev *e, struct http_conn *c)
+/* A read or write on an HTTP/2 connection. Not inlined: on_data's frame
+ * stays HTTP/1's, and this one is only on HTTP/2's call chain. */
+static __noinline void http2_on_data(struct data_ev *e, struct http_conn *c)
 {
 	__u64 sk = e->sk;
 	struct h2_state *st = bpf_map_lookup_elem(&h2_conns, &sk);
@@ -487,34 +543,39 @@ static __always_inline int h2_start_kind(__u64 w)
 	return 0;
 }
 
-/* A new connection's first call, if it is HTTP/2: tracked from now on and
- * walked. Returns whether it was. */
-static __always_inline bool http2_start(struct data_ev *e)
+/* A new connection's first call, if it is HTTP/2: tracked from now on.
+ * H2_START_NO: not HTTP/2; H2_START_WALK: the caller walks the call with
+ * http2_on_data (not called from here: their frames would stack);
+ * H2_START_DONE: HTTP/2, but it could not be tracked. Not inlined: its frame
+ * stays out of the hooks' (see on_http1). */
+enum { H2_START_NO = 0, H2_START_WALK = 1, H2_START_DONE = 2 };
+
+static __noinline int http2_start(struct data_ev *e)
 {
 	int kind;
 	__u32 z = 0;
 	__u64 sk = e->sk;
 
-	if (!h2_enabled || !e->head_ok || !(kind = h2_start_kind(e->head8)))
-		return false;
+	if (!e || !h2_enabled || !e->head_ok || !(kind = h2_start_kind(e->head8)))
+		return H2_START_NO;
 	if (kind == 1 && e->len < 24)
-		return false;
+		return H2_START_NO;
 	struct http_conn *zc = bpf_map_lookup_elem(&http_zero_conn, &z);
 	struct h2_state *zs = bpf_map_lookup_elem(&h2_zero_state, &z);
 
 	if (!zc || !zs)
-		return false;
+		return H2_START_NO;
 	if (bpf_map_update_elem(&h2_conns, &sk, zs, BPF_ANY) ||
 	    bpf_map_update_elem(&http_conns, &sk, zc, BPF_ANY)) {
 		bpf_map_delete_elem(&h2_conns, &sk);
 		otb_count(&http_stats, HS_CONN_TABLE_FULL);
-		return true;
+		return H2_START_DONE;
 	}
 	struct http_conn *c = bpf_map_lookup_elem(&http_conns, &sk);
 	struct h2_state *st = bpf_map_lookup_elem(&h2_conns, &sk);
 
 	if (!c || !st)
-		return true;
+		return H2_START_DONE;
 	c->proto = L7_HTTP2;
 	c->tls = e->tls;
 	c->tgid = bpf_get_current_pid_tgid() >> 32;
@@ -535,8 +596,7 @@ static __always_inline bool http2_start(struct data_ev *e)
 		 * direction's first call may not */
 		st->d[(e->dir & 1) ^ 1].resync = 1;
 	}
-	http2_on_data(e, c);
-	return true;
+	return H2_START_WALK;
 }
 
 /* The connection ended: user space closes its streams and forgets it. */

@@ -16,6 +16,7 @@ KiB of Python objects): the connection cap is what bounds the total.
 """
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from typing import NamedTuple, Optional
 from urllib.parse import unquote
@@ -24,6 +25,13 @@ from .hpack_tolerant import Decoder
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 CLOSED = 0xFF                               # not a frame: the connection closed
+STREAM = 0xFE                               # not a frame: a stream the kernel paired (bpf/l7/http2_pair.h)
+# FrameEvent.kflags (enum h2_kflag): the kernel pairs the connection's streams; this piece ends a header
+# block, whose key is (bgen, bhash); insertions into the table before this block were not sent
+K_PAIRED, K_BLOCK_END, K_TABLE_LOST = 1, 2, 4
+COUNTED = 0x100                             # a stream item's outcome: already counted in the kernel
+CLOSED_KEPT = 3                             # tick() calls a closed paired connection's meanings are kept
+MAX_MEANINGS = 4096                         # decoded header blocks kept per paired connection
 END_STREAM, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x4, 0x8, 0x20
 SERVER, CLIENT = 1, 2                       # role_hint / Exchange.role: what tgid is on the connection
 IN, OUT = 0, 1                              # FrameEvent.direction, as seen by tgid
@@ -47,6 +55,7 @@ STATS = {
     "unanswered": "streams that ended (reset, GOAWAY, close) before response headers",
     "unpaired": "responses on streams whose request was not seen",
     "internal_error": "exceptions caught in feed() (a bug: the connection is dropped)",
+    "unresolved": "kernel-paired streams whose header blocks user space no longer holds (counted partial)",
 }
 
 
@@ -74,6 +83,9 @@ class FrameEvent(NamedTuple):
     gap: bool
     comm: str
     data: bytes
+    kflags: int = 0                         # K_* (kernel-paired connections)
+    bgen: int = 0                           # with K_BLOCK_END: the block's key
+    bhash: int = 0
 
 
 class Exchange(NamedTuple):
@@ -112,6 +124,7 @@ class Exchange(NamedTuple):
     outcome: str                            # ok, reset, goaway, unanswered
     error_code: Optional[int]
     partial: bool
+    counted: bool = False                   # already in the kernel's histogram (a span candidate only)
 
     @property
     def is_grpc(self) -> bool:
@@ -164,7 +177,8 @@ class _Dir:
 
 
 class _Conn:
-    __slots__ = ("ev", "role", "dirs", "streams", "proven", "bad", "blocks")
+    __slots__ = ("ev", "role", "dirs", "streams", "proven", "bad", "blocks", "paired", "meanings", "closed",
+                 "closed_ns")
 
     def __init__(self, ev, stats):
         self.ev = ev                        # first record: addresses, tgid, tls
@@ -174,6 +188,13 @@ class _Conn:
         self.proven = False                 # a block decoded as a request or a response
         self.bad = 0                        # bad blocks / frames before that
         self.blocks = 0
+        # the kernel pairs its streams (K_PAIRED: it saw the preface) and
+        # sends a header block only the first time its key (direction, table
+        # generation, hash) comes; here each is decoded once, kept by key
+        self.paired = False
+        self.meanings: dict = {}            # (direction, gen, hash) -> (fields, missing)
+        self.closed = 0                     # tick() calls since it closed
+        self.closed_ns = 0
 
 
 class Http2Tracker:
@@ -186,6 +207,7 @@ class Http2Tracker:
         self.max_conns, self.max_streams = max_conns, max_streams
         self._conns: OrderedDict = OrderedDict()
         self._ignored: OrderedDict = OrderedDict()    # conn_ids given up as not HTTP/2, until they close
+        self._closed: dict = {}             # paired connections closed: kept for the kernel's last counts
         self._out: list = []
 
     def take_exchanges(self) -> list:
@@ -219,6 +241,11 @@ class Http2Tracker:
             return
         if not c.role and ev.role_hint:
             c.role = ev.role_hint
+        if ev.kflags & K_PAIRED:
+            c.paired = True
+        if c.paired and t == STREAM:
+            self._kernel_stream(c, ev)
+            return
         d = c.dirs[ev.direction & 1]
         if ev.gap:                          # open streams may have missed a block: not sure any more
             self._lose(c, d)
@@ -231,6 +258,8 @@ class Http2Tracker:
             return
         if d.blk is not None:               # nothing may come between a HEADERS and its CONTINUATIONs
             self._block_done(c, d, None, cut=True)
+        if c.paired:
+            return                          # the kernel ends streams (and sends no DATA or RST_STREAM)
         if t == DATA:
             if ev.flags & END_STREAM:
                 s = c.streams.get(ev.stream_id)
@@ -324,7 +353,16 @@ class Http2Tracker:
             self.stats["truncated_block"] += 1
             if not ev.flags & END_HEADERS:  # CONTINUATIONs may follow: of no use now
                 d.skip = ev.stream_id
+        ended = last is not None and last.kflags & K_BLOCK_END
+        if ended and last.kflags & K_TABLE_LOST:
+            d.hp.lose()                     # the kernel kept back insertions (repeats) this block may need
         fields, missing, bad = d.hp.decode(blk, cut)
+        if c.paired:
+            # decoded once, named by its key: the kernel pairs the stream
+            if ended and len(c.meanings) < MAX_MEANINGS:
+                c.meanings[(last.direction & 1, last.bgen, last.bhash)] = ({} if bad else fields,
+                                                                          missing or cut or bad)
+            return
         if not c.proven and not bad:
             c.blocks += 1
         if bad:
@@ -401,21 +439,27 @@ class Http2Tracker:
                 s.partial = True            # ended by a response whose headers we missed or could not read
             else:
                 self.stats["unanswered"] += 1
+        ex = self._exchange(c, s, ts, outcome, code, False)
+        if ex is not None:
+            self._out.append(ex)
+
+    def _exchange(self, c, s, ts: int, outcome: str, code: Optional[int], counted: bool, stats: bool = True):
         rq, rs, g = s.req, s.resp, s.grpc
         if not (b":method" in rq or s.status is not None):
-            return                          # neither side decoded: nothing to report
+            return None                     # neither side decoded: nothing to report
         gm = g.get(b"grpc-message")
         e = c.ev
-        self._out.append(Exchange(
+        if stats:
+            self.stats["exchanges"] += 1
+            if s.partial:
+                self.stats["partial"] += 1
+        return Exchange(
             e.conn_id, e.tgid, s.tid, s.comm, c.role, e.tls, e.laddr, e.raddr, e.lport, e.rport, e.family,
             s.sid, s.start, ts, _s(rq.get(b":method")), _s(rq.get(b":path")), _s(rq.get(b":scheme")),
             _s(rq.get(b":authority")), s.status, _s(rq.get(b"traceparent")), _s(rq.get(b"user-agent")),
             _s(rq.get(b"content-type")), _s(rq.get(b"grpc-timeout")), _s(rs.get(b"content-type")),
             _n(g.get(b"grpc-status")), None if gm is None else unquote(gm.decode("utf-8", "replace")),
-            outcome, code, s.partial))
-        self.stats["exchanges"] += 1
-        if s.partial:
-            self.stats["partial"] += 1
+            outcome, code, s.partial, counted)
 
     def _close(self, c, ev) -> None:
         for s in list(c.streams.values()):
@@ -423,3 +467,108 @@ class Http2Tracker:
         if not c.proven and c.blocks + c.bad:
             self.stats["not_http2"] += 1
         self._conns.pop(ev.conn_id, None)
+        if c.paired:
+            c.closed_ns = ev.ts_ns
+            self._closed[ev.conn_id] = c    # the kernel's counts of it are read once more
+
+    # --- kernel-paired connections -------------------------------------------------
+
+    _STREAM_ITEM = struct.Struct("=QQQI4xQI4xQI4xII")     # struct h2_stream_item
+
+    def _meaning(self, c, direction: int, gen: int, bhash: int):
+        """(fields, missing) of a block key; ({}, True) when not held."""
+        if not bhash:
+            return None
+        m = c.meanings.get((direction, gen, bhash))
+        if m is None:
+            self.stats["unresolved"] += 1
+            return {}, True
+        return m
+
+    def _kernel_exchange(self, c, sid, tid, comm, start, end, req, resp, trl, outcome, code, counted,
+                         stats: bool = True):
+        """An Exchange from a kernel-paired stream's block keys ((gen, hash) each)."""
+        rq_dir = IN if c.role == SERVER else OUT
+        rq = self._meaning(c, rq_dir, *req) or ({}, True)
+        s = _Stream(sid, c.ev, rq[0], rq[1])
+        s.start, s.tid, s.comm = start, tid, comm
+        for key in (resp, trl):
+            m = self._meaning(c, rq_dir ^ 1, *key)
+            if m is None:
+                continue
+            f, missing = m
+            if missing:
+                s.partial = True
+            status = _n(f.get(b":status"))
+            if status is not None and s.status is None and not 100 <= status < 200:
+                s.status, s.resp = status, f
+            if b"grpc-status" in f or b"grpc-message" in f:
+                s.grpc = f
+        if s.status is None and outcome == "ok":
+            s.partial = True
+        return self._exchange(c, s, end, outcome, code, counted, stats)
+
+    def _kernel_stream(self, c, ev) -> None:
+        """A stream the kernel paired and sends up: reset, sampled, or not
+        countable there."""
+        if len(ev.data) < self._STREAM_ITEM.size:
+            self.stats["bad_frame"] += 1
+            return
+        (start, end, rqh, rqg, rsh, rsg, tlh, tlg, outcome, code) = self._STREAM_ITEM.unpack_from(ev.data)
+        reset = (outcome & 0xFF) == 1
+        ex = self._kernel_exchange(c, ev.stream_id, ev.tid, ev.comm, start, end, (rqg, rqh), (rsg, rsh),
+                                   (tlg, tlh), "reset" if reset else "ok", code if reset else None,
+                                   bool(outcome & COUNTED))
+        if ex is not None:
+            self._out.append(ex)
+            if reset and ex.status is None:
+                self.stats["unanswered"] += 1
+
+    PENDING = "pending"
+
+    def resolve(self, conn_id: int, req: tuple, resp: tuple, trl: tuple, wait: bool = True):
+        """What a kernel histogram entry counts: an Exchange (times 0) from its
+        block keys; None for a connection not held (dropped, or closed long
+        ago); PENDING (with wait) when a block it names has not been read
+        from the ring yet (the kernel counts a stream as it ends, the blocks
+        come through the ring)."""
+        c = self._conns.get(conn_id) or self._closed.get(conn_id)
+        if c is None:
+            return None
+        if wait:
+            rq_dir = IN if c.role == SERVER else OUT
+            for d, (gen, h) in ((rq_dir, req), (rq_dir ^ 1, resp), (rq_dir ^ 1, trl)):
+                if h and (d, gen, h) not in c.meanings:
+                    return self.PENDING
+        return self._kernel_exchange(c, 0, 0, c.ev.comm, 0, 0, req, resp, trl, "ok", None, True, stats=False)
+
+    def streams_left_open(self, entries) -> list:
+        """Exchanges of the kernel-paired streams (conn_id, sid, start_ns, req,
+        resp, trl, state) still open when their connection closed: one whose
+        response had begun ends with the close (as HTTP/1's response without
+        a length), one without a response is unanswered."""
+        out = []
+        for conn_id, sid, start, req, resp, trl, state in entries:
+            c = self._closed.get(conn_id)
+            if c is None:
+                continue
+            ex = self._kernel_exchange(c, sid, 0, c.ev.comm, start, max(c.closed_ns, start), req,
+                                       resp if state == 2 else (0, 0), trl, "ok" if state == 2 else "unanswered",
+                                       None, False)
+            if ex is not None:
+                out.append(ex)
+        return out
+
+    def closed_ids(self) -> set:
+        return set(self._closed)
+
+    def is_closed(self, conn_id: int) -> bool:
+        return conn_id in self._closed or conn_id not in self._conns
+
+    def tick(self) -> None:
+        """Once per collection: closed paired connections go after a few."""
+        for cid in list(self._closed):
+            c = self._closed[cid]
+            c.closed += 1
+            if c.closed > CLOSED_KEPT:
+                del self._closed[cid]

@@ -9,8 +9,8 @@ import struct
 from .http2 import CLOSED, FrameEvent
 
 _HEAD = struct.Struct("=QQII16s16sHHB3sHBBBBBB16s")     # struct h2_rec_head
-_ITEM = struct.Struct("=QIIHHBB2x")                     # struct h2_item
-assert _HEAD.size == 88 and _ITEM.size == 24
+_ITEM = struct.Struct("=QIIHHBBBxQI4x")                 # struct h2_item
+assert _HEAD.size == 88 and _ITEM.size == 40
 
 
 def frame_events(raw: bytes) -> list:
@@ -25,11 +25,11 @@ def frame_events(raw: bytes) -> list:
     at, end = _HEAD.size, min(_HEAD.size + used, len(raw))
     first = True
     while at + _ITEM.size <= end:
-        pos, length, sid, piece_off, piece_len, ftype, flags = _ITEM.unpack_from(raw, at)
+        pos, length, sid, piece_off, piece_len, ftype, flags, kflags, bhash, bgen = _ITEM.unpack_from(raw, at)
         data = raw[at + _ITEM.size:at + _ITEM.size + piece_len]
         out.append(FrameEvent(conn_id, ts, pos, tgid, tid, laddr, raddr, lport, rport, family, length, sid,
                               piece_off, ftype, flags, direction, bool(tls), role_hint, bool(fresh),
-                              bool(gap) and first, comm_s, data))
+                              bool(gap) and first, comm_s, data, kflags, bgen, bhash))
         first = False
         at += (_ITEM.size + piece_len + 7) & ~7
     return out
