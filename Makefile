@@ -42,6 +42,8 @@ bench: setup
 	$(PY) bench/net_overhead.py
 	$(PY) bench/http_overhead.py
 	$(PY) bench/uprobe_cost.py
+	$(PY) bench/h2_overhead.py
+	$(PY) bench/h2_decoder.py
 	$(PY) bench/flood.py
 
 setup: $(STAMP_APT) $(STAMP_VENV) bpf flamegraph-assets

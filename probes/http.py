@@ -243,7 +243,8 @@ class HttpProbe(BpfProbe):
                                "not probed yet (containers' own, vendored)"),
         "tls_libraries": Field("str_list", [], "libssl paths to probe; empty: every libssl.so the dynamic "
                                "linker knows (ldconfig -p)"),
-        "ring_buffer_bytes": Field("int", 4 << 20, "span ring buffer size (a power of two)",
+        "ring_buffer_bytes": Field("int", 4 << 20, "size of the span ring buffer and of HTTP/2's frame ring "
+                                   "buffer, each (a power of two)",
                                    minimum=4096, check=check_power_of_two),
         "exclude": Field("str_list", [], "thread names (comm, up to 15 characters) whose HTTP is not traced: "
                          "load generators, health checkers (at most 4)", check=_check_excluded),
