@@ -473,21 +473,23 @@ static __always_inline void h2_walk_call(struct data_ev *e, struct http_conn *c,
 		d->gen++;	/* blocks were missed: none known before means the same now */
 		otb_count(&http_stats, HS_H2_RESYNC);
 	}
-	rec->h.conn_id = st->conn_id;
+	if (rec->h.conn_id != st->conn_id || rec->h.closed) {
+		/* what stays the same for a connection: copied when this CPU's
+		 * last call was another one's */
+		rec->h.conn_id = st->conn_id;
+		rec->h.tgid = c->tgid;
+		rec->h.t = c->t;
+		rec->h.tls = e->tls;
+		rec->h.role_hint = st->role_hint;
+		rec->h.fresh = st->fresh;
+		rec->h.closed = 0;
+		__builtin_memcpy(rec->h.comm, c->comm, sizeof(rec->h.comm));
+	}
 	rec->h.ts = e->t1;
-	__u64 id = bpf_get_current_pid_tgid();
-
-	rec->h.tgid = c->tgid;
-	rec->h.tid = (__u32)id;
-	rec->h.t = c->t;
+	rec->h.tid = (__u32)bpf_get_current_pid_tgid();
 	rec->h.used = 0;
 	rec->h.dir = dir;
-	rec->h.tls = e->tls;
-	rec->h.role_hint = st->role_hint;
-	rec->h.fresh = st->fresh;
 	rec->h.gap = d->gap;
-	rec->h.closed = 0;
-	__builtin_memcpy(rec->h.comm, c->comm, sizeof(rec->h.comm));
 	bpf_loop(H2_STEPS, h2_step, &w, 0);
 	/* a gap is said by the first record sent after it (a call with no
 	 * frame to send keeps it for the next) */

@@ -455,13 +455,35 @@ __noinline int h2_block_end_g(struct h2_dir *d, __u32 at, __u32 n, __u64 conn_id
 {
 	struct h2_rec *rec = h2_rec_of_cpu();
 	struct h2_tmp *t = h2_tmp();
-	bool paired = ctx & H2C_PAIRED, single;
-	__u8 mut = 1, dyn = 1;
+	bool paired = ctx & H2C_PAIRED, single, self, send = true;
+	__u8 mut = 1, dyn = 1, *known = NULL;
 
 	if (!d || !rec || !t)
 		return 0;
 	single = d->bpieces == 1 && !d->bcut;
-	if (single) {
+	struct h2_known_key *kk = &t->kk;
+	struct h2_bkey *key = &t->key;
+
+	__builtin_memset(kk, 0, sizeof(*kk));
+	kk->conn_id = conn_id;
+	kk->hash = d->bhash;
+	kk->dir = ctx & H2C_DIR;
+	if (paired && single) {
+		/* a block seen before says what it is (its classification, kept
+		 * with its key): no need to read it again. Under this generation:
+		 * one that does not change the table; as self-contained: one that
+		 * needs none */
+		kk->gen = d->gen;
+		known = bpf_map_lookup_elem(&h2_known, kk);
+		if (!known) {
+			kk->gen = H2_GEN_SELF;
+			known = bpf_map_lookup_elem(&h2_known, kk);
+		}
+	}
+	if (known) {
+		mut = *known & 1;
+		dyn = (*known >> 1) & 1;
+	} else if (single) {
 		/* its representations, past padding and priority */
 		__u32 base = at + sizeof(struct h2_item), off = 0, pad = 0;
 
@@ -477,9 +499,7 @@ __noinline int h2_block_end_g(struct h2_dir *d, __u32 at, __u32 n, __u64 conn_id
 			dyn = (cls >> 1) & 1;
 		}
 	}
-	struct h2_bkey *key = &t->key;
-	bool self = single && !dyn && !d->dyn_used, send = true;
-
+	self = single && !dyn && !d->dyn_used;
 	key->hash = d->bhash;
 	key->pad = 0;
 	__u8 kf = H2K_BLOCK_END | (paired ? H2K_PAIRED : 0);
@@ -490,21 +510,18 @@ __noinline int h2_block_end_g(struct h2_dir *d, __u32 at, __u32 n, __u64 conn_id
 		d->stale = 0;
 		d->dyn_used = 1;
 	}
-	key->gen = self ? H2_GEN_SELF : d->gen;
+	/* a self-contained block that does not change the table means the same
+	 * under any generation: keyed as self-contained even once the direction
+	 * references its table */
+	key->gen = (self || (single && !dyn && !mut)) ? H2_GEN_SELF : d->gen;
 	if (paired && single && (self || !mut)) {
-		struct h2_known_key *kk = &t->kk;
-
-		__builtin_memset(kk, 0, sizeof(*kk));
-		kk->conn_id = conn_id;
-		kk->hash = key->hash;
-		kk->gen = key->gen;
-		kk->dir = ctx & H2C_DIR;
-		if (bpf_map_lookup_elem(&h2_known, kk)) {
+		if (known && kk->gen == key->gen) {
 			send = false;
 		} else {
-			__u8 one = 1;
+			__u8 cls = 4 | (dyn << 1) | mut;
 
-			bpf_map_update_elem(&h2_known, kk, &one, BPF_ANY);
+			kk->gen = key->gen;
+			bpf_map_update_elem(&h2_known, kk, &cls, BPF_ANY);
 		}
 	}
 	if (mut) {
