@@ -177,13 +177,14 @@ _SEM_BOUNDS_NS = tuple(int(b * NS_PER_S) for b in SEM_BOUNDS)
 
 
 class _Series:
-    __slots__ = ("log2", "sem", "sum_ns", "start_ns")
+    __slots__ = ("log2", "sem", "sum_ns", "start_ns", "inst")
 
-    def __init__(self, start_ns: int):
+    def __init__(self, start_ns: int, inst: Instrument):
         self.log2 = [0] * NBUCKETS
         self.sem = [0] * (len(SEM_BOUNDS) + 1)
         self.sum_ns = 0
         self.start_ns = start_ns
+        self.inst = inst
 
     def add(self, dur_ns: int) -> None:
         """One duration measured in user space (HTTP/2), into the buckets the
@@ -191,6 +192,16 @@ class _Series:
         self.sum_ns += dur_ns
         self.log2[log2_bucket(dur_ns)] += 1
         self.sem[sum(1 for b in _SEM_BOUNDS_NS if dur_ns > b)] += 1
+
+
+def _add_moved(acc: _Series, vals: tuple, ov, moved: tuple) -> None:
+    """A kernel histogram's change since its last read (ov: that read, or
+    None) into a series: sum, then the log2 and explicit buckets."""
+    acc.sum_ns += vals[1] - (ov[1] if ov else 0)
+    for i in range(NBUCKETS):
+        acc.log2[i] += moved[i]
+    for i in range(len(SEM_BOUNDS) + 1):
+        acc.sem[i] += moved[NBUCKETS + i]
 
 
 def log2_bucket(dur_ns: int) -> int:
@@ -301,7 +312,6 @@ class HttpProbe(BpfProbe):
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
         self._prev: dict = {}           # kernel key -> (its value at the last read, the tick it changed)
         self._series: dict = {}
-        self._instruments: dict = {}    # name -> Instrument of the series
         self._path_names: dict = {}     # path hash -> path, for the active keys
         self._routes = RouteTable(cfg["routes"], cfg["max_routes"], cfg["learn_routes"])
         self._procs = ProcessNames()
@@ -585,18 +595,10 @@ class HttpProbe(BpfProbe):
             if not ex.is_grpc and ex.status is None:
                 self._h2_no_response += 1       # reset or closed before its response: as HTTP/1's no_response
                 continue
-            peer = _addr(ex.raddr, ex.family)
             if not ex.counted:                  # (the kernel counted the streams it paired and ended)
-                kind, attrs = h2x.metric_attributes(ex, self._routes.route, self._h2_exe(ex), peer)
-                if self.config["per_pid"]:
-                    attrs["process.pid"] = ex.tgid
-                if kind == "rpc":
-                    inst = h2x.RPC_SERVER_DURATION if ex.role == ROLE_SERVER else h2x.RPC_CLIENT_DURATION
-                else:
-                    inst = SERVER_DURATION if ex.role == ROLE_SERVER else CLIENT_DURATION
-                self._series_for(inst, attrs).add(max(ex.end_ns - ex.start_ns, 0))
+                self._series_for(*self._h2_series_key(ex)).add(max(ex.end_ns - ex.start_ns, 0))
             if self._spans_on and self._h2_sampled(ex):
-                spans.append(self._h2_span(ex, peer))
+                spans.append(self._h2_span(ex, _addr(ex.raddr, ex.family)))
         return spans
 
     def _h2_kernel_series(self) -> list:
@@ -667,20 +669,17 @@ class HttpProbe(BpfProbe):
             return vb
         if ex.partial:
             self._h2_kernel_partial += count
+        _add_moved(self._series_for(*self._h2_series_key(ex), count), vals, ov, moved)
+        return vb
+
+    def _h2_series_key(self, ex) -> tuple:
+        """(instrument, attributes) of an HTTP/2 request or gRPC call."""
         kind, attrs = h2x.metric_attributes(ex, self._routes.route, self._h2_exe(ex), _addr(ex.raddr, ex.family))
         if self.config["per_pid"]:
             attrs["process.pid"] = ex.tgid
         if kind == "rpc":
-            inst = h2x.RPC_SERVER_DURATION if ex.role == ROLE_SERVER else h2x.RPC_CLIENT_DURATION
-        else:
-            inst = SERVER_DURATION if ex.role == ROLE_SERVER else CLIENT_DURATION
-        acc = self._series_for(inst, attrs, count)
-        acc.sum_ns += vals[1] - (ov[1] if ov else 0)
-        for i in range(NBUCKETS):
-            acc.log2[i] += moved[i]
-        for i in range(len(SEM_BOUNDS) + 1):
-            acc.sem[i] += moved[NBUCKETS + i]
-        return vb
+            return (h2x.RPC_SERVER_DURATION if ex.role == ROLE_SERVER else h2x.RPC_CLIENT_DURATION), attrs
+        return (SERVER_DURATION if ex.role == ROLE_SERVER else CLIENT_DURATION), attrs
 
     def _h2_exe(self, ex) -> str:
         return self._procs.executable_name(ex.tgid, fallback=ex.comm) or ex.comm
@@ -812,12 +811,7 @@ class HttpProbe(BpfProbe):
         role = key[3]
         attrs = self._attributes(key, _cstr(vals[-1]))
         inst = SERVER_DURATION if role == ROLE_SERVER else CLIENT_DURATION
-        acc = self._series_for(inst, attrs, count)
-        acc.sum_ns += vals[1] - (ov[1] if ov else 0)
-        for i in range(NBUCKETS):
-            acc.log2[i] += moved[i]
-        for i in range(len(SEM_BOUNDS) + 1):
-            acc.sem[i] += moved[NBUCKETS + i]
+        _add_moved(self._series_for(inst, attrs, count), vals, ov, moved)
         return vb
 
     def _series_for(self, inst: Instrument, attrs: dict, count: int = 1) -> _Series:
@@ -832,8 +826,7 @@ class HttpProbe(BpfProbe):
                 skey = (inst.name, tuple(sorted(attrs.items())))
                 acc = self._series.get(skey)
             if acc is None:
-                acc = self._series[skey] = _Series(self._last_tick_ns)
-                self._instruments[inst.name] = inst
+                acc = self._series[skey] = _Series(self._last_tick_ns, inst)
         return acc
 
     def _retire(self, keys: list) -> None:
@@ -871,9 +864,8 @@ class HttpProbe(BpfProbe):
 
     def _records(self) -> list:
         out = []
-        for (name, akey), acc in self._series.items():
-            inst = self._instruments[name]
-            out.append(Log2Histogram(inst, dict(akey), list(acc.log2), acc.sum_ns / NS_PER_S, acc.start_ns,
+        for (_name, akey), acc in self._series.items():
+            out.append(Log2Histogram(acc.inst, dict(akey), list(acc.log2), acc.sum_ns / NS_PER_S, acc.start_ns,
                                      exp_offset=EXP_OFFSET, explicit_bounds=SEM_BOUNDS,
                                      explicit_counts=list(acc.sem)))
         stats = dict(zip(STATS, self._stats.counters(len(STATS))))

@@ -136,7 +136,7 @@ def test_user_space_series_bucket_like_the_kernel():
     sem_bucket() (a duration equal to a bound stays at or below it), sum in
     ns."""
     from probes.http import NS_PER_S, SEM_BOUNDS, _Series
-    s = _Series(0)
+    s = _Series(0, None)
     for b in SEM_BOUNDS:
         ns = round(b * NS_PER_S)
         s.add(ns)          # at the bound: bucket (previous, b]
@@ -144,6 +144,6 @@ def test_user_space_series_bucket_like_the_kernel():
     assert s.sem[0] == 1 and s.sem[-1] == 1 and all(n == 2 for n in s.sem[1:-1]), s.sem
     assert sum(s.log2) == 2 * len(SEM_BOUNDS)
     assert s.sum_ns == sum(2 * round(b * NS_PER_S) + 1 for b in SEM_BOUNDS)
-    one = _Series(0)
+    one = _Series(0, None)
     one.add(100_000_000)   # 0.1 s: (2^-4, 2^-3] s, kernel bucket 27 (offset -30)
     assert one.log2.index(1) == kernel_bucket(http_units(100_000_000)) == 27

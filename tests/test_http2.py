@@ -333,3 +333,64 @@ def test_malformed_http2_no_false_requests_and_counted(agent, receiver, tmp_path
     assert d.get("h2_block_cut", 0) + d.get("h2_truncated_block", 0) >= 1, d
     assert d.get("h2_hpack_error", 0) >= 1, d
     assert agent.proc.poll() is None, agent.stderr()
+
+
+# ---------------------------------------------------------------- durations
+
+def test_known_durations_land_in_their_buckets(tmp_path):
+    """HTTP/2 requests and gRPC calls of known duration, server and client
+    side, in both exported forms (OTLP exponential, the file exporter's
+    explicit buckets): each lands in a bucket whose range holds its true
+    duration, and the sums agree. Node's /slow answers after 100 ms; a gRPC
+    call past its 0.3 s deadline ends at the deadline."""
+    from otlp_data import read_jsonl
+    from otlp_receiver import GrpcReceiver
+    recv = GrpcReceiver()
+    jsonl = tmp_path / "t.jsonl"
+    a = AgentProcess(tmp_path, {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "",
+                                "exporters": {"otlp": {"endpoint": recv.endpoint, "protocol": "grpc",
+                                                       "histogram": "exponential"},
+                                              "file": {"path": str(jsonl), "histogram": "explicit"}},
+                                "probes": {"http": {"tls": False, "spans": False, "per_pid": True}}})
+    try:
+        a.wait_for_log("collecting every", timeout=60)
+        with hp.node_h2_server(tmp_path / "node", tls=False) as node:
+            t0 = time.monotonic()
+            res = hp.node_h2_client(node.url("h2c", ""), paths=["/slow"], n=4)
+            node_wall = time.monotonic() - t0
+            assert [c["status"] for c in res["calls"]] == [200] * 4, res
+        with hp.grpc_server(tmp_path / "grpc") as srv:
+            t0 = time.monotonic()
+            g = hp.grpc_client(srv.target, slow=3, deadline=0.3)
+            grpc_wall = time.monotonic() - t0
+            assert [c["code"] for c in g["calls"]] == ["DEADLINE_EXCEEDED"] * 3, g
+            grpc_pid = srv.pid
+        checks = [  # (name, match, n, lo s, hi s)
+            ("http.server.request.duration", {"server__port": node.h2c_port, "http__route": "/slow"}, 4, 0.1,
+             node_wall),
+            ("http.client.request.duration", {"server__port": node.h2c_port, "process__pid": res["pid"]}, 4, 0.1,
+             node_wall),
+            ("rpc.server.call.duration", {"process__pid": grpc_pid, "rpc__method": "demo.Echo/Slow"}, 3, 0.25,
+             grpc_wall),
+            ("rpc.client.call.duration", {"server__port": srv.port, "rpc__method": "demo.Echo/Slow"}, 3, 0.3,
+             grpc_wall),
+        ]
+
+        def exported():
+            with recv.rx.lock:
+                reqs = list(recv.rx.metrics)
+            return all(points(reqs, name, **m) and sum(dp.count for _m, dp, _a in latest_per_series(
+                points(reqs, name, **m))) == n for name, m, n, _lo, _hi in checks)
+        assert wait_until(exported, timeout=30), [(name, series(recv.rx, name)) for name, *_ in checks]
+        time.sleep(1.5)     # one more file export
+        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
+    finally:
+        a.kill()
+        recv.stop()
+    with recv.rx.lock:
+        over_wire = list(recv.rx.metrics)
+    for reqs, form in ((over_wire, "exponential_histogram"), (read_jsonl(jsonl), "histogram")):
+        for name, m, n, lo, hi in checks:
+            metric, dp, _attrs = last_point(reqs, name, **m)
+            assert metric.unit == "s" and metric.WhichOneof("data") == form, (name, metric.unit, form)
+            assert_values_in_buckets(metric, dp, lo, hi, n)

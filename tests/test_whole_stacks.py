@@ -431,6 +431,14 @@ def noise_overlap(shares: dict, n1: int, n2: int) -> float:
     return 1 - spread * math.sqrt(2 / math.pi) / 2
 
 
+def noise_sd(shares: dict, n1: int, n2: int) -> float:
+    """The standard deviation of that distance (half the sum of |p1 - p2|:
+    Var|D| = sigma^2 (1 - 2/pi) for a normal D): the average alone is
+    exceeded by about half of all runs."""
+    var = sum(p * (1 - p) * (1 / n1 + 1 / n2) for p in shares.values())
+    return math.sqrt(var * (1 - 2 / math.pi)) / 2
+
+
 def _differences(a: dict, b: dict, show) -> str:
     worst = sorted(set(a) | set(b), key=lambda k: -abs(a.get(k, 0) - b.get(k, 0)))[:4]
     return ", ".join(f"{show(k)} {a.get(k, 0):.3f}/{b.get(k, 0):.3f}" for k in worst)
@@ -502,9 +510,10 @@ def compare_with_perf(label: str, out: AgentOutput, pids, tmp_path: Path) -> dic
     res = {"window": (t0, t1), "ours": root_share(ours), "perf": root_share(stacks),
            "names": names_per_sample(perf_leaf_ips(leaves_text, pids), pids)}
     a, b = shares(ours, "leaf"), shares(leaves, "leaf")
-    res.update(leaf=overlap(a, b), leaf_noise=noise_overlap(b, n, len(leaves)))
+    res.update(leaf=overlap(a, b), leaf_noise=noise_overlap(b, n, len(leaves)), leaf_sd=noise_sd(b, n, len(leaves)))
     sa, sb = shares(ours, "stack"), shares(stacks, "stack")
-    res.update(stack=overlap(sa, sb), stack_noise=noise_overlap(sb, n, len(stacks)))
+    res.update(stack=overlap(sa, sb), stack_noise=noise_overlap(sb, n, len(stacks)),
+               stack_sd=noise_sd(sb, n, len(stacks)))
     print(f"{label}: user stacks reaching the root: ours {res['ours']:.3f} of {n} samples, perf {res['perf']:.3f} "
           f"of {len(stacks)}\n  leaves: overlap {res['leaf']:.3f} with perf's {len(leaves)} (sampling alone "
           f"~{res['leaf_noise']:.3f}); most apart (ours/perf): {_differences(a, b, str)}\n"
@@ -518,11 +527,13 @@ def assert_acceptance(res: dict) -> None:
     samples named as perf names it for at least 95% of them; the agent's
     leaves, and whole stacks frame by frame, that differ from perf's on at most 5% of the
     samples beyond what two samplings of one distribution differ on anyway
-    (at a few hundred samples of a flat profile, that alone is several %)."""
+    (at a few hundred samples of a flat profile, that alone is several %:
+    its average, and 3 standard deviations of it, as a run may exceed the
+    average by chance)."""
     assert res["ours"] >= ROOT_RATIO * res["perf"], res
     assert res["names"] >= NAMES_AGREE, res
     for key in ("leaf", "stack"):
-        assert 1 - res[key] <= (1 - OVERLAP) + (1 - res[f"{key}_noise"]), (key, res)
+        assert 1 - res[key] <= (1 - OVERLAP) + (1 - res[f"{key}_noise"]) + 3 * res[f"{key}_sd"], (key, res)
 
 
 # ------------------------------------------------------------- workloads

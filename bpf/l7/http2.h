@@ -267,10 +267,8 @@ static __always_inline void h2_flush(struct h2_rec *rec)
 	rec->h.gap = 0;
 }
 
-/* Append an item for the frame described in d, with n payload bytes from
- * user address src (n may be 0). */
-static __always_inline __u32 h2_item(struct h2_rec *rec, struct h2_dir *d, __u64 frame, __u32 piece_off,
-				     __u64 src, __u32 n)
+/* Where the next item goes: the record is sent first when it is full. */
+static __always_inline __u32 h2_item_at(struct h2_rec *rec)
 {
 	__u32 at = rec->h.used;
 
@@ -278,7 +276,15 @@ static __always_inline __u32 h2_item(struct h2_rec *rec, struct h2_dir *d, __u64
 		h2_flush(rec);
 		at = 0;
 	}
-	at &= H2_REC_MASK;
+	return at & H2_REC_MASK;
+}
+
+/* Append an item for the frame described in d, with n payload bytes from
+ * user address src (n may be 0). */
+static __always_inline __u32 h2_item(struct h2_rec *rec, struct h2_dir *d, __u64 frame, __u32 piece_off,
+				     __u64 src, __u32 n)
+{
+	__u32 at = h2_item_at(rec);
 	struct h2_item *it = (struct h2_item *)&rec->data[at];
 
 	it->frame_pos = frame;

@@ -302,13 +302,7 @@ static __always_inline struct h2_rec *h2_rec_of_cpu(void)
 /* Append a stream item; its payload to fill. */
 static __always_inline struct h2_stream_item *h2_stream_item(struct h2_rec *rec, __u32 sid)
 {
-	__u32 at = rec->h.used;
-
-	if (at > H2_ITEM_ROOM) {
-		h2_flush(rec);
-		at = 0;
-	}
-	at &= H2_REC_MASK;
+	__u32 at = h2_item_at(rec);
 	struct h2_item *it = (struct h2_item *)&rec->data[at];
 
 	__builtin_memset(it, 0, sizeof(*it));
