@@ -256,7 +256,7 @@ static __always_inline void h2_flush(struct h2_rec *rec)
 {
 	__u32 used = rec->h.used;
 
-	if (!used && !rec->h.closed)
+	if (!used)
 		return;
 	__u64 wake = bpf_ringbuf_query(&h2_events, BPF_RB_AVAIL_DATA) > h2_ring_bytes / 8 ?
 		     BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
@@ -479,7 +479,7 @@ static __always_inline void h2_walk_call(struct data_ev *e, struct http_conn *c,
 		d->gen++;	/* blocks were missed: none known before means the same now */
 		otb_count(&http_stats, HS_H2_RESYNC);
 	}
-	if (rec->h.conn_id != st->conn_id || rec->h.closed) {
+	if (rec->h.conn_id != st->conn_id) {
 		/* what stays the same for a connection: copied when this CPU's
 		 * last call was another one's */
 		rec->h.conn_id = st->conn_id;
@@ -488,7 +488,6 @@ static __always_inline void h2_walk_call(struct data_ev *e, struct http_conn *c,
 		rec->h.tls = e->tls;
 		rec->h.role_hint = st->role_hint;
 		rec->h.fresh = st->fresh;
-		rec->h.closed = 0;
 		__builtin_memcpy(rec->h.comm, c->comm, sizeof(rec->h.comm));
 	}
 	rec->h.ts = e->t1;
@@ -607,29 +606,29 @@ static __noinline int http2_start(struct data_ev *e)
 	return H2_START_WALK;
 }
 
-/* The connection ended: user space closes its streams and forgets it. */
+/* The connection ended: user space closes its streams and forgets it.
+ * The record is reserved in the ring, not built in the per-CPU buffer: this
+ * runs from softirq too (a reset destroys the sock), and may interrupt a
+ * walk on this CPU that is using that buffer. */
 static __always_inline void http2_conn_gone(__u64 sk, struct http_conn *c)
 {
-	__u32 z = 0;
 	struct h2_state *st = bpf_map_lookup_elem(&h2_conns, &sk);
-	struct h2_rec *rec = bpf_map_lookup_elem(&h2_rec_buf, &z);
+	struct h2_rec_head *h;
 
-	if (st && rec) {
-		rec->h.conn_id = st->conn_id;
-		rec->h.ts = bpf_ktime_get_ns();
-		rec->h.tgid = c->tgid;
-		rec->h.tid = 0;
-		rec->h.t = c->t;
-		rec->h.used = 0;
-		rec->h.dir = 0;
-		rec->h.tls = c->tls;
-		rec->h.role_hint = st->role_hint;
-		rec->h.fresh = st->fresh;
-		rec->h.gap = 0;
-		rec->h.closed = 1;
-		__builtin_memcpy(rec->h.comm, c->comm, sizeof(rec->h.comm));
-		h2_flush(rec);
-		rec->h.closed = 0;
+	if (st && (h = bpf_ringbuf_reserve(&h2_events, sizeof(*h), 0))) {
+		__builtin_memset(h, 0, sizeof(*h));
+		h->conn_id = st->conn_id;
+		h->ts = bpf_ktime_get_ns();
+		h->tgid = c->tgid;
+		h->t = c->t;
+		h->tls = c->tls;
+		h->role_hint = st->role_hint;
+		h->fresh = st->fresh;
+		h->closed = 1;
+		__builtin_memcpy(h->comm, c->comm, sizeof(h->comm));
+		bpf_ringbuf_submit(h, 0);
+	} else if (st) {
+		otb_count(&http_stats, HS_H2_RINGBUF_FULL);
 	}
 	bpf_map_delete_elem(&h2_conns, &sk);
 }
