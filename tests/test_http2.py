@@ -339,18 +339,28 @@ def test_malformed_http2_no_false_requests_and_counted(agent, receiver, tmp_path
 
 def test_known_durations_land_in_their_buckets(tmp_path):
     """HTTP/2 requests and gRPC calls of known duration, server and client
-    side, in both exported forms (OTLP exponential, the file exporter's
-    explicit buckets): each lands in a bucket whose range holds its true
+    side, in every form they leave the agent (OTLP exponential, the file
+    exporter's explicit buckets, the Prometheus endpoint's le buckets, the
+    console's p50/p99): each lands in a bucket whose range holds its true
     duration, and the sums agree. Node's /slow answers after 100 ms; a gRPC
     call past its 0.3 s deadline ends at the deadline."""
-    from otlp_data import read_jsonl
+    import socket as _socket
+    import urllib.request
+
+    from otlp_data import console_rows, parse_console_duration, populated_ranges, read_jsonl
     from otlp_receiver import GrpcReceiver
+    from prometheus_client.parser import text_string_to_metric_families
     recv = GrpcReceiver()
     jsonl = tmp_path / "t.jsonl"
+    with _socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        prom_port = sock.getsockname()[1]
     a = AgentProcess(tmp_path, {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "",
                                 "exporters": {"otlp": {"endpoint": recv.endpoint, "protocol": "grpc",
                                                        "histogram": "exponential"},
-                                              "file": {"path": str(jsonl), "histogram": "explicit"}},
+                                              "file": {"path": str(jsonl), "histogram": "explicit"},
+                                              "prometheus": {"listen": f"127.0.0.1:{prom_port}"},
+                                              "console": {"top": 100, "clear": False}},
                                 "probes": {"http": {"tls": False, "spans": False, "per_pid": True}}})
     try:
         a.wait_for_log("collecting every", timeout=60)
@@ -382,7 +392,9 @@ def test_known_durations_land_in_their_buckets(tmp_path):
             return all(points(reqs, name, **m) and sum(dp.count for _m, dp, _a in latest_per_series(
                 points(reqs, name, **m))) == n for name, m, n, _lo, _hi in checks)
         assert wait_until(exported, timeout=30), [(name, series(recv.rx, name)) for name, *_ in checks]
-        time.sleep(1.5)     # one more file export
+        time.sleep(1.5)     # one more file export and console render
+        with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/metrics", timeout=5) as r:
+            scraped = [smp for fam in text_string_to_metric_families(r.read().decode()) for smp in fam.samples]
         assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
     finally:
         a.kill()
@@ -394,3 +406,25 @@ def test_known_durations_land_in_their_buckets(tmp_path):
             metric, dp, _attrs = last_point(reqs, name, **m)
             assert metric.unit == "s" and metric.WhichOneof("data") == form, (name, metric.unit, form)
             assert_values_in_buckets(metric, dp, lo, hi, n)
+    console = a.stdout()
+    for name, m, n, lo, hi in checks:
+        # Prometheus: <name>_seconds_bucket, cumulative; the first le holding all n is the bucket
+        labels = {k.replace("__", "_"): str(v) for k, v in m.items()}
+        les = sorted((smp.labels["le"] if isinstance(smp.labels["le"], float) else float(smp.labels["le"]),
+                      smp.value) for smp in scraped
+                     if smp.name == name.replace(".", "_") + "_seconds_bucket"
+                     and all(smp.labels.get(k) == v for k, v in labels.items()))
+        assert les and les[-1][1] == n, (name, les)
+        first = next(i for i, (_le, v) in enumerate(les) if v >= n)
+        upper, lower = les[first][0], (les[first - 1][0] if first else 0.0)
+        assert upper >= lo and lower < hi, f"{name}: true [{lo}, {hi}] s, le bucket ({lower}, {upper}]"
+        # the console: p50 and p99 are the populated exponential bucket's upper edge
+        metric, dp, _attrs = last_point(over_wire, name, **m)
+        b_hi = max(r[1] for r in populated_ranges(metric, dp))
+        # (process.pid is a resource attribute there, not in the row's label)
+        key = " ".join(f"{k.replace('__', '.')}={v}" for k, v in m.items() if k != "process__pid")
+        mine = [r for r in console_rows(console, name) if all(f"{part} " in r[3] + " " for part in key.split())]
+        assert mine and mine[-1][0] == n, (name, key, console_rows(console, name))
+        for q in mine[-1][1:3]:
+            v, tol = parse_console_duration(q)
+            assert abs(v - b_hi) <= tol and b_hi >= lo, f"{name}: console {q}, bucket upper edge {b_hi}"
