@@ -633,7 +633,7 @@ class HttpProbe(BpfProbe):
     def _h2_left_open(self) -> list:
         """Streams the kernel still holds for connections that closed: out of
         its map, into exchanges (their responses end with the close)."""
-        closed = self._h2.closed_ids()
+        closed = self._h2.take_newly_closed()
         if not closed:
             return []
         entries, keys = [], []

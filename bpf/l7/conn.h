@@ -119,6 +119,22 @@ struct {
 
 /* ------------------------------------------------------------------ helpers */
 
+/* One more event in a one-second window of at most cap (a span rate
+ * limiter); false past the cap. Add, then read: an add that returns the old
+ * value (BPF_ATOMIC_FETCH) needs 5.12, and a race here only blurs the cap
+ * by a few. */
+static __always_inline bool l7_rate_allow(__u64 *window, __u64 *used, __u64 cap, __u64 now)
+{
+	__u64 w = now / NS_PER_S;
+
+	if (*window != w) {
+		*window = w;
+		*used = 0;
+	}
+	__sync_fetch_and_add(used, 1);
+	return *used <= cap;
+}
+
 static __always_inline __u32 hide(__u32 v)
 {
 	/* keep clang from merging the bound check into something the verifier

@@ -761,16 +761,7 @@ static __always_inline void count_request(struct http_conn *c, __u64 dur)
 
 static __always_inline bool span_allowed(__u64 now)
 {
-	__u64 window = now / NS_PER_S;	/* max_spans_per_second: one-second windows */
-
-	if (rl_window != window) {
-		rl_window = window;
-		rl_used = 0;
-	}
-	/* add, then read: an add that returns the old value (BPF_ATOMIC_FETCH)
-	 * needs 5.12, and a race here only blurs the cap by a few spans */
-	__sync_fetch_and_add(&rl_used, 1);
-	if (rl_used > max_spans_per_second) {
+	if (!l7_rate_allow(&rl_window, &rl_used, max_spans_per_second, now)) {
 		otb_count(&http_stats, HS_RATE_LIMITED);
 		return false;
 	}

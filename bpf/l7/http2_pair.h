@@ -278,18 +278,10 @@ static long hash_step(__u32 k, void *data)
  * budget). They take scalars and pointers to sized memory only, and find
  * the call's record buffer themselves (per CPU: the caller's). */
 
-/* Whether a span may still be sent this second (h2_max_spans_per_second;
- * races between CPUs only blur the cap). */
+/* Whether a span may still be sent this second (h2_max_spans_per_second). */
 static __always_inline bool h2_span_budget(__u64 now)
 {
-	__u64 window = now / NS_PER_S;
-
-	if (h2_rl_window != window) {
-		h2_rl_window = window;
-		h2_rl_used = 0;
-	}
-	__sync_fetch_and_add(&h2_rl_used, 1);
-	return h2_rl_used <= h2_max_spans_per_second;
+	return l7_rate_allow(&h2_rl_window, &h2_rl_used, h2_max_spans_per_second, now);
 }
 
 static __always_inline struct h2_rec *h2_rec_of_cpu(void)

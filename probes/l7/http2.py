@@ -208,6 +208,7 @@ class Http2Tracker:
         self._conns: OrderedDict = OrderedDict()
         self._ignored: OrderedDict = OrderedDict()    # conn_ids given up as not HTTP/2, until they close
         self._closed: dict = {}             # paired connections closed: kept for the kernel's last counts
+        self._newly_closed: set = set()     # ... closed since take_newly_closed()
         self._out: list = []
 
     def take_exchanges(self) -> list:
@@ -470,6 +471,7 @@ class Http2Tracker:
         if c.paired:
             c.closed_ns = ev.ts_ns
             self._closed[ev.conn_id] = c    # the kernel's counts of it are read once more
+            self._newly_closed.add(ev.conn_id)
 
     # --- kernel-paired connections -------------------------------------------------
 
@@ -559,8 +561,11 @@ class Http2Tracker:
                 out.append(ex)
         return out
 
-    def closed_ids(self) -> set:
-        return set(self._closed)
+    def take_newly_closed(self) -> set:
+        """Paired connections closed since the last call (their streams the
+        kernel still holds are swept once: nothing is added after the close)."""
+        out, self._newly_closed = self._newly_closed, set()
+        return out
 
     def is_closed(self, conn_id: int) -> bool:
         return conn_id in self._closed or conn_id not in self._conns
