@@ -75,9 +75,14 @@ class Frame:
 
 @dataclass
 class ProfileSample:
+    """link: (trace_id, span_id) of the request the sampled thread was
+    serving (128- and 64-bit ints, both non-zero), or None outside any
+    request. A linked sample also carries "http.route" and
+    "http.request.method" among its attributes."""
     attributes: dict
     frames: list   # leaf first
     count: int
+    link: Optional[tuple] = None
 
 
 @dataclass
