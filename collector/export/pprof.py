@@ -73,7 +73,7 @@ def to_pprof(profiles: list) -> bytes:
                 loc_ids.append(t.locations.setdefault((mid, addr, fid, f.line), len(t.locations) + 1))
             labels = b"".join(_field_bytes(3, _field_varint(1, t.s(k)) + (
                 _field_varint(3, v) if isinstance(v, int) else _field_varint(2, t.s(str(v)))))
-                for k, v in sorted(smp.attributes.items()))
+                for k, v in sorted(_labels(smp).items()))
             samples.append(_packed(1, loc_ids) + _packed(2, [smp.count]) + labels)
     first = profiles[0] if profiles else None
     out = bytearray()
@@ -107,6 +107,16 @@ def to_pprof(profiles: list) -> bytes:
         out += _field_bytes(11, period_type)
         out += _field_varint(12, first.period_ns)
     return gzip.compress(bytes(out))
+
+
+def _labels(smp) -> dict:
+    """A sample's attributes, and its request's ids as the hex string labels
+    Pyroscope and Grafana join span profiles on (a number label would lose
+    a 128-bit trace id)."""
+    if smp.link is None:
+        return smp.attributes
+    trace_id, span_id = smp.link
+    return {**smp.attributes, "trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"}
 
 
 def to_folded(profiles: list, root_attribute: str = "process.executable.name") -> str:

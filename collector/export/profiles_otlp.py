@@ -98,6 +98,18 @@ class _Dictionary:
             return len(self.d.location_table) - 1
         return self._intern("l", (mapping_idx, address, f.function, f.file, f.line, f.frame_type), make)
 
+    def link(self, link) -> int:
+        """The link_table index of a sample's (trace_id, span_id); 0: none.
+        Ids are big-endian, as the trace exporter writes a span's."""
+        if link is None:
+            return 0
+
+        def make():
+            trace_id, span_id = link
+            self.d.link_table.add(trace_id=trace_id.to_bytes(16, "big"), span_id=span_id.to_bytes(8, "big"))
+            return len(self.d.link_table) - 1
+        return self._intern("n", link, make)
+
     def stack(self, frames) -> int:
         locs = tuple(self.location(f) for f in frames)
 
@@ -126,7 +138,7 @@ def build_request(resource, scopes: dict) -> ExportProfilesServiceRequest:
             p.period_type.type_strindex = dic.string(prof.period_type[0])
             p.period_type.unit_strindex = dic.string(prof.period_type[1])
             for s in prof.samples:
-                p.samples.add(stack_index=dic.stack(s.frames), values=[s.count],
+                p.samples.add(stack_index=dic.stack(s.frames), values=[s.count], link_index=dic.link(s.link),
                               attribute_indices=[dic.attribute(k, v) for k, v in sorted(s.attributes.items())])
     req.dictionary.CopyFrom(dic.d)
     return req
