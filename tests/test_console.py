@@ -33,3 +33,26 @@ def test_render_rates_percentiles_and_profile():
     assert "cpu profile: 4 samples" in text
     hot = next(line for line in text.splitlines() if line.rstrip().endswith("hot"))
     assert "75.0" in hot
+
+
+def _request(method, route, count, link):
+    return ProfileSample({"process.pid": 1, "http.request.method": method, "http.route": route},
+                         [Frame("handler", 4), Frame("main", 2)], count, link)
+
+
+def test_profile_breaks_cpu_down_by_route_when_samples_were_in_requests():
+    samples = [_request("POST", "/checkout", 5, (1, 1)), _request("POST", "/checkout", 3, (2, 2)),
+               _request("GET", "/cart", 4, (3, 3)), _request("GET", "/health", 1, (4, 4)),
+               ProfileSample({"process.pid": 1}, [Frame("idle", 5)], 7)]
+    c = ConsoleExporter({"top": 2, "clear": False}, out=io.StringIO())
+    text = c.render(Batch(time_ns=1, profiles={"p": [Profile(samples, 0, 1, 1)]}))
+    lines = text.splitlines()
+    start = lines.index("  by route:")
+    # of 20 samples: /checkout 8 (two requests), /cart 4; /health (1) is past top=2; 7 outside any request
+    assert [line.split() for line in lines[start + 1:start + 6]] == [
+        ["cpu%", "samples", "route"], ["40.0", "8", "POST", "/checkout"], ["20.0", "4", "GET", "/cart"],
+        ["...", "1", "more", "routes"], ["35.0", "7", "(no", "request)"]]
+    assert "cpu profile: 20 samples" in text
+
+    no_requests = c.render(_batch(2, 1, 0))
+    assert "cpu profile: 4 samples" in no_requests and "by route" not in no_requests

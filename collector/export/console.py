@@ -35,6 +35,16 @@ def quantile_upper_bound(buckets: list, q: float, exp_offset: int = 0) -> float:
     return float(2.0 ** (len(buckets) - 1 + exp_offset))
 
 
+NO_REQUEST = "(no request)"   # CPU samples taken while the thread served no request
+
+
+def request_of(attributes: dict):
+    """(method, route) of the request a profile sample's thread was serving,
+    or None outside any request."""
+    route = attributes.get("http.route")
+    return (str(attributes.get("http.request.method") or "-"), str(route)) if route else None
+
+
 _SHORT_NAMES = {"syscall.name": "syscall", "process.executable.name": "exe", "process.pid": "pid"}
 
 
@@ -136,6 +146,29 @@ class ConsoleExporter:
         out = [f"\ncpu profile: {samples} samples  [{scope}]", f"  {'self%':>6} {'total%':>6}  function"]
         for name, n in sorted(self_n.items(), key=lambda kv: kv[1], reverse=True)[:self.top]:
             out.append(f"  {100 * n / samples:6.1f} {100 * total_n[name] / samples:6.1f}  {name}")
+        return out + self._route_lines(profiles, samples)
+
+    def _route_lines(self, profiles, samples: int) -> list:
+        """The busiest routes' share of the samples, when any sample was
+        taken while serving a request."""
+        by_route: dict = {}
+        idle = 0
+        for prof in profiles:
+            for smp in prof.samples:
+                req = request_of(smp.attributes)
+                if req is None:
+                    idle += smp.count
+                else:
+                    by_route[req] = by_route.get(req, 0) + smp.count
+        if not by_route:
+            return []
+        out = ["  by route:", f"  {'cpu%':>6} {'samples':>8}  route"]
+        for (method, route), n in sorted(by_route.items(), key=lambda kv: kv[1], reverse=True)[:self.top]:
+            out.append(f"  {100 * n / samples:6.1f} {n:8d}  {method} {route}")
+        if len(by_route) > self.top:
+            out.append(f"  ... {len(by_route) - self.top} more routes")
+        if idle:
+            out.append(f"  {100 * idle / samples:6.1f} {idle:8d}  {NO_REQUEST}")
         return out
 
     def shutdown(self) -> None:
