@@ -36,6 +36,7 @@ class TopApp(App):
         Binding("2", "view('syscalls')", "Syscalls"),
         Binding("3", "view('flows')", "Flows"),
         Binding("4", "view('cpu')", "CPU"),
+        Binding("5", "view('routes')", "CPU by route"),
         Binding("tab", "next_view", "Next view", show=False),
         Binding("s", "sort", "Sort"),
         Binding("r", "reverse", "Reverse"),

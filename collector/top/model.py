@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..export.console import _fmt_duration, quantile_upper_bound
+from ..export.console import NO_REQUEST, _fmt_duration, quantile_upper_bound, request_of
 
 HTTP_SERVER, HTTP_CLIENT = "http.server.request.duration", "http.client.request.duration"
 SYSCALL_DURATION, SYSCALL_ERRORS = "otelbpf.syscall.duration", "otelbpf.syscall.errors"
@@ -19,7 +19,8 @@ NET_IO, TCP_RETRANSMITS = "otelbpf.network.io", "otelbpf.tcp.retransmits"
 # What the process/container filter looks at.
 FILTER_KEYS = ("process.executable.name", "process.pid", "container.id", "k8s.pod.name", "k8s.namespace.name",
                "service.name")
-MAX_NAME = 160   # characters of a function name shown
+MAX_NAME = 160   # characters of a function name or route shown
+NO_SAMPLES = "no CPU samples in the last interval (is cpu_profile enabled?)"
 _WORKLOAD_KEYS = ("k8s.deployment.name", "k8s.statefulset.name", "k8s.daemonset.name", "k8s.job.name")
 
 
@@ -60,6 +61,10 @@ def fmt_bytes(v: float) -> str:
 
 def fmt_pct(v: float) -> str:
     return f"{v:.1f}"
+
+
+def fmt_name(name: str) -> str:
+    return name if len(name) <= MAX_NAME else name[:MAX_NAME - 3] + "..."
 
 
 def _fmt_quantile(unit: str) -> Callable:
@@ -129,8 +134,8 @@ def _add_buckets(acc: list, b: list) -> list:
 class TopModel:
     """Keeps the last two distinct snapshots and builds each view from them."""
 
-    VIEWS = ("http", "syscalls", "flows", "cpu")
-    TITLES = {"http": "HTTP", "syscalls": "Syscalls", "flows": "Flows", "cpu": "On-CPU"}
+    VIEWS = ("http", "syscalls", "flows", "cpu", "routes")
+    TITLES = {"http": "HTTP", "syscalls": "Syscalls", "flows": "Flows", "cpu": "On-CPU", "routes": "CPU by route"}
 
     def __init__(self):
         self.current: Optional[dict] = None
@@ -266,15 +271,17 @@ class TopModel:
                 if g["rx"] or g["tx"] or g["retrans"]]
         return Table(cols, rows, "" if rows else "no flows seen (is the net_flows probe enabled?)")
 
+    def _samples(self, needle: str) -> list:
+        """The last interval's profile samples that pass the filter."""
+        return [s for s in (self.current or {}).get("samples", []) if matches(s["attributes"], needle)]
+
     def _cpu(self, needle: str) -> Table:
         """Functions of the last interval's profile samples: self (the leaf) and
         total (anywhere on the stack), in % of the samples that pass the filter."""
         self_n: dict = {}
         total_n: dict = {}
         samples = 0
-        for s in (self.current or {}).get("samples", []):
-            if not matches(s["attributes"], needle):
-                continue
+        for s in self._samples(needle):
             n, proc = s["count"], process_label(s["attributes"])
             samples += n
             if s["frames"]:
@@ -284,10 +291,36 @@ class TopModel:
                 total_n[(proc, f)] = total_n.get((proc, f), 0) + n
         # the function last: C++ and Rust names are long, the numbers must stay on screen
         cols = [Column("SELF%", fmt_pct, True), Column("TOTAL%", fmt_pct, True), Column("SAMPLES", fmt_count, True),
-                Column("PROCESS"), Column("FUNCTION", lambda f: f if len(f) <= MAX_NAME else f[:MAX_NAME - 3] + "...")]
+                Column("PROCESS"), Column("FUNCTION", fmt_name)]
         rows = [(100 * self_n.get((proc, fn), 0) / samples, 100 * n / samples, self_n.get((proc, fn), 0), proc, fn)
                 for (proc, fn), n in total_n.items()] if samples else []
-        return Table(cols, rows, "" if rows else "no CPU samples in the last interval (is cpu_profile enabled?)")
+        return Table(cols, rows, "" if rows else NO_SAMPLES)
+
+    def _routes(self, needle: str) -> Table:
+        """The last interval's profile samples by the request their thread was
+        serving (method and route), in % of the samples that pass the filter;
+        each process's samples outside any request are one row."""
+        groups: dict = {}
+        samples = 0
+        for s in self._samples(needle):
+            a = s["attributes"]
+            method, route = request_of(a) or ("-", NO_REQUEST)
+            key = (process_label(a), method, route)
+            groups[key] = groups.get(key, 0) + s["count"]
+            samples += s["count"]
+        cols = [Column("PROCESS"), Column("METHOD"), Column("ROUTE", fmt_name), Column("SAMPLES", fmt_count, True),
+                Column("CPU%", fmt_pct, True)]
+        rows = [(*key, n, 100 * n / samples) for key, n in groups.items()]
+        return Table(cols, rows, _routes_note(groups))
+
+
+def _routes_note(groups: dict) -> str:
+    """Why the routes view has no route to show, if it has none."""
+    if not groups:
+        return NO_SAMPLES
+    if all(route == NO_REQUEST for _, _, route in groups):
+        return "no CPU sample was taken while serving a request (is the http probe enabled?)"
+    return ""
 
 
 def sort_rows(table: Table, column: int, reverse: bool = True) -> list:
