@@ -310,7 +310,7 @@ class TopModel:
             samples += s["count"]
         cols = [Column("PROCESS"), Column("METHOD"), Column("ROUTE", fmt_name), Column("SAMPLES", fmt_count, True),
                 Column("CPU%", fmt_pct, True)]
-        rows = [(*key, n, 100 * n / samples) for key, n in groups.items()]
+        rows = [(*key, n, 100 * n / samples) for key, n in groups.items()] if samples else []
         return Table(cols, rows, _routes_note(groups))
 
 
