@@ -27,6 +27,7 @@
 #include "otb_stats.h"
 #include "unwind.h"
 #include "unwind_python.h"
+#include "thread_request.h"
 
 #define PROF_STACK_DEPTH 127	/* the kernel's PERF_MAX_STACK_DEPTH default */
 #define UNWIND_FRAMES_PER_CALL 8
@@ -48,6 +49,7 @@ enum prof_stat {
 	PROF_STAT_UNWIND_UNSUPPORTED,	/* frames whose row the walker cannot follow */
 	PROF_STAT_UNWIND_BAD_FRAME,	/* a frame that did not move up the stack: walk stopped */
 	PROF_STAT_TAIL_CALL_FAIL,	/* the walk's tail call failed: recorded as far as it got */
+	PROF_STAT_IN_REQUEST,		/* samples of a thread serving an HTTP request */
 	PROF_STAT_MAX,
 };
 
@@ -57,11 +59,22 @@ enum prof_prog {
 	PROF_PROG_MAX,
 };
 
+/* The HTTP request a sample's thread was serving (thread_request.h). */
+struct prof_request {
+	__u64 route;		/* its path's hash */
+	__u64 span_id;		/* 0: the request has no span */
+	__u8 trace_id[16];
+	__u8 method;
+	__u8 in_request;	/* 0: the thread served no request (the rest is zero) */
+	__u8 pad[6];
+};
+
 struct prof_key {
 	__u32 pid;
 	__s32 kernel_stack;	/* stack id, or negative: none (sample in user mode) / lost */
 	__u64 user_stack;	/* hash of the walked user stack, 0: none (kernel thread) / lost */
 	char comm[16];		/* thread name */
+	struct prof_request req;
 };
 
 /* The walk's state between its tail calls. */
@@ -74,6 +87,7 @@ struct prof_walk {
 	__u8 py;		/* the process runs an interpreter whose frames are read */
 	__u8 pad;
 	char comm[16];
+	struct prof_request req;
 	struct ustack st;
 };
 
@@ -443,6 +457,7 @@ static __always_inline void record(struct prof_walk *s, bool has_user)
 	key.pid = s->pid;
 	key.kernel_stack = s->kernel_stack;
 	__builtin_memcpy(key.comm, s->comm, sizeof(key.comm));
+	key.req = s->req;
 	if (has_user) {
 		if (s->st.flags & UNW_F_TRUNCATED)
 			otb_count(&prof_stats, PROF_STAT_UNWIND_TRUNCATED);
@@ -458,6 +473,25 @@ static __always_inline void record(struct prof_walk *s, bool has_user)
 		count(&prof_counts1, &key);
 	else
 		count(&prof_counts0, &key);
+}
+
+/* The request the sampled thread serves, if any, into req; the request
+ * counts the sample (its span says how many it got). */
+static __always_inline void sampled_request(__u32 tid, struct prof_request *req)
+{
+	struct thread_request *t = tid ? thread_request_slot(tid) : NULL;
+
+	__builtin_memset(req, 0, sizeof(*req));
+	if (!t || t->tid != tid)
+		return;
+	THREAD_REQ_ORDER();
+	req->route = t->route;
+	req->span_id = t->span_id;
+	__builtin_memcpy(req->trace_id, t->trace_id, sizeof(req->trace_id));
+	req->method = t->method;
+	req->in_request = 1;
+	__sync_fetch_and_add(&t->samples, 1);
+	otb_count(&prof_stats, PROF_STAT_IN_REQUEST);
 }
 
 static __always_inline struct prof_walk *scratch(void)
@@ -527,6 +561,7 @@ int prof_sample(struct bpf_perf_event_data *ctx)
 	s->tid = (__u32)pid_tgid;
 	s->kernel_stack = kernel_stack_id(ctx);
 	bpf_get_current_comm(&s->comm, sizeof(s->comm));
+	sampled_request(s->tid, &s->req);
 	s->st.n_native = 0;
 	s->st.n_py = 0;
 	s->st.flags = 0;

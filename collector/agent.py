@@ -19,6 +19,7 @@ from .probe import BpfProbe, ProbeContext, ProbeEntry, default_bpf_dir
 from .export.spans import SpanConverter
 from .records import Batch, Profile, Span
 from .sdnotify import Notifier
+from .shared import SharedState
 from .selftelemetry import AgentCounters, DropWarner, dropped
 
 log = logging.getLogger("otelbpf")
@@ -69,6 +70,7 @@ class Agent:
         self.resource = host_resource(cfg.resource)
         self.span_converter = SpanConverter()
         self.probes: dict = {}        # name -> _RunningProbe
+        self.shared = SharedState()   # maps and lookups the probes share (the request each thread serves...)
         self.probe_up: dict = {}      # name -> bool, for self-telemetry
         self.workers: dict = {}       # exporter name -> ExportWorker
         self._stop = threading.Event()
@@ -123,7 +125,8 @@ class Agent:
             self.probe_up[name] = False
             return False
         ctx = ProbeContext(bpf_dir=self.bpf_dir, btf_path=self.cfg.kernel["btf"], tracefs=self.tracefs,
-                           agent_pid=os.getpid(), start_time_ns=time.time_ns(), log=log.getChild("probe"))
+                           agent_pid=os.getpid(), start_time_ns=time.time_ns(), log=log.getChild("probe"),
+                           shared=self.shared)
         probe = entry.cls(pcfg, ctx)
         try:
             probe.start()
@@ -317,6 +320,7 @@ class Agent:
             log.error("final collection failed: %s", e)
         for name in list(self.probes):
             self._stop_probe(name)
+        self.shared.close()
         for name, w in list(self.workers.items()):
             w.close(FLUSH_TIMEOUT_S)
         self.workers.clear()

@@ -160,6 +160,7 @@ def _declare(l: ctypes.CDLL) -> None:
         "bpf_map__value_size": (U32, [P]),
         "bpf_map__max_entries": (U32, [P]),
         "bpf_map__set_max_entries": (I, [P, U32]),
+        "bpf_map__reuse_fd": (I, [P, I]),
         "bpf_map__initial_value": (P, [P, ctypes.POINTER(SZ)]),
         "bpf_map_lookup_elem": (I, [I, P, P]),
         "bpf_map_update_elem": (I, [I, P, P, U64]),
@@ -317,6 +318,13 @@ class Map:
         ret = lib().bpf_map__set_max_entries(self._ptr, n)
         if ret < 0:
             raise BpfError(-ret, f"{self._obj.name}: map {self.name}: set_max_entries({n})")
+
+    def reuse_fd(self, fd: int) -> None:
+        """Before load: use the existing map behind fd (another object's)
+        instead of creating this one; its definition must match."""
+        ret = lib().bpf_map__reuse_fd(self._ptr, fd)
+        if ret < 0:
+            raise BpfError(-ret, f"{self._obj.name}: map {self.name}: reuse_fd({fd})")
 
     @property
     def fd(self) -> int:
@@ -732,6 +740,10 @@ class BpfObject:
         m.update(zero, bytes(cur))
 
     # -- lifecycle
+    @property
+    def loaded(self) -> bool:
+        return self._loaded and bool(self._ptr)
+
     def load(self) -> None:
         mark = log_mark()
         ret = lib().bpf_object__load(self._ptr)

@@ -22,6 +22,7 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 from . import features, libbpf
 from .config import Field
+from .shared import SharedState
 
 ENTRY_POINT_GROUP = "otelbpf.probes"
 
@@ -47,6 +48,7 @@ class ProbeContext:
     agent_pid: int
     start_time_ns: int
     log: logging.Logger
+    shared: Optional[SharedState] = None   # what this agent's probes share (None: this probe runs alone)
 
 
 class Probe(abc.ABC):
@@ -82,6 +84,9 @@ class BpfProbe(Probe):
     # kernel features it needs, from collector.features). The first whose
     # features the running kernel has is loaded; empty: bpf_object always.
     bpf_variants: ClassVar[Tuple[Tuple[str, Tuple[str, ...]], ...]] = ()
+    # Maps this object shares with other probes' objects (declared in one
+    # header both include): one kernel map, whichever probe loads first.
+    shared_maps: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, config: dict, ctx: ProbeContext):
         super().__init__(config, ctx)
@@ -118,6 +123,16 @@ class BpfProbe(Probe):
         else:
             self._extra_objects.append(obj)
         return obj
+
+    def load_object(self, obj: libbpf.BpfObject) -> None:
+        """Load obj; maps named in shared_maps are shared with the agent's
+        other probes whose objects declare them (collector/shared.py)."""
+        shared = self.ctx.shared
+        if shared is not None:
+            shared.reuse_maps(obj, self.shared_maps)
+        obj.load()
+        if shared is not None:
+            shared.publish_maps(obj, self.shared_maps)
 
     def _objects(self) -> list:
         return ([self.obj] if self.obj is not None else []) + self._extra_objects

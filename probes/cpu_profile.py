@@ -20,6 +20,7 @@ from collector.metadata.process import ProcessNames, alive
 from collector.probe import BpfProbe, ProbeError
 from collector.records import Counter, Frame, Gauge, Instrument, Profile, ProfileSample
 from collector.selftelemetry import dropped
+from collector.shared import HTTP_REQUEST_ATTRIBUTES
 from collector.symbolize.kernel import KernelSymbols
 from collector.symbolize.user import UserSymbolizer
 from collector.unwind.builder import TableBuilder
@@ -30,11 +31,11 @@ from collector.unwind import stacks as stacks_mod
 from collector.unwind.stacks import UserStacks
 
 STACK_DEPTH = 127                        # PROF_STACK_DEPTH in the .bpf.c
-_KEY = struct.Struct("=Ii Q16s")         # struct prof_key
+_KEY = struct.Struct("=Ii Q16s QQ16sBB6x")   # struct prof_key (with its struct prof_request)
 _STACK = struct.Struct(f"={STACK_DEPTH}Q")
 STATS = ("samples", "idle", "user_stack_lost", "kernel_stack_lost", "counts_full",   # enum prof_stat
          "unwind_no_table", "unwind_truncated", "unwind_read_fail", "unwind_fp_frames",
-         "unwind_unsupported", "unwind_bad_frame", "tail_call_fail")
+         "unwind_unsupported", "unwind_bad_frame", "tail_call_fail", "in_request")
 PROG_SLOTS = ("prof_unwind", "prof_python")   # enum prof_prog: the walk's tail calls
 
 UNWIND_FALLBACK = Instrument("otelbpf.profiler.unwind.fallback", "{event}",
@@ -44,6 +45,9 @@ UNWIND_FALLBACK = Instrument("otelbpf.profiler.unwind.fallback", "{event}",
 UNWIND_TABLE_MEMORY = Instrument("otelbpf.profiler.unwind.table.memory", "By",
                                  "Kernel memory of the unwind row pool: used and capacity")
 UNWIND_TABLES = Instrument("otelbpf.profiler.unwind.tables", "{binary}", "Binaries with an unwind table loaded")
+REQUEST_SAMPLES = Instrument("otelbpf.profiler.request.samples", "{sample}",
+                             "CPU samples (idle excluded) of threads serving an HTTP request "
+                             "(otelbpf.request=attributed: the sample carries it) or not (unattributed)")
 UNWIND_EVICTIONS = Instrument("otelbpf.profiler.unwind.evictions", "{binary}",
                               "Unwind tables evicted to make room (binaries sampled least recently)")
 NS_PER_S = 1_000_000_000                 # profile periods are in ns
@@ -95,6 +99,7 @@ class CpuProfileProbe(BpfProbe):
     description = "whole-host CPU profiles: kernel+user stacks sampled on every CPU (perf_event)"
     bpf_object = "cpu_profile.bpf.o"
     requires = ("btf", "cap_bpf", "cap_perfmon", "perf_event", "perf_event_prog")
+    shared_maps = ("otb_thread_requests",)   # the request each thread serves, written by the http probe
     config_schema = {
         "frequency": Field("int", 99, "samples per second per CPU", minimum=1, maximum=10000),
         "event": Field("str", "cpu-clock", "cpu-clock (software, works in VMs) or cycles (hardware; falls back "
@@ -130,7 +135,7 @@ class CpuProfileProbe(BpfProbe):
         obj.map("prof_ustacks").set_max_entries(self.config["max_user_stacks"])
         obj.map("unwind_rows").set_max_entries(self.config["unwind_table_memory"] // ROW_BYTES)
         obj.map("unwind_procs").set_max_entries(self.config["max_processes"])
-        obj.load()
+        self.load_object(obj)
         progs = obj.map("prof_progs")
         for slot, name in enumerate(PROG_SLOTS):
             progs.update(struct.pack("=I", slot), struct.pack("=I", obj.program(name).fd))
@@ -269,12 +274,16 @@ class CpuProfileProbe(BpfProbe):
         if self._unwind is not None:
             self._unwind.sampled(pids)
         samples = []
-        for (pid, kernel_id, user_hash, comm), n in keys:
+        request_attributes = self.ctx.shared.lookup(HTTP_REQUEST_ATTRIBUTES) if self.ctx.shared else None
+        for (pid, kernel_id, user_hash, comm, route, span_id, trace_id, method, in_request), n in keys:
             thread = comm.split(b"\0", 1)[0].decode(errors="replace")
             attrs = {"process.pid": pid, "thread.name": thread,
                      "process.executable.name": self._procs.executable_name(pid, fallback=thread) or thread}
+            if in_request and request_attributes is not None:
+                attrs.update(request_attributes(route, method))
+            link = (int.from_bytes(trace_id, "big"), span_id) if span_id else None
             frames = self._kernel_frames(stacks, kernel_id) + self._user_frames(pid, user_hash, n)
-            samples.append(ProfileSample(attrs, frames, n))
+            samples.append(ProfileSample(attrs, frames, n, link=link))
         self._ustacks.expire()
         # Only now, with their last samples resolved, forget processes that exited.
         for pid in self._usyms.known_pids():
@@ -296,6 +305,11 @@ class CpuProfileProbe(BpfProbe):
         out.append(dropped(self.name, "user_stack_missing", self.user_stack_missing, self.start_ns))
         if self.config["idle"] == "drop":
             out.append(dropped(self.name, "idle", vals["idle"], self.start_ns))
+        busy = vals["samples"] - vals["idle"]
+        out.append(Counter(REQUEST_SAMPLES, {"otelbpf.probe": self.name, "otelbpf.request": "attributed"},
+                           vals["in_request"], self.start_ns))
+        out.append(Counter(REQUEST_SAMPLES, {"otelbpf.probe": self.name, "otelbpf.request": "unattributed"},
+                           max(busy - vals["in_request"], 0), self.start_ns))
         # Not drops, but what the walk fell back to: frame pointers before a table existed / where none covers
         out.append(Counter(UNWIND_FALLBACK, {"otelbpf.probe": self.name, "reason": "no_table_yet"},
                            vals["unwind_no_table"], self.start_ns))

@@ -35,6 +35,7 @@ from collector.metadata.process import ProcessNames, alive
 from collector.probe import BpfProbe, ProbeError
 from collector.records import Counter, Instrument, Log2Histogram, Span
 from collector.selftelemetry import dropped, overflow
+from collector.shared import HTTP_REQUEST_ATTRIBUTES
 
 from .http_routes import OVERFLOW_ROUTE, RouteTable, check_patterns
 from .l7 import exchanges as h2x
@@ -60,7 +61,7 @@ _KEY = struct.Struct("=IHHBBBB16sIQ")                        # struct http_key
 _HIST = struct.Struct(f"=QQ{NBUCKETS}Q{len(SEM_BOUNDS) + 1}Q16s")  # struct http_hist
 _PATH = struct.Struct("=I256s")                              # struct http_path
 # struct http_event (the kernel pads it to a multiple of 8)
-_EVENT = struct.Struct("=QQII16s16sHHB3sHHBBBB16sI256s56s128s64s")
+_EVENT = struct.Struct("=QQII16s16sHHB3sHHBBBB16sI256s56s128s64s16s12xQQ")  # struct http_event
 _CONN_LAST_NS = struct.Struct("=56xQ")                       # struct http_conn: last_ns
 _H2_HKEY = struct.Struct("=QQI4xQI4xQI4xI4x")                # struct h2_hkey
 _H2_HIST = struct.Struct(f"=QQ{NBUCKETS}Q{len(SEM_BOUNDS) + 1}Q")  # struct h2_hist
@@ -68,7 +69,7 @@ _H2_SKEY = struct.Struct("=QI4x")                            # struct h2_stream_
 _H2_STREAM = struct.Struct("=QQI4xQI4xQI4xIB3x")             # struct h2_stream
 STATS = ("conn_table_full", "agg_full", "sampled_out", "rate_limited", "ringbuf_full", "no_response",
          "unpaired_response", "tls_no_socket", "detail_full", "detail_lost", "tls_slot_collision",
-         "h2_ringbuf_full", "h2_block_cut", "h2_resync", "h2_state_lost")  # enum http_stat
+         "thread_slot_collision", "h2_ringbuf_full", "h2_block_cut", "h2_resync", "h2_state_lost")  # enum http_stat
 METHODS = {0: "_OTHER", 1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "HEAD", 6: "PATCH", 7: "OPTIONS",
            8: "CONNECT", 9: "TRACE"}
 ROLE_SERVER, ROLE_CLIENT = 1, 2
@@ -221,6 +222,7 @@ class HttpProbe(BpfProbe):
                     ("http.nocast.bpf.o", ("bpf_loop",)),
                     ("http.noloop.bpf.o", ()))
     requires = ("btf", "cap_bpf", "cap_perfmon", "raw_tracepoint", "ringbuf")
+    shared_maps = ("otb_thread_requests",)   # the request each thread serves: the CPU profiler reads it
     config_schema = {
         "capture": Field("str", "auto", "how reads and writes are seen: auto (socket-layer tracepoints where the "
                          "kernel has them, 6.3+, else sys_exit), sockets, syscalls",
@@ -293,7 +295,7 @@ class HttpProbe(BpfProbe):
         obj.set_global("ring_bytes", struct.pack("=I", cfg["ring_buffer_bytes"]))
         self.http2 = self._configure_http2(obj)
         self._choose_capture(obj)
-        obj.load()
+        self.load_object(obj)
         self._hist = obj.map("http_hist")
         self._paths = obj.map("http_paths")
         self._conns = obj.map("http_conns")
@@ -347,6 +349,18 @@ class HttpProbe(BpfProbe):
                                                   name="http2-frames", daemon=True))
         for t in self._pollers:
             t.start()
+        if self.ctx.shared is not None:
+            self.ctx.shared.offer(HTTP_REQUEST_ATTRIBUTES, self.request_attributes)
+
+    def request_attributes(self, route_key: int, method: int) -> dict:
+        """What the CPU profiler puts on a sample taken in a server request:
+        its route (from the path table, as the request's series has it) and
+        method. No route when the path is no longer in the table."""
+        attrs = {"http.request.method": METHODS.get(method, "_OTHER")}
+        path = self._path(route_key) if route_key else None
+        if path is not None:
+            attrs["http.route"] = self._routes.route(path)
+        return attrs
 
     def _configure_http2(self, obj) -> bool:
         """HTTP/2 on or off in the kernel (the 5.10 build has none: say so)."""
@@ -538,7 +552,7 @@ class HttpProbe(BpfProbe):
 
     def _span(self, raw: bytes):
         (start, end, tgid, tid, laddr, raddr, lport, rport, family, _pad, status, path_len, role, method, tls,
-         flags, comm, route_len, path, tparent, ua, host) = _EVENT.unpack_from(raw)
+         flags, comm, route_len, path, tparent, ua, host, trace_raw, span_id, cpu_samples) = _EVENT.unpack_from(raw)
         path_s = _cstr(path, path_len)
         route_path = path_s[:route_len] if route_len < len(path_s) else path_s
         query = path_s[route_len + 1:] if route_len < len(path_s) else None
@@ -573,9 +587,17 @@ class HttpProbe(BpfProbe):
             attrs["otelbpf.url.truncated"] = True
         if error:
             attrs["error.type"] = str(status)
+        if cpu_samples:
+            # the profile samples taken while its thread served it carry
+            # this span's id (the label Grafana's span profiles look up)
+            attrs["otelbpf.cpu.samples"] = cpu_samples
+            attrs["pyroscope.profile.id"] = f"{span_id:016x}"
+        # the ids the kernel chose (its samples link to them); the parent
+        # only from a traceparent of the same trace
+        trace_id = int.from_bytes(trace_raw, "big")
         parent = parse_traceparent(_cstr(tparent))
-        trace_id, parent_id = parent if parent else (random.getrandbits(128) or 1, None)
-        return Span(name, kind, trace_id, random.getrandbits(64) or 1, parent_id,
+        parent_id = parent[1] if parent and parent[0] == trace_id else None
+        return Span(name, kind, trace_id, span_id, parent_id,
                     start + self._mono_to_wall, end + self._mono_to_wall, attrs, error)
 
     def _ring_callback_errors(self) -> int:
@@ -872,7 +894,8 @@ class HttpProbe(BpfProbe):
         s = self.start_ns
         out += [dropped(self.name, r, stats[r], s) for r in ("conn_table_full", "ringbuf_full",
                                                              "rate_limited", "tls_no_socket", "detail_full",
-                                                             "detail_lost", "tls_slot_collision")]
+                                                             "detail_lost", "tls_slot_collision",
+                                                             "thread_slot_collision")]
         out += [Counter(UNSAMPLED, {}, stats["sampled_out"], s),
                 dropped(self.name, "span_queue_full", self._queue_full, s),
                 dropped(self.name, "span_undecodable", self._bad_events + self._ring_callback_errors(), s),
@@ -906,4 +929,18 @@ class HttpProbe(BpfProbe):
         for t in getattr(self, "_pollers", []):
             t.join(timeout=2)
         self._pollers = []
+        self._leave_thread_requests()
         super().stop()
+
+    def _leave_thread_requests(self) -> None:
+        """The shared map of the request each thread serves outlives this
+        probe: the requests it holds end with it (or the profiler would
+        keep giving them samples)."""
+        shared = self.ctx.shared
+        if shared is None or self.obj is None or not self.obj.loaded:
+            return
+        shared.withdraw(HTTP_REQUEST_ATTRIBUTES, self.request_attributes)
+        slots = self.obj.map("otb_thread_requests")
+        zero = bytes(slots.value_size)
+        for i in range(slots.max_entries):
+            slots.update(struct.pack("=I", i), zero)

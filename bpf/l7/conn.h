@@ -41,6 +41,7 @@ enum http_stat {
 	HS_DETAIL_FULL,		/* a sampled request's details could not be kept */
 	HS_DETAIL_LOST,		/* ...or were gone when it ended (evicted, or another request's) */
 	HS_TLS_SLOT_COLLISION,	/* two threads in SSL calls shared a slot: the older call is lost */
+	HS_THREAD_SLOT_COLLISION,	/* two threads serving requests shared a thread_request slot */
 	HS_H2_RINGBUF_FULL,	/* HTTP/2 frames lost: user space too slow */
 	HS_H2_BLOCK_CUT,	/* an HTTP/2 header block longer than the kernel sends */
 	HS_H2_RESYNC,		/* bytes of an HTTP/2 connection missed: its frames were found again */
@@ -82,6 +83,8 @@ struct http_conn {
 	__u8 path_known;	/* path_hash is in http_paths (as far as this connection knows) */
 	char comm[16];		/* tgid's thread name: a request may end in another task's context */
 	__u8 proto;		/* enum l7_proto */
+	__u8 pad2[3];
+	__u32 tid;		/* server: the thread that read the request (its thread_request slot) */
 };
 
 

@@ -21,6 +21,7 @@
 
 #include "l7/conn.h"
 #include "l7/duration.h"
+#include "thread_request.h"
 
 #define PATH_CAP 256		/* path bytes a span record can hold */
 #define UA_CAP 128
@@ -122,6 +123,10 @@ struct http_event {
 	char traceparent[TP_LEN + 1];
 	char user_agent[UA_CAP];
 	char host[HOST_CAP];
+	__u8 trace_id[16];	/* the span's ids, chosen here: the profiler's samples carry them */
+	__u8 pad2[12];
+	__u64 span_id;
+	__u64 cpu_samples;	/* CPU samples taken while its thread served it (server) */
 };
 
 struct {
@@ -776,15 +781,68 @@ static __always_inline bool span_budget_left(__u64 now)
 	return rl_window != now / NS_PER_S || rl_used < max_spans_per_second;
 }
 
+/* ------------------------------------------------- the thread's request */
+
+/* A server request starts on the current thread: its slot names it, for
+ * the profiler (thread_request.h). ev: the span's draft, NULL without one. */
+static __always_inline void thread_request_begin(struct http_conn *c, __u64 sk, __u64 start, __u64 route,
+						 const struct http_event *ev)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct thread_request *t = thread_request_slot(tid);
+
+	c->tid = tid;
+	if (!t)
+		return;
+	if (t->tid && t->tid != tid)
+		otb_count(&http_stats, HS_THREAD_SLOT_COLLISION);
+	t->tid = 0;
+	THREAD_REQ_ORDER();
+	t->method = c->method;
+	t->route = route;
+	t->sk = sk;
+	t->start_ns = start;
+	t->samples = 0;
+	if (ev) {
+		__builtin_memcpy(t->trace_id, ev->trace_id, sizeof(t->trace_id));
+		t->span_id = ev->span_id;
+	} else {
+		__builtin_memset(t->trace_id, 0, sizeof(t->trace_id));
+		t->span_id = 0;
+	}
+	THREAD_REQ_ORDER();
+	t->tid = tid;
+}
+
+/* The request on c is over (answered, or its connection gone): its thread
+ * serves no request any more, unless it has since started another. The CPU
+ * samples it got are returned. */
+static __always_inline __u64 thread_request_end(struct http_conn *c, __u64 sk)
+{
+	struct thread_request *t;
+	__u64 samples;
+
+	if (c->role != ROLE_SERVER || !c->tid)
+		return 0;
+	t = thread_request_slot(c->tid);
+	if (!t || t->tid != c->tid || t->sk != sk || t->start_ns != c->req_start_ns)
+		return 0;
+	t->tid = 0;
+	THREAD_REQ_ORDER();
+	samples = t->samples;
+	return samples;
+}
+
 /* The transaction on c ended at end_ns: count it, and send its span if
  * sampled. */
 OTB_VERIFY_ONCE int finish(__u64 sk, struct http_conn *c, __u64 end_ns)
 {
-	__u64 start;
+	__u64 start, samples;
 
 	if (!c)
 		return 0;
 	start = c->req_start_ns;
+	samples = thread_request_end(c, sk);
 	c->state = ST_IDLE;
 	if (!start || end_ns < start)
 		return 0;
@@ -797,9 +855,8 @@ OTB_VERIFY_ONCE int finish(__u64 sk, struct http_conn *c, __u64 end_ns)
 		otb_count(&http_stats, HS_DETAIL_LOST);
 		return 0;
 	}
-	if (!span_allowed(end_ns))
-		return 0;
 	ev->end_ns = end_ns;
+	ev->cpu_samples = samples;
 	ev->status = c->status;
 	/* no wake-up per span (user space drains on a timer), unless the ring
 	 * is filling up */
@@ -823,6 +880,59 @@ static __always_inline int parent_sampled(const struct http_event *ev)
 		return -1;
 	/* flags are hex: bit 0 is "sampled" */
 	return f == '1' || f == '3' || f == '5' || f == '7' || f == '9' || f == 'b' || f == 'd' || f == 'f';
+}
+
+static __always_inline int hex_digit(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	c = lower(c);
+	return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* n bytes from 2n hex digits at text; false if one is not a hex digit or
+ * all bytes are zero (an invalid id, as W3C says). */
+static __always_inline bool hex_id(const char *text, __u8 *out, int n)
+{
+	__u8 any = 0;
+
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		if (i >= n)
+			break;
+		int hi = hex_digit(text[2 * i]), lo = hex_digit(text[2 * i + 1]);
+
+		if (hi < 0 || lo < 0)
+			return false;
+		out[i] = hi << 4 | lo;
+		any |= out[i];
+	}
+	return any != 0;
+}
+
+/* The span's ids: the trace of a valid traceparent (version, trace id and
+ * parent id as W3C writes them; user space takes the parent from the same
+ * header), else a new trace; always a new span id. */
+static __always_inline void span_ids(struct http_event *ev)
+{
+	const char *tp = ev->traceparent;
+	__u8 parent[8];
+
+	__u64 span;
+
+	if (!(tp[2] == '-' && tp[35] == '-' && tp[52] == '-' && hex_digit(tp[0]) >= 0 && hex_digit(tp[1]) >= 0 &&
+	      !(tp[0] == 'f' && tp[1] == 'f') && hex_id(tp + 3, ev->trace_id, 16) && hex_id(tp + 36, parent, 8))) {
+		__u32 *w = (__u32 *)ev->trace_id;
+
+		w[0] = bpf_get_prandom_u32();
+		w[1] = bpf_get_prandom_u32();
+		w[2] = bpf_get_prandom_u32();
+		w[3] = bpf_get_prandom_u32();
+		if (!(w[0] | w[1] | w[2] | w[3]))
+			w[3] = 1;
+	}
+	span = (__u64)bpf_get_prandom_u32() << 32 | bpf_get_prandom_u32();
+	ev->span_id = span ? span : 1;
 }
 
 /* A request starts: parse its line (and, for spans, three headers). */
@@ -891,15 +1001,15 @@ OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 	c->path_hash = p.hash;
 
 	if (!spans_enabled)
-		return 0;
+		goto serve;
 	if (!span_budget_left(start)) {
 		otb_count(&http_stats, HS_RATE_LIMITED);
-		return 0;
+		goto serve;
 	}
 	by_ratio = bpf_get_prandom_u32() <= sample_threshold;
 	if (!by_ratio && !parent_based) {
 		otb_count(&http_stats, HS_SAMPLED_OUT);
-		return 0;
+		goto serve;
 	}
 	/* a sampled request's fields start empty (not another request's);
 	 * path_len, just set by scan_path, is kept */
@@ -918,8 +1028,13 @@ OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 	parent = parent_based ? parent_sampled(ev) : -1;
 	if (parent == 0 || (parent < 0 && !by_ratio)) {
 		otb_count(&http_stats, HS_SAMPLED_OUT);
-		return 0;
+		goto serve;
 	}
+	/* the cap is spent here, not when the span ends: a request's CPU
+	 * samples link to its span id from its start, so a span chosen now is
+	 * one that will be sent */
+	if (!span_allowed(start))
+		goto serve;
 	__u64 id = bpf_get_current_pid_tgid();
 
 	ev->start_ns = start;
@@ -930,12 +1045,17 @@ OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 	ev->method = method;
 	ev->tls = c->tls;
 	ev->flags = p.end - skip > path_bytes;
+	ev->cpu_samples = 0;
+	span_ids(ev);
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	if (bpf_map_update_elem(&http_drafts, &sk, ev, BPF_ANY)) {
 		otb_count(&http_stats, HS_DETAIL_FULL);
-		return 0;
+		goto serve;
 	}
 	c->sampled = 1;
+serve:
+	if (role == ROLE_SERVER)
+		thread_request_begin(c, sk, start, p.hash, c->sampled ? ev : NULL);
 	return 0;
 }
 
@@ -1004,6 +1124,7 @@ static __always_inline void http1_on_data(struct data_ev *e, struct http_conn *c
 		/* anything but the server's late answer: a new connection on the
 		 * sock address of one that closed with a request open */
 		otb_count(&http_stats, HS_NO_RESPONSE);
+		thread_request_end(c, sk);
 		bpf_map_delete_elem(&http_conns, &sk);
 		c = NULL;
 	}
@@ -1096,8 +1217,10 @@ static __always_inline void http1_conn_gone(__u64 sk, struct http_conn *c)
 {
 	if (c->state == ST_RESPONSE)
 		finish(sk, c, c->resp_end_ns);
-	else if (c->state == ST_REQUEST)
+	else if (c->state == ST_REQUEST) {
+		thread_request_end(c, sk);
 		otb_count(&http_stats, HS_NO_RESPONSE);
+	}
 	bpf_map_delete_elem(&http_drafts, &sk);
 }
 
