@@ -131,6 +131,7 @@ def cmd_profile(args) -> int:
     from .export.pprof import to_folded, to_pprof
     from .probe import ProbeContext
     from .records import Profile
+    from .shared import SharedState
 
     for path in (args.output, args.html):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
@@ -163,25 +164,35 @@ def cmd_profile(args) -> int:
             return EXIT_FAILED
         log.warning("no HTML flame graph: %s", e)
         html_path = None
+    shared = SharedState()
     ctx = ProbeContext(bpf_dir=default_bpf_dir(), btf_path=cfg.kernel["btf"], tracefs=None, agent_pid=os.getpid(),
-                       start_time_ns=time.time_ns(), log=log)
+                       start_time_ns=time.time_ns(), log=log, shared=shared)
     probe = entry.cls(pcfg, ctx)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     profiles = []
     started = time.time()
+    requests = None
     try:
+        if args.requests:
+            requests = _start_request_probe(cfg, entries, feats, ctx, needed=bool(args.route or args.trace_id))
+            if requests is False:
+                return EXIT_FAILED
         probe.start()
         end = time.monotonic() + args.duration
         while not stop.is_set() and time.monotonic() < end:
             stop.wait(min(cfg.interval, max(0.0, end - time.monotonic())))
             profiles += [r for r in probe.collect() if isinstance(r, Profile)]
+            if requests:
+                requests.collect()   # its spans are not written; drained so its ring never fills
     finally:
         probe.stop()
-    if args.pid:
-        for p in profiles:
-            p.samples = [s for s in p.samples if s.attributes.get("process.pid") == args.pid]
+        if requests:
+            requests.stop()
+        shared.close()
+    for p in profiles:
+        p.samples = [s for s in p.samples if _sample_wanted(s, args)]
     folded_path = args.output + ".folded"
     with open(args.output, "wb") as f:
         f.write(to_pprof(profiles))
@@ -193,10 +204,61 @@ def cmd_profile(args) -> int:
         with open(html_path, "w", encoding="utf-8") as f:
             f.write(render_html(profiles, title=f"otelbpf CPU profile: {platform.node()}, "
                                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}"
-                                + (f", pid {args.pid}" if args.pid else "")))
+                                + (f", pid {args.pid}" if args.pid else "")
+                                + (f", route {args.route}" if args.route else "")
+                                + (f", trace {args.trace_id:032x}" if args.trace_id else "")))
         written += f", flame graph {html_path}"
     print(written)
     return EXIT_OK
+
+
+def _start_request_probe(cfg, entries: dict, feats: dict, ctx, needed: bool):
+    """The http probe, run beside the profiler so that samples carry the
+    request their thread was serving. None where it cannot run (the
+    profile is written without requests), False if the filter asked for
+    needs it (said why)."""
+    entry = entries.get("http")
+    why = None
+    if entry is None or entry.cls is None:
+        why = f"the http probe is not installed ({entry.error if entry else 'missing'})"
+    elif features.missing(entry.cls.requires, feats):
+        why = "this kernel lacks " + "; ".join(features.missing(entry.cls.requires, feats))
+    if why is None:
+        hcfg = cfg.probes.get("http") or config.parse_section(
+            {}, {**config.PROBE_COMMON, **entry.cls.config_schema}, "probes.http")
+        probe = entry.cls(hcfg, ctx)
+        try:
+            probe.start()
+            return probe
+        except Exception as e:
+            probe.stop()
+            why = f"the http probe did not start: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if needed:
+        log.error("--route/--trace-id need the HTTP requests: %s", why)
+        return False
+    log.warning("samples are not tied to HTTP requests: %s", why)
+    return None
+
+
+def _sample_wanted(sample, args) -> bool:
+    a = sample.attributes
+    if args.pid and a.get("process.pid") != args.pid:
+        return False
+    if args.route is not None and a.get("http.route") != args.route:
+        return False
+    if args.trace_id is not None and (sample.link is None or sample.link[0] != args.trace_id):
+        return False
+    return True
+
+
+def _trace_id(text: str) -> int:
+    try:
+        value = int(text, 16)
+    except ValueError:
+        value = 0
+    if len(text) != 32 or not value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a trace id (32 hex digits, not all zero)")
+    return value
 
 
 def cmd_top(args) -> int:
@@ -273,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "to OUTPUT.folded")
     prof.add_argument("--html", help="interactive flame graph, one self-contained HTML file (default: OUTPUT.html)")
     prof.add_argument("--pid", type=int, help="keep only this process")
+    prof.add_argument("--route", help="keep only samples taken while a thread served a request of this "
+                      "http.route (as the HTTP metrics name it, e.g. /users/{id})")
+    prof.add_argument("--trace-id", type=_trace_id, help="keep only samples of requests of this trace (32 hex digits)")
+    prof.add_argument("--no-requests", dest="requests", action="store_false",
+                      help="do not run the http probe beside the profiler (samples then carry no request)")
     prof.add_argument("--frequency", type=int, help="samples per second per CPU (default: the config's, 99)")
     prof.add_argument("--config", help="YAML config file (probes.cpu_profile settings)")
     prof.set_defaults(fn=cmd_profile)

@@ -449,8 +449,17 @@ def test_records_are_bounded_and_say_what_they_left_out(monkeypatch):
     inst = Instrument("c", "1", "")
     frames = [Frame(f"f{i}", i) for i in range(snap.MAX_FRAMES + 10)]
     batch = Batch(time_ns=1, metrics={"s": [Counter(inst, {"i": i}, i, 0) for i in range(25)]},
-                  profiles={"p": [Profile([ProfileSample({}, frames, n) for n in (5, 1, 9, 2, 7)], 0, 1, 1)]})
+                  profiles={"p": [Profile([ProfileSample({"n": n}, frames, n) for n in (5, 1, 9, 2, 7)], 0, 1, 1)]})
     out = json.loads(json.dumps(snap.snapshot(batch, 1.0)))
     assert len(out["metrics"]) == 10 and out["truncated"] == {"metrics": 15, "samples": 2}
     assert [s["count"] for s in out["samples"]] == [9, 7, 5]
     assert all(len(s["frames"]) == snap.MAX_FRAMES for s in out["samples"])
+    # samples of one route apart only by their request's ids are one, and
+    # so outweigh a heavier single stack outside requests
+    route = {"http.route": "/r"}
+    linked = [ProfileSample(route, frames[:2], 2, link=(t, t)) for t in (1, 2, 3)]
+    batch = Batch(time_ns=1, profiles={"p": [Profile(linked + [ProfileSample({}, frames[:2], 5)], 0, 1, 1)]})
+    monkeypatch.setattr(snap, "MAX_SAMPLES", 1)
+    out = snap.snapshot(batch, 1.0)
+    assert [(s["count"], s["attributes"]) for s in out["samples"]] == [(6, route)]
+    assert out["truncated"]["samples"] == 1

@@ -60,16 +60,26 @@ def snapshot(batch, interval: float) -> dict:
                 metrics.append(m)
             else:
                 dropped_metrics += 1
-    samples = []
+    merged: dict = {}
     profiles = []
     for scope, profs in batch.profiles.items():
         for p in profs:
             profiles.append({"scope": scope, "start_time_ns": p.start_time_ns, "duration_ns": p.duration_ns,
                              "period_ns": p.period_ns})
-            samples += [(s.count, scope, s) for s in p.samples]
-    samples.sort(key=lambda x: x[0], reverse=True)
-    kept = [{"scope": scope, "count": n, "attributes": _attrs(s.attributes),
-             "frames": [_frame_name(f) for f in s.frames[:MAX_FRAMES]]} for n, scope, s in samples[:MAX_SAMPLES]]
+            for s in p.samples:
+                # samples apart only by their request's ids (a link, which
+                # the view has no use for) are one: one request's few
+                # samples would otherwise be the first cut below
+                attrs = _attrs(s.attributes)
+                frames = [_frame_name(f) for f in s.frames[:MAX_FRAMES]]
+                key = (scope, tuple(sorted(attrs.items())), tuple(frames))
+                got = merged.get(key)
+                if got is None:
+                    merged[key] = {"scope": scope, "count": s.count, "attributes": attrs, "frames": frames}
+                else:
+                    got["count"] += s.count
+    samples = sorted(merged.values(), key=lambda x: x["count"], reverse=True)
+    kept = samples[:MAX_SAMPLES]
     return {"version": VERSION, "time_ns": batch.time_ns, "interval": interval, "metrics": metrics,
             "profiles": profiles, "samples": kept,
             "truncated": {"metrics": dropped_metrics, "samples": max(0, len(samples) - MAX_SAMPLES)}}
