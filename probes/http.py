@@ -925,7 +925,8 @@ class HttpProbe(BpfProbe):
         return out
 
     def stop(self) -> None:
-        self._stop.set()
+        if hasattr(self, "_stop"):   # not there when start() failed before its threads
+            self._stop.set()
         for t in getattr(self, "_pollers", []):
             t.join(timeout=2)
         self._pollers = []

@@ -1053,9 +1053,14 @@ OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 		goto serve;
 	}
 	c->sampled = 1;
-serve:
 	if (role == ROLE_SERVER)
-		thread_request_begin(c, sk, start, p.hash, c->sampled ? ev : NULL);
+		thread_request_begin(c, sk, start, p.hash, ev);
+	return 0;
+serve:
+	/* a call of its own, not one with "c->sampled ? ev : NULL": the
+	 * verifier (5.10's) cannot know c->sampled is 0 on these paths */
+	if (role == ROLE_SERVER)
+		thread_request_begin(c, sk, start, p.hash, NULL);
 	return 0;
 }
 
