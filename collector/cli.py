@@ -143,6 +143,9 @@ def cmd_profile(args) -> int:
         print(f"otelbpf: the cpu_profile probe is not installed ({entry.error if entry else 'missing'})",
               file=sys.stderr)
         return EXIT_FAILED
+    if not args.requests and (args.route or args.trace_id):
+        print("otelbpf: --route and --trace-id need the requests: drop --no-requests", file=sys.stderr)
+        return EXIT_CONFIG
     cfg = load_config(args.config, entries)
     _setup_logging(cfg.log_level)
     pcfg = cfg.probes.get("cpu_profile") or config.parse_section(
@@ -223,6 +226,8 @@ def _start_request_probe(cfg, entries: dict, feats: dict, ctx, needed: bool):
         why = f"the http probe is not installed ({entry.error if entry else 'missing'})"
     elif features.missing(entry.cls.requires, feats):
         why = "this kernel lacks " + "; ".join(features.missing(entry.cls.requires, feats))
+    elif "http" in cfg.probes and not cfg.probes["http"]["enabled"]:
+        why = "probes.http is disabled in the config"
     if why is None:
         hcfg = cfg.probes.get("http") or config.parse_section(
             {}, {**config.PROBE_COMMON, **entry.cls.config_schema}, "probes.http")

@@ -3,6 +3,7 @@ compiled workloads, and bpftool views of what is loaded in the kernel."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -201,3 +202,11 @@ def every_form_config(tmp_path: Path, otlp_endpoint: str, otlp_form: str, file_f
                           "file": {"path": str(tmp_path / "t.jsonl"), "histogram": file_form},
                           "console": {"top": 10000, "clear": False}},
             "probes": probes}
+
+
+def within_sampling(observed: int, total: int, p: float, what: str) -> None:
+    """observed of total samples, each in with probability p: within four
+    standard errors of p * total."""
+    se = math.sqrt(max(total * p * (1 - p), 1.0))
+    assert abs(observed - p * total) <= 4 * se, \
+        f"{what}: {observed} of {total} samples, expected {p * total:.1f} (p={p:.3f}, 4 SE = {4 * se:.1f})"

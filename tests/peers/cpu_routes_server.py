@@ -12,7 +12,8 @@ keep-alive) whose routes burn CPU, measuring what each request burned.
                        "background_cpu_ns", "pid"}
 
 A background thread named "bgburn" (its kernel thread name, set with
-prctl) burns CPU outside any request, --background-duty of the time.
+prctl) burns CPU outside any request, --background-duty of the time (0: no
+such thread).
 
   cpu_routes_server.py --port 0 [--background-duty 0.2]
 prints "ready PORT PID" once listening; SIGTERM stops it.
@@ -101,7 +102,8 @@ def main() -> int:
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     stop = threading.Event()
-    threading.Thread(target=background_burner, args=(args.background_duty, stop), daemon=True).start()
+    if args.background_duty > 0:
+        threading.Thread(target=background_burner, args=(args.background_duty, stop), daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"ready {server.server_address[1]} {os.getpid()}", flush=True)
     server.serve_forever()

@@ -18,9 +18,13 @@ Workloads (each its own process, so each is its own executable in the data):
   print what they moved.
 - syscalls: sc_workload makes GETPPID getppid() calls and SLEEPS nanosleeps.
 - CPU: cpu_work burns CPU; its own CPU time (rusage) is the ground truth.
+- CPU per request: tests/peers/cpu_routes_server.py (a thread per
+  connection) burns CPU in two routes, each request with a traceparent;
+  the server's own CPU time per route and per trace is the ground truth.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import resource
@@ -38,6 +42,7 @@ H2_PLAN = [("/", 200)] * 4 + [("/missing", 404)] * 2 + [("/boom", 500)]
 TCP_BYTES = 3_000_000
 GETPPID, SLEEPS, SLEEP_NS = 3000, 3, 20_000_000
 CPU_LOOPS = 150_000_000
+CPU_ROUTES = [("/heavy", 12), ("/light", 4)] * 4   # (route, units of ~1 ms on the host; ~20x that here)
 INTERVAL_S = 2
 
 TCP_SERVER = """
@@ -132,6 +137,30 @@ def tcp_workload() -> dict:
     return {"port": TCP_PORT, "client_sent": int(client.stdout), "server_received": received}
 
 
+def cpu_per_request_workload() -> dict:
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "peers" / "cpu_routes_server.py"),
+                               "--background-duty", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        ready = server.stdout.readline().split()
+        port, pid = int(ready[1]), int(ready[2])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        sent = {}
+        for route, units in CPU_ROUTES:
+            trace = os.urandom(16).hex()
+            conn.request("GET", f"{route}?units={units}",
+                         headers={"traceparent": f"00-{trace}-{os.urandom(8).hex()}-01"})
+            r = conn.getresponse()
+            r.read()
+            sent[trace] = route
+        conn.request("GET", "/stats")
+        stats = json.loads(conn.getresponse().read())
+        conn.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return {"pid": pid, "port": port, "sent": sent, "stats": stats}
+
+
 def syscall_workload(bin_dir: Path) -> dict:
     w = subprocess.Popen([str(bin_dir / "sc_workload"), str(GETPPID), str(SLEEPS), str(SLEEP_NS)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -200,6 +229,7 @@ def main() -> int:
         truth["tcp"] = tcp_workload()
         sc = syscall_workload(bin_dir)
         truth["cpu"] = cpu_workload(bin_dir)
+        truth["cpu_per_request"] = cpu_per_request_workload()
         time.sleep(2 * INTERVAL_S)   # the syscall workload is read while it lives
         proc = sc.pop("proc")
         proc.stdin.close()

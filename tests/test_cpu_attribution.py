@@ -1,0 +1,311 @@
+"""CPU per request: a profile sample carries the HTTP request its thread was
+serving (route, method, and the SERVER span's trace and span ids), from the
+kernel's per-thread request slot (bpf/thread_request.h).
+
+Real servers whose routes burn CPU, measured by the servers themselves
+(their thread CPU time, or the wall time of a synchronous loop), driven by
+a real client; the agent (`otelbpf run`, http and cpu_profile probes)
+exports to a real OTLP receiver, and `otelbpf profile` writes pprof that
+`go tool pprof` reads. Attribution is compared with what the servers say
+they burned, within four standard errors of the sampling."""
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from conftest import ROOT, AgentProcess, needs_root, within_sampling
+from otlp_data import attrs_of, linked_samples, server_spans
+from pprof_tool import go_pprof_runner, raw_samples
+
+pytestmark = needs_root
+
+PEERS = Path(__file__).parent / "peers"
+HEAVY_UNITS, LIGHT_UNITS = 30, 10
+
+
+def start_server(cmd: list):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().split()
+    assert line and line[0] == "ready", f"server did not start: {line}"
+    return proc, int(line[1]), int(line[2])
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def server_stats(port: int) -> dict:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("GET", "/stats")
+    return json.loads(c.getresponse().read())
+
+
+def drive(port: int, requests: int, connections: int, traced_every: int = 0) -> dict:
+    """Keep-alive clients alternating /heavy and /light; every traced_every-th
+    request carries a fresh sampled traceparent. -> {trace id hex: route}."""
+    sent: dict = {}
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for i in range(requests):
+            route, units = ("/heavy", HEAVY_UNITS) if (i + k) % 2 else ("/light", LIGHT_UNITS)
+            headers = {}
+            if traced_every and i % traced_every == 0:
+                trace = f"{random.getrandbits(128) | 1:032x}"
+                headers["traceparent"] = f"00-{trace}-{random.getrandbits(64) | 1:016x}-01"
+                with lock:
+                    sent[trace] = route
+            c.request("GET", f"{route}?units={units}", headers=headers)
+            r = c.getresponse()
+            r.read()
+            assert r.status == 200
+        c.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return sent
+
+
+def agent_config(tmp_path, endpoint: str, profiler_first: bool = False) -> dict:
+    """Spans only for requests whose traceparent asks for one: the rest are
+    attributed by route, with no span to link to. The probes start in the
+    order given, so either can be the one that creates the shared map."""
+    probes = {"http": {"tls": False, "sample_ratio": 0.0}, "cpu_profile": {}}
+    if profiler_first:
+        probes = dict(reversed(list(probes.items())))
+    return {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
+            "exporters": {"otlp": {"endpoint": endpoint, "protocol": "grpc"}}, "probes": probes}
+
+
+def exported_samples(rx, pid: int) -> list:
+    with rx.lock:
+        return linked_samples(list(rx.profiles), pid)
+
+
+def exported_server_spans(rx, port: int) -> dict:
+    with rx.lock:
+        return server_spans(list(rx.traces), port)
+
+
+def counter(rx, name: str, **match) -> int:
+    want = {k.replace("__", "."): v for k, v in match.items()}
+    best = 0
+    with rx.lock:
+        reqs = list(rx.metrics)
+    for req in reqs:
+        for rm in req.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name != name:
+                        continue
+                    for dp in m.sum.data_points:
+                        a = attrs_of(dp.attributes)
+                        if all(a.get(k) == v for k, v in want.items()):
+                            best = max(best, dp.as_int)
+    return best
+
+
+def by_route(samples: list) -> dict:
+    out: dict = {}
+    for attrs, _link, _names, n in samples:
+        route = attrs.get("http.route")
+        out[route] = out.get(route, 0) + n
+    return out
+
+
+# ---------------------------------------------------------------- threads
+
+def test_thread_per_request_server_samples_follow_routes_and_link_to_spans(tmp_path):
+    """ThreadingHTTPServer (a thread per connection): samples per route
+    within 4 SE of the CPU the server measured per route; every sample of a
+    request that carried a traceparent links to that trace and to its
+    SERVER span, whose otelbpf.cpu.samples counts them; the background
+    thread's samples (outside any request) are unattributed, and counted."""
+    from otlp_receiver import GrpcReceiver
+    recv = GrpcReceiver()
+    a = srv = None
+    try:
+        a = AgentProcess(tmp_path, agent_config(tmp_path, recv.endpoint))
+        a.wait_for_log("collecting every", timeout=90)
+        srv, port, pid = start_server([sys.executable, str(PEERS / "cpu_routes_server.py"),
+                                       "--background-duty", "0.2"])
+        sent = drive(port, requests=90, connections=2, traced_every=3)
+        stats = server_stats(port)
+        time.sleep(2.5)   # the last interval's samples and spans
+        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
+    finally:
+        if a is not None:
+            a.kill()
+        if srv is not None:
+            stop(srv)
+        recv.stop()
+
+    samples = exported_samples(recv.rx, pid)
+    routes = by_route(samples)
+    heavy, light = routes.get("/heavy", 0), routes.get("/light", 0)
+    cpu = {r: v["cpu_ns"] for r, v in stats["routes"].items()}
+    assert stats["routes"]["/heavy"]["requests"] == stats["routes"]["/light"]["requests"] == 90
+    assert heavy + light >= 200, f"too few attributed samples to judge: {routes}"
+    within_sampling(heavy, heavy + light, cpu["/heavy"] / (cpu["/heavy"] + cpu["/light"]), "/heavy's share")
+    # ...and the attributed total is what the handlers burned at 99 Hz
+    expected = (cpu["/heavy"] + cpu["/light"]) * 99 / 1e9
+    assert abs(heavy + light - expected) <= 4 * math.sqrt(expected) + 0.05 * expected, (heavy + light, expected)
+
+    # links: each to a trace the client sent, its SERVER span, that request's route
+    spans = exported_server_spans(recv.rx, port)
+    traced = {trace: route for trace, route in sent.items()}
+    assert len(spans) == len(traced), f"{len(spans)} SERVER spans for {len(traced)} traced requests"
+    linked: dict = {}
+    for attrs, link, _names, n in samples:
+        if link is None:
+            continue
+        trace, span = link
+        assert trace in traced, f"a sample links to trace {trace}, which no request carried"
+        assert span in spans and spans[span][0] == trace, f"sample's span {span} is not its trace's SERVER span"
+        assert attrs["http.route"] == traced[trace] == spans[span][1]["http.route"]
+        assert attrs["http.request.method"] == "GET"
+        linked[span] = linked.get(span, 0) + n
+    # every sample the kernel counted in a traced request is one that links to it
+    for span, (trace, sattrs) in spans.items():
+        assert sattrs.get("otelbpf.cpu.samples", 0) == linked.get(span, 0), (span, sattrs, linked.get(span))
+        if linked.get(span):
+            assert sattrs["pyroscope.profile.id"] == span
+    traced_cpu = sum(t["cpu_ns"] for t in stats["traces"].values())
+    assert set(stats["traces"]) == set(traced)
+    within_sampling(sum(linked.values()), heavy + light, traced_cpu / (cpu["/heavy"] + cpu["/light"]),
+                    "traced requests' share")
+
+    # outside any request: unattributed, and counted
+    background = [(attrs, link, n) for attrs, link, _names, n in samples if attrs.get("thread.name") == "bgburn"]
+    bg = sum(n for _a, _l, n in background)
+    assert bg >= 0.5 * stats["background_cpu_ns"] * 99 / 1e9, (bg, stats["background_cpu_ns"])
+    assert all("http.route" not in attrs and link is None for attrs, link, _n in background)
+    unattributed = counter(recv.rx, "otelbpf.profiler.request.samples", otelbpf__request="unattributed")
+    attributed = counter(recv.rx, "otelbpf.profiler.request.samples", otelbpf__request="attributed")
+    assert unattributed >= bg and attributed >= heavy + light, (unattributed, bg, attributed, heavy + light)
+
+
+# ---------------------------------------------------------------- event loop
+
+def test_event_loop_server_attributes_only_between_read_and_write(tmp_path):
+    """Node's http server (one thread, many requests): a sample goes to the
+    request the thread read and has not answered yet. Each handler burns in
+    the request, then as much again after its response is written: the
+    after-response burn is never attributed (no request had been read
+    since, the client waits for each answer), and the in-request burns
+    split by route as the server timed them."""
+    from otlp_receiver import GrpcReceiver
+    recv = GrpcReceiver()
+    a = srv = None
+    try:
+        a = AgentProcess(tmp_path, agent_config(tmp_path, recv.endpoint, profiler_first=True))
+        a.wait_for_log("collecting every", timeout=90)
+        srv, port, pid = start_server(["node", "--perf-basic-prof", str(PEERS / "cpu_routes_node.js")])
+        drive(port, requests=120, connections=1)
+        time.sleep(0.5)
+        stats = server_stats(port)
+        time.sleep(2.5)
+        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
+    finally:
+        if a is not None:
+            a.kill()
+        if srv is not None:
+            stop(srv)
+        recv.stop()
+
+    samples = exported_samples(recv.rx, pid)
+    main = [s for s in samples if s[0].get("thread.name") == "node"]
+    routes = by_route(main)
+    heavy, light = routes.get("/heavy", 0), routes.get("/light", 0)
+    r = stats["routes"]
+    assert r["/heavy"]["requests"] == r["/light"]["requests"] == 60
+    in_request = r["/heavy"]["handler_ms"] + r["/light"]["handler_ms"]
+    after = r["/heavy"]["after_ms"] + r["/light"]["after_ms"]
+    assert heavy + light >= 150, f"too few attributed samples to judge: {routes}"
+    within_sampling(heavy, heavy + light, r["/heavy"]["handler_ms"] / in_request, "/heavy's share")
+    # in-request vs after-response: if finished requests kept their samples,
+    # the attributed share would be near 1, not near in / (in + after)
+    burning = sum(n for _a, _l, names, n in main if any("burnInRequest" in f or "burnAfterResponse" in f
+                                                        for f in names))
+    attributed = heavy + light
+    within_sampling(attributed, burning, in_request / (in_request + after), "the attributed share of the burns")
+    after_samples = [(attrs, link, n) for attrs, link, names, n in main if any("burnAfterResponse" in f for f in names)]
+    assert sum(n for _a, _l, n in after_samples) >= 50, "the after-response burn was not sampled by name"
+    assert all("http.route" not in attrs and link is None for attrs, link, _n in after_samples), \
+        [a for a, _l, _n in after_samples if "http.route" in a][:3]
+    in_named = sum(n for attrs, _l, names, n in main if any("burnInRequest" in f for f in names)
+                   and "http.route" in attrs)
+    assert in_named >= 0.95 * sum(n for _a, _l, names, n in main if any("burnInRequest" in f for f in names))
+
+
+# ---------------------------------------------------------------- pprof
+
+def test_profile_command_pprof_labels_select_a_route_in_go_pprof(tmp_path):
+    """`otelbpf profile` runs the http probe beside the profiler: its pprof
+    carries http.route, http.request.method, trace_id and span_id labels as
+    `go tool pprof` reads them, -tagfocus on a route keeps exactly that
+    route's samples, and --route writes only that route's."""
+    go_pprof = go_pprof_runner(tmp_path)
+    srv, port, pid = start_server([sys.executable, str(PEERS / "cpu_routes_server.py"), "--background-duty", "0.1"])
+    out_all, out_heavy = tmp_path / "all.pb.gz", tmp_path / "heavy.pb.gz"
+    try:
+        for out, extra in ((out_all, []), (out_heavy, ["--route", "/heavy"])):
+            prof = subprocess.Popen([sys.executable, "-m", "collector.cli", "profile", "--duration", "8",
+                                     "--pid", str(pid), "--output", str(out), *extra],
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(3)   # loaded and attached
+            drive(port, requests=40, connections=2, traced_every=2)
+            so, se = prof.communicate(timeout=120)
+            assert prof.returncode == 0, se
+    finally:
+        stop(srv)
+
+    got = raw_samples(go_pprof("-raw", str(out_all)))
+    routes: dict = {}
+    for n, labels in got:
+        lab = dict(labels)
+        assert lab["process.pid"] == str(pid)
+        if "http.route" in lab:
+            assert lab["http.request.method"] == "GET"
+            routes[lab["http.route"]] = routes.get(lab["http.route"], 0) + n
+        if "span_id" in lab:
+            assert len(lab["trace_id"]) == 32 and len(lab["span_id"]) == 16 and "http.route" in lab
+    assert routes.get("/heavy", 0) > routes.get("/light", 0) > 0, routes
+    assert any("span_id" in dict(labels) for _n, labels in got), "no sample carries its request's span"
+    focused = raw_samples(go_pprof("-tagfocus=http.route=^/heavy$", "-raw", str(out_all)))
+    assert sum(n for n, _ in focused) == routes["/heavy"]
+    assert all(dict(labels)["http.route"] == "/heavy" for _n, labels in focused)
+
+    only = raw_samples(go_pprof("-raw", str(out_heavy)))
+    assert only and all(dict(labels).get("http.route") == "/heavy" for _n, labels in only)
+
+
+def test_route_filter_without_requests_is_refused(tmp_path):
+    """--route needs the http probe beside the profiler: asked for with
+    --no-requests, or with the http probe disabled in the config, the
+    command says why and writes nothing."""
+    out = tmp_path / "x.pb.gz"
+    base = [sys.executable, "-m", "collector.cli", "profile", "--duration", "1", "--route", "/x", "--output", str(out)]
+    p = subprocess.run(base + ["--no-requests"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--route" in p.stderr and "--no-requests" in p.stderr, p.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("probes: {cpu_profile: {}, http: {enabled: false}}\n")
+    p = subprocess.run(base + ["--config", str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "probes.http is disabled" in p.stderr, p.stderr
+    assert not out.exists()
