@@ -819,7 +819,6 @@ static __always_inline void thread_request_begin(struct http_conn *c, __u64 sk, 
 static __always_inline __u64 thread_request_end(struct http_conn *c, __u64 sk)
 {
 	struct thread_request *t;
-	__u64 samples;
 
 	if (c->role != ROLE_SERVER || !c->tid)
 		return 0;
@@ -828,8 +827,7 @@ static __always_inline __u64 thread_request_end(struct http_conn *c, __u64 sk)
 		return 0;
 	t->tid = 0;
 	THREAD_REQ_ORDER();
-	samples = t->samples;
-	return samples;
+	return t->samples;
 }
 
 /* The transaction on c ended at end_ns: count it, and send its span if

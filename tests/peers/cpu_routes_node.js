@@ -15,8 +15,9 @@
 'use strict';
 const http = require('http');
 
-const LOOP_PER_UNIT = 200000;
-const afterRatio = Number(process.argv[process.argv.indexOf('--after-ratio') + 1] || 1.0);
+const LOOP_PER_UNIT = 600000;   // ~1 ms of CPU per unit on this machine
+const flag = process.argv.indexOf('--after-ratio');
+const afterRatio = flag > 0 ? Number(process.argv[flag + 1]) : 1.0;
 const routes = { '/heavy': { handler_ms: 0, after_ms: 0, requests: 0 }, '/light': { handler_ms: 0, after_ms: 0, requests: 0 } };
 
 function burnInRequest(units) {
