@@ -44,6 +44,7 @@ bench: setup
 	$(PY) bench/uprobe_cost.py
 	$(PY) bench/h2_overhead.py
 	$(PY) bench/h2_decoder.py
+	$(PY) bench/request_attribution.py
 	$(PY) bench/flood.py
 
 setup: $(STAMP_APT) $(STAMP_VENV) bpf flamegraph-assets

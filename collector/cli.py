@@ -178,17 +178,21 @@ def cmd_profile(args) -> int:
     started = time.time()
     requests = None
     try:
+        probe.start()
+        end = time.monotonic() + args.duration
+        # after the profiler, which samples meanwhile: the http probe takes
+        # seconds to load, and the profile's time counts from its start
         if args.requests:
             requests = _start_request_probe(cfg, entries, feats, ctx, needed=bool(args.route or args.trace_id))
             if requests is False:
                 return EXIT_FAILED
-        probe.start()
-        end = time.monotonic() + args.duration
-        while not stop.is_set() and time.monotonic() < end:
+        while True:   # at least one collection, even if the http probe's load took the whole duration
             stop.wait(min(cfg.interval, max(0.0, end - time.monotonic())))
             profiles += [r for r in probe.collect() if isinstance(r, Profile)]
             if requests:
                 requests.collect()   # its spans are not written; drained so its ring never fills
+            if stop.is_set() or time.monotonic() >= end:
+                break
     finally:
         probe.stop()
         if requests:

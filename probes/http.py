@@ -354,13 +354,10 @@ class HttpProbe(BpfProbe):
 
     def request_attributes(self, route_key: int, method: int) -> dict:
         """What the CPU profiler puts on a sample taken in a server request:
-        its route (from the path table, as the request's series has it) and
-        method. No route when the path is no longer in the table."""
-        attrs = {"http.request.method": METHODS.get(method, "_OTHER")}
-        path = self._path(route_key) if route_key else None
-        if path is not None:
-            attrs["http.route"] = self._routes.route(path)
-        return attrs
+        its route and method, as the request's series names them (a path no
+        longer in the path table is the overflow route, as there)."""
+        return {"http.request.method": METHODS.get(method, "_OTHER"),
+                "http.route": self._routes.route(self._path(route_key) if route_key else None)}
 
     def _configure_http2(self, obj) -> bool:
         """HTTP/2 on or off in the kernel (the 5.10 build has none: say so)."""

@@ -129,6 +129,31 @@ def by_route(samples: list) -> dict:
     return out
 
 
+def assert_samples_link_to_their_spans(samples: list, spans: dict, sent: dict) -> dict:
+    """Each linked sample links to a trace the client sent, to that trace's
+    SERVER span, and has that request's route; each span's
+    otelbpf.cpu.samples is the count of samples linked to it (so every
+    sample the kernel counted in a traced request carries the link).
+    -> span id -> samples linked to it."""
+    assert len(spans) == len(sent), f"{len(spans)} SERVER spans for {len(sent)} traced requests"
+    linked: dict = {}
+    for attrs, link, _names, n in samples:
+        if link is None:
+            continue
+        trace, span = link
+        assert trace in sent, f"a sample links to trace {trace}, which no request carried"
+        assert span in spans and spans[span][0] == trace, f"sample's span {span} is not its trace's SERVER span"
+        assert attrs["http.route"] == sent[trace] == spans[span][1]["http.route"]
+        assert attrs["http.request.method"] == "GET"
+        linked[span] = linked.get(span, 0) + n
+    for span, (_trace, sattrs) in spans.items():
+        assert sattrs.get("otelbpf.cpu.samples", 0) == linked.get(span, 0), (span, sattrs, linked.get(span))
+        if linked.get(span):
+            assert sattrs["pyroscope.profile.id"] == span
+    assert linked, "no sample linked to a span"
+    return linked
+
+
 # ---------------------------------------------------------------- threads
 
 def test_thread_per_request_server_samples_follow_routes_and_link_to_spans(tmp_path):
@@ -167,27 +192,9 @@ def test_thread_per_request_server_samples_follow_routes_and_link_to_spans(tmp_p
     expected = (cpu["/heavy"] + cpu["/light"]) * 99 / 1e9
     assert abs(heavy + light - expected) <= 4 * math.sqrt(expected) + 0.05 * expected, (heavy + light, expected)
 
-    # links: each to a trace the client sent, its SERVER span, that request's route
-    spans = exported_server_spans(recv.rx, port)
-    traced = {trace: route for trace, route in sent.items()}
-    assert len(spans) == len(traced), f"{len(spans)} SERVER spans for {len(traced)} traced requests"
-    linked: dict = {}
-    for attrs, link, _names, n in samples:
-        if link is None:
-            continue
-        trace, span = link
-        assert trace in traced, f"a sample links to trace {trace}, which no request carried"
-        assert span in spans and spans[span][0] == trace, f"sample's span {span} is not its trace's SERVER span"
-        assert attrs["http.route"] == traced[trace] == spans[span][1]["http.route"]
-        assert attrs["http.request.method"] == "GET"
-        linked[span] = linked.get(span, 0) + n
-    # every sample the kernel counted in a traced request is one that links to it
-    for span, (trace, sattrs) in spans.items():
-        assert sattrs.get("otelbpf.cpu.samples", 0) == linked.get(span, 0), (span, sattrs, linked.get(span))
-        if linked.get(span):
-            assert sattrs["pyroscope.profile.id"] == span
+    linked = assert_samples_link_to_their_spans(samples, exported_server_spans(recv.rx, port), sent)
     traced_cpu = sum(t["cpu_ns"] for t in stats["traces"].values())
-    assert set(stats["traces"]) == set(traced)
+    assert set(stats["traces"]) == set(sent)
     within_sampling(sum(linked.values()), heavy + light, traced_cpu / (cpu["/heavy"] + cpu["/light"]),
                     "traced requests' share")
 
@@ -208,8 +215,9 @@ def test_event_loop_server_attributes_only_between_read_and_write(tmp_path):
     request the thread read and has not answered yet. Each handler burns in
     the request, then as much again after its response is written: the
     after-response burn is never attributed (no request had been read
-    since, the client waits for each answer), and the in-request burns
-    split by route as the server timed them."""
+    since, the client waits for each answer), the in-request burns split
+    by route as the server timed them, and the samples of requests that
+    carried a traceparent link to their SERVER spans."""
     from otlp_receiver import GrpcReceiver
     recv = GrpcReceiver()
     a = srv = None
@@ -217,7 +225,7 @@ def test_event_loop_server_attributes_only_between_read_and_write(tmp_path):
         a = AgentProcess(tmp_path, agent_config(tmp_path, recv.endpoint, profiler_first=True))
         a.wait_for_log("collecting every", timeout=90)
         srv, port, pid = start_server(["node", "--perf-basic-prof", str(PEERS / "cpu_routes_node.js")])
-        drive(port, requests=120, connections=1)
+        sent = drive(port, requests=120, connections=1, traced_every=3)
         time.sleep(0.5)
         stats = server_stats(port)
         time.sleep(2.5)
@@ -252,6 +260,7 @@ def test_event_loop_server_attributes_only_between_read_and_write(tmp_path):
     in_named = sum(n for attrs, _l, names, n in main if any("burnInRequest" in f for f in names)
                    and "http.route" in attrs)
     assert in_named >= 0.95 * sum(n for _a, _l, names, n in main if any("burnInRequest" in f for f in names))
+    assert_samples_link_to_their_spans(samples, exported_server_spans(recv.rx, port), sent)
 
 
 # ---------------------------------------------------------------- pprof
