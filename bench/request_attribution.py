@@ -13,11 +13,12 @@ probes loaded in this process:
   finds the request, copies it into the sample and counts it.
 
 Prints wrk's requests/s (median of rounds), the shared setup's ratio to the
-unshared one (the lookup's slowdown; target: none measurable) and to http
-alone (the profiler's), how many of nginx's samples were attributed, and,
-from one extra round with kernel.bpf_stats_enabled=1 (not counted: the
-statistics add two clock reads per run), ns per run of the profiler's
-prof_sample with and without requests to find.
+unshared one round by round (the lookup's slowdown; target: none
+measurable) and to http alone (the profiler's), how many of nginx's samples
+were attributed, and, from one extra round with kernel.bpf_stats_enabled=1
+(not counted: the statistics add two clock reads per run), ns per run of
+the profiler's prof_sample with and without requests to find, and of the
+http probe's socket programs (which claim and free the thread's slot).
 
 Usage: python bench/request_attribution.py [--rounds 5] [--seconds 5] [--frequency 99]
 """
@@ -98,15 +99,18 @@ class Probes:
             self._shared_state.close()
 
 
-def prof_sample_ns() -> tuple:
-    """(runs, ns) of every loaded prof_sample program."""
+MEASURED = ("prof_sample", "http_sock_recv", "http_sock_send", "http_sys_exit")
+
+
+def run_stats() -> dict:
+    """program name -> (runs, ns) summed over the loaded programs of MEASURED."""
     out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True).stdout
-    runs = ns = 0
+    stats: dict = {}
     for p in json.loads(out or "[]"):
-        if p.get("name") == "prof_sample":
-            runs += p.get("run_cnt", 0)
-            ns += p.get("run_time_ns", 0)
-    return runs, ns
+        if p.get("name") in MEASURED:
+            runs, ns = stats.get(p["name"], (0, 0))
+            stats[p["name"]] = (runs + p.get("run_cnt", 0), ns + p.get("run_time_ns", 0))
+    return stats
 
 
 def nginx_pids(pidfile: str) -> set:
@@ -152,18 +156,17 @@ def main() -> int:
             with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
                 f.write("1" if profiling else "0")
             for name, setup in setups.items():
-                if profiling and "cpu_profile" not in setup.names:
-                    continue
                 setup.start(pids)
                 try:
-                    before = prof_sample_ns()
+                    before = run_stats()
                     got = wrk(url, args.seconds, args.conns)
-                    after = prof_sample_ns()
+                    after = run_stats()
                 finally:
                     setup.stop()
                 if profiling:
-                    runs = after[0] - before[0]
-                    per_run[name] = ((after[1] - before[1]) / runs if runs else 0.0, runs)
+                    per_run[name] = {prog: ((ns - before.get(prog, (0, 0))[1]) / (runs - before.get(prog, (0, 0))[0]),
+                                            runs - before.get(prog, (0, 0))[0])
+                                     for prog, (runs, ns) in after.items() if runs > before.get(prog, (0, 0))[0]}
                 else:
                     rps[name].append(got)
     finally:
@@ -179,16 +182,19 @@ def main() -> int:
     names = list(setups)
     for name in names:
         print(f"  {name:<55} {med[name]:>10.0f} req/s  (rounds: {', '.join(f'{v:.0f}' for v in rps[name])})")
-    alone, apart, shared = (med[n] for n in names)
-    print(f"the lookup's slowdown (shared / apart): {100 * shared / apart:.1f}% of throughput "
-          f"(round-to-round spread: {100 * (max(rps[names[1]]) - min(rps[names[1]])) / apart:.1f}% for apart)")
-    print(f"the profiler's (shared / http alone):    {100 * shared / alone:.1f}%")
+    def paired(a: str, b: str) -> str:
+        """a's throughput over b's, round by round (each pair minutes closer
+        than the medians): median and range"""
+        r = sorted(100 * x / y for x, y in zip(rps[a], rps[b]))
+        return f"median {statistics.median(r):.1f}% (rounds {r[0]:.1f}-{r[-1]:.1f}%)"
+    print(f"the lookup (shared / apart, per round):     {paired(names[2], names[1])}")
+    print(f"the profiler (shared / http alone, per round): {paired(names[2], names[0])}")
     s = setups[names[2]]
     print(f"nginx samples attributed to a request with the shared map: {s.attributed} of {s.samples}; "
           f"with maps apart: {setups[names[1]].attributed} of {setups[names[1]].samples}")
-    print("prof_sample, ns per run (bpf_stats round, whole program incl. its stack id; the walk is tail calls):")
-    for name, (ns, runs) in per_run.items():
-        print(f"  {name:<55} {ns:>7.0f} ns  ({runs} runs)")
+    print("ns per run, from the bpf_stats round (prof_sample: the whole sample, its tail-called walk included):")
+    for name, progs in per_run.items():
+        print(f"  {name:<55} " + ", ".join(f"{prog} {ns:.0f} ns ({runs} runs)" for prog, (ns, runs) in sorted(progs.items())))
     return 0
 
 

@@ -1221,7 +1221,9 @@ static __always_inline void http1_on_data(struct data_ev *e, struct http_conn *c
 	r->method = method;
 	r->role = dir == DIR_IN ? ROLE_SERVER : ROLE_CLIENT;
 	on_request(r, c);
-	if (c->state == ST_REQUEST && c->req_start_ns == r->start)	/* it was a request */
+	/* a request started: a span's ids, a server's thread (a client request
+	 * without a span needs neither) */
+	if (c->state == ST_REQUEST && c->req_start_ns == r->start && (c->sampled || c->role == ROLE_SERVER))
 		request_started(c, sk);
 }
 
