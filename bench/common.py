@@ -118,6 +118,19 @@ http {{
 """
 
 
+def start_nginx(d: str) -> tuple:
+    """Debian's nginx with NGINX_CONF in directory d (a throwaway
+    certificate for its TLS port): (plain port, TLS port). Stop it with
+    `nginx -c d/nginx.conf -s stop`."""
+    port, tls_port = free_port(), free_port()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/key.pem", "-out",
+                    f"{d}/cert.pem", "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    with open(f"{d}/nginx.conf", "w") as f:
+        f.write(NGINX_CONF.format(d=d, port=port, tls_port=tls_port))
+    subprocess.run(["nginx", "-c", f"{d}/nginx.conf"], check=True)
+    return port, tls_port
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -44,7 +44,7 @@ import time
 import psutil
 import yaml
 
-from common import NGINX_CONF, ROOT, answered, build, free_port, start_otlp_sink, total  # noqa: E402
+from common import ROOT, answered, build, start_nginx, start_otlp_sink, total  # noqa: E402
 
 from collector import libbpf  # noqa: E402
 
@@ -157,12 +157,7 @@ def main() -> int:
             return 2
     loop = build("getppid_loop")
     d = tempfile.mkdtemp(prefix="otelbpf-bench-")
-    port, tls_port = free_port(), free_port()
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/key.pem", "-out",
-                    f"{d}/cert.pem", "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
-    with open(f"{d}/nginx.conf", "w") as f:
-        f.write(NGINX_CONF.format(d=d, port=port, tls_port=tls_port))
-    subprocess.run(["nginx", "-c", f"{d}/nginx.conf"], check=True)
+    port, tls_port = start_nginx(d)
     plain, tls = f"http://127.0.0.1:{port}/", f"https://127.0.0.1:{tls_port}/"
     http_only = {"http": {}}
     setups = {  # name -> (url, port, setup or None)

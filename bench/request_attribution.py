@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 
-from common import NGINX_CONF, free_port  # noqa: E402  (puts the checkout on sys.path)
+from common import start_nginx  # noqa: E402  (puts the checkout on sys.path)
 
 from collector import config
 from collector.probe import ProbeContext, default_bpf_dir, discover
@@ -132,12 +132,7 @@ def main() -> int:
             return 2
     logging.basicConfig(level=logging.WARNING)
     d = tempfile.mkdtemp(prefix="otelbpf-bench-")
-    port, tls_port = free_port(), free_port()
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/key.pem", "-out",
-                    f"{d}/cert.pem", "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
-    with open(f"{d}/nginx.conf", "w") as f:
-        f.write(NGINX_CONF.format(d=d, port=port, tls_port=tls_port))
-    subprocess.run(["nginx", "-c", f"{d}/nginx.conf"], check=True)
+    port, _tls_port = start_nginx(d)
     url = f"http://127.0.0.1:{port}/"
     setups = {
         "http alone": Probes(("http",), True, args.frequency),

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from common import NGINX_CONF, ROOT, answered, build, free_port  # noqa: E402  (puts the checkout on sys.path)
+from common import ROOT, answered, build, start_nginx  # noqa: E402  (puts the checkout on sys.path)
 
 from collector import libbpf  # noqa: E402
 from probes.http import SSL_LIFECYCLE_FUNCS, libc_path  # noqa: E402
@@ -68,12 +68,7 @@ def hits_per_request(seconds: int) -> None:
         return
     placement = place(LIBSSL)
     d = tempfile.mkdtemp(prefix="otelbpf-uprobe-")
-    port, plain_port = free_port(), free_port()
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{d}/key.pem", "-out",
-                    f"{d}/cert.pem", "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
-    with open(f"{d}/nginx.conf", "w") as f:
-        f.write(NGINX_CONF.format(d=d, port=plain_port, tls_port=port))
-    subprocess.run(["nginx", "-c", f"{d}/nginx.conf"], check=True)
+    _plain_port, port = start_nginx(d)
     try:
         time.sleep(0.3)
         with libbpf.BpfObject(str(ROOT / "bench" / "bpf" / "count_hits.bpf.o")) as obj:

@@ -100,52 +100,50 @@ def check_profile_indices(req) -> None:
                     assert all(i < n["a"] for i in s.attribute_indices)
 
 
-def profile_samples(requests):
-    """(attributes, [function names leaf first], [is kernel], count) per sample."""
-    out = []
+def _each_sample(requests):
+    """(dictionary, sample, its attributes, its locations leaf first) of every profile sample."""
     for req in requests:
         d = req.dictionary
         strs = d.string_table
-        kernel_maps = {i for i, m in enumerate(d.mapping_table) if strs[m.filename_strindex] == "[kernel.kallsyms]"}
         for rp in req.resource_profiles:
             for sp in rp.scope_profiles:
                 for p in sp.profiles:
                     for s in p.samples:
                         attrs = {strs[d.attribute_table[i].key_strindex]: attr_value(d.attribute_table[i].value)
                                  for i in s.attribute_indices}
-                        names, kernel = [], []
-                        for li in d.stack_table[s.stack_index].location_indices:
-                            loc = d.location_table[li]
-                            fn = strs[d.function_table[loc.lines[0].function_index].name_strindex] if loc.lines else None
-                            names.append(fn)
-                            kernel.append(loc.mapping_index in kernel_maps)
-                        out.append((attrs, names, kernel, s.values[0]))
+                        locs = [d.location_table[li] for li in d.stack_table[s.stack_index].location_indices]
+                        yield d, s, attrs, locs
+
+
+def _function(d, loc):
+    return d.string_table[d.function_table[loc.lines[0].function_index].name_strindex] if loc.lines else None
+
+
+def profile_samples(requests):
+    """(attributes, [function names leaf first], [is kernel], count) per sample."""
+    out = []
+    kernel_maps = {}
+    for d, s, attrs, locs in _each_sample(requests):
+        if id(d) not in kernel_maps:
+            kernel_maps[id(d)] = {i for i, m in enumerate(d.mapping_table)
+                                  if d.string_table[m.filename_strindex] == "[kernel.kallsyms]"}
+        out.append((attrs, [_function(d, loc) for loc in locs],
+                    [loc.mapping_index in kernel_maps[id(d)] for loc in locs], s.values[0]))
     return out
 
 
 def linked_samples(requests, pid: int) -> list:
     """(attributes, (trace id hex, span id hex) or None, [function names leaf
-    first], count) of every sample of process pid."""
+    first, "" where unnamed], count) of every sample of process pid."""
     out = []
-    for req in requests:
-        d = req.dictionary
-        strs = d.string_table
-        for rp in req.resource_profiles:
-            for sp in rp.scope_profiles:
-                for p in sp.profiles:
-                    for s in p.samples:
-                        attrs = {strs[d.attribute_table[i].key_strindex]: attr_value(d.attribute_table[i].value)
-                                 for i in s.attribute_indices}
-                        if attrs.get("process.pid") != pid:
-                            continue
-                        link = None
-                        if s.link_index:
-                            lk = d.link_table[s.link_index]
-                            link = (lk.trace_id.hex(), lk.span_id.hex())
-                        names = [strs[d.function_table[d.location_table[li].lines[0].function_index].name_strindex]
-                                 if d.location_table[li].lines else ""
-                                 for li in d.stack_table[s.stack_index].location_indices]
-                        out.append((attrs, link, names, s.values[0]))
+    for d, s, attrs, locs in _each_sample(requests):
+        if attrs.get("process.pid") != pid:
+            continue
+        link = None
+        if s.link_index:
+            lk = d.link_table[s.link_index]
+            link = (lk.trace_id.hex(), lk.span_id.hex())
+        out.append((attrs, link, [_function(d, loc) or "" for loc in locs], s.values[0]))
     return out
 
 

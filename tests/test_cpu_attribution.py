@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from conftest import ROOT, AgentProcess, needs_root, within_sampling
-from otlp_data import attrs_of, linked_samples, server_spans
+from otlp_data import linked_samples, points, server_spans
 from pprof_tool import go_pprof_runner, raw_samples
 
 pytestmark = needs_root
@@ -104,21 +104,35 @@ def exported_server_spans(rx, port: int) -> dict:
 
 
 def counter(rx, name: str, **match) -> int:
-    want = {k.replace("__", "."): v for k, v in match.items()}
-    best = 0
+    """The latest value of a cumulative counter series."""
     with rx.lock:
         reqs = list(rx.metrics)
-    for req in reqs:
-        for rm in req.resource_metrics:
-            for sm in rm.scope_metrics:
-                for m in sm.metrics:
-                    if m.name != name:
-                        continue
-                    for dp in m.sum.data_points:
-                        a = attrs_of(dp.attributes)
-                        if all(a.get(k) == v for k, v in want.items()):
-                            best = max(best, dp.as_int)
-    return best
+    return max((dp.as_int for _m, dp, _a in points(reqs, name, **match)), default=0)
+
+
+def run_with_agent(tmp_path, server_cmd: list, workload, profiler_first: bool = False):
+    """The agent (http + cpu_profile, OTLP gRPC to a receiver) runs while a
+    server starts and workload(port) drives it; then the server's /stats.
+    -> (receiver data, workload's result, server stats, server pid, port)."""
+    from otlp_receiver import GrpcReceiver
+    recv = GrpcReceiver()
+    a = srv = None
+    try:
+        a = AgentProcess(tmp_path, agent_config(tmp_path, recv.endpoint, profiler_first))
+        a.wait_for_log("collecting every", timeout=90)
+        srv, port, pid = start_server(server_cmd)
+        result = workload(port)
+        time.sleep(0.5)   # (Node's after-response burn of the last request)
+        stats = server_stats(port)
+        time.sleep(2.5)   # the last interval's samples and spans
+        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
+    finally:
+        if a is not None:
+            a.kill()
+        if srv is not None:
+            stop(srv)
+        recv.stop()
+    return recv.rx, result, stats, pid, port
 
 
 def by_route(samples: list) -> dict:
@@ -162,26 +176,10 @@ def test_thread_per_request_server_samples_follow_routes_and_link_to_spans(tmp_p
     request that carried a traceparent links to that trace and to its
     SERVER span, whose otelbpf.cpu.samples counts them; the background
     thread's samples (outside any request) are unattributed, and counted."""
-    from otlp_receiver import GrpcReceiver
-    recv = GrpcReceiver()
-    a = srv = None
-    try:
-        a = AgentProcess(tmp_path, agent_config(tmp_path, recv.endpoint))
-        a.wait_for_log("collecting every", timeout=90)
-        srv, port, pid = start_server([sys.executable, str(PEERS / "cpu_routes_server.py"),
-                                       "--background-duty", "0.2"])
-        sent = drive(port, requests=90, connections=2, traced_every=3)
-        stats = server_stats(port)
-        time.sleep(2.5)   # the last interval's samples and spans
-        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
-    finally:
-        if a is not None:
-            a.kill()
-        if srv is not None:
-            stop(srv)
-        recv.stop()
-
-    samples = exported_samples(recv.rx, pid)
+    rx, sent, stats, pid, port = run_with_agent(
+        tmp_path, [sys.executable, str(PEERS / "cpu_routes_server.py"), "--background-duty", "0.2"],
+        lambda port: drive(port, requests=90, connections=2, traced_every=3))
+    samples = exported_samples(rx, pid)
     routes = by_route(samples)
     heavy, light = routes.get("/heavy", 0), routes.get("/light", 0)
     cpu = {r: v["cpu_ns"] for r, v in stats["routes"].items()}
@@ -192,7 +190,7 @@ def test_thread_per_request_server_samples_follow_routes_and_link_to_spans(tmp_p
     expected = (cpu["/heavy"] + cpu["/light"]) * 99 / 1e9
     assert abs(heavy + light - expected) <= 4 * math.sqrt(expected) + 0.05 * expected, (heavy + light, expected)
 
-    linked = assert_samples_link_to_their_spans(samples, exported_server_spans(recv.rx, port), sent)
+    linked = assert_samples_link_to_their_spans(samples, exported_server_spans(rx, port), sent)
     traced_cpu = sum(t["cpu_ns"] for t in stats["traces"].values())
     assert set(stats["traces"]) == set(sent)
     within_sampling(sum(linked.values()), heavy + light, traced_cpu / (cpu["/heavy"] + cpu["/light"]),
@@ -203,8 +201,8 @@ def test_thread_per_request_server_samples_follow_routes_and_link_to_spans(tmp_p
     bg = sum(n for _a, _l, n in background)
     assert bg >= 0.5 * stats["background_cpu_ns"] * 99 / 1e9, (bg, stats["background_cpu_ns"])
     assert all("http.route" not in attrs and link is None for attrs, link, _n in background)
-    unattributed = counter(recv.rx, "otelbpf.profiler.request.samples", otelbpf__request="unattributed")
-    attributed = counter(recv.rx, "otelbpf.profiler.request.samples", otelbpf__request="attributed")
+    unattributed = counter(rx, "otelbpf.profiler.request.samples", otelbpf__request="unattributed")
+    attributed = counter(rx, "otelbpf.profiler.request.samples", otelbpf__request="attributed")
     assert unattributed >= bg and attributed >= heavy + light, (unattributed, bg, attributed, heavy + light)
 
 
@@ -218,26 +216,10 @@ def test_event_loop_server_attributes_only_between_read_and_write(tmp_path):
     since, the client waits for each answer), the in-request burns split
     by route as the server timed them, and the samples of requests that
     carried a traceparent link to their SERVER spans."""
-    from otlp_receiver import GrpcReceiver
-    recv = GrpcReceiver()
-    a = srv = None
-    try:
-        a = AgentProcess(tmp_path, agent_config(tmp_path, recv.endpoint, profiler_first=True))
-        a.wait_for_log("collecting every", timeout=90)
-        srv, port, pid = start_server(["node", "--perf-basic-prof", str(PEERS / "cpu_routes_node.js")])
-        sent = drive(port, requests=120, connections=1, traced_every=3)
-        time.sleep(0.5)
-        stats = server_stats(port)
-        time.sleep(2.5)
-        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
-    finally:
-        if a is not None:
-            a.kill()
-        if srv is not None:
-            stop(srv)
-        recv.stop()
-
-    samples = exported_samples(recv.rx, pid)
+    rx, sent, stats, pid, port = run_with_agent(
+        tmp_path, ["node", "--perf-basic-prof", str(PEERS / "cpu_routes_node.js")],
+        lambda port: drive(port, requests=120, connections=1, traced_every=3), profiler_first=True)
+    samples = exported_samples(rx, pid)
     main = [s for s in samples if s[0].get("thread.name") == "node"]
     routes = by_route(main)
     heavy, light = routes.get("/heavy", 0), routes.get("/light", 0)
@@ -260,7 +242,7 @@ def test_event_loop_server_attributes_only_between_read_and_write(tmp_path):
     in_named = sum(n for attrs, _l, names, n in main if any("burnInRequest" in f for f in names)
                    and "http.route" in attrs)
     assert in_named >= 0.95 * sum(n for _a, _l, names, n in main if any("burnInRequest" in f for f in names))
-    assert_samples_link_to_their_spans(samples, exported_server_spans(recv.rx, port), sent)
+    assert_samples_link_to_their_spans(samples, exported_server_spans(rx, port), sent)
 
 
 # ---------------------------------------------------------------- pprof
