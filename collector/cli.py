@@ -181,11 +181,16 @@ def cmd_profile(args) -> int:
         probe.start()
         end = time.monotonic() + args.duration
         # after the profiler, which samples meanwhile: the http probe takes
-        # seconds to load, and the profile's time counts from its start
+        # seconds to load (its verifier work is this process's, left out of
+        # the profile below). A profile of one route or trace counts its
+        # time from when requests can be seen.
         if args.requests:
-            requests = _start_request_probe(cfg, entries, feats, ctx, needed=bool(args.route or args.trace_id))
+            needed = bool(args.route or args.trace_id)
+            requests = _start_request_probe(cfg, entries, feats, ctx, needed=needed)
             if requests is False:
                 return EXIT_FAILED
+            if needed:
+                end = time.monotonic() + args.duration
         while True:   # at least one collection, even if the http probe's load took the whole duration
             stop.wait(min(cfg.interval, max(0.0, end - time.monotonic())))
             profiles += [r for r in probe.collect() if isinstance(r, Profile)]
@@ -251,6 +256,8 @@ def _start_request_probe(cfg, entries: dict, feats: dict, ctx, needed: bool):
 
 def _sample_wanted(sample, args) -> bool:
     a = sample.attributes
+    if a.get("process.pid") == os.getpid():
+        return False   # this command loading its probes: not the workload asked about
     if args.pid and a.get("process.pid") != args.pid:
         return False
     if args.route is not None and a.get("http.route") != args.route:
