@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, AgentProcess, needs_root, within_sampling
 from otlp_data import linked_samples, points, server_spans
 from pprof_tool import go_pprof_runner, raw_samples
@@ -300,3 +302,31 @@ def test_route_filter_without_requests_is_refused(tmp_path):
     p = subprocess.run(base + ["--config", str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "probes.http is disabled" in p.stderr, p.stderr
     assert not out.exists()
+
+
+def test_profile_filters_keep_one_route_or_one_trace():
+    """--route and --trace-id as `otelbpf profile` applies them to samples,
+    and --trace-id's argument checked."""
+    import argparse
+    from collector.cli import _sample_wanted, _trace_id, build_parser
+    from collector.records import ProfileSample
+
+    def sample(route=None, link=None, pid=7):
+        attrs = {"process.pid": pid, **({"http.route": route} if route else {})}
+        return ProfileSample(attrs, [], 1, link=link)
+
+    trace = 0x4bf92f3577b34da6a3ce929d0e0e4736
+    args = build_parser().parse_args(["profile", "--output", "x", "--trace-id", f"{trace:032x}"])
+    assert args.trace_id == trace and args.route is None
+    assert _sample_wanted(sample("/a", (trace, 5)), args)
+    assert not _sample_wanted(sample("/a", (trace + 1, 5)), args) and not _sample_wanted(sample("/a"), args)
+    args = build_parser().parse_args(["profile", "--output", "x", "--route", "/users/{id}", "--pid", "7"])
+    assert _sample_wanted(sample("/users/{id}"), args)
+    assert not _sample_wanted(sample("/users"), args) and not _sample_wanted(sample(None), args)
+    assert not _sample_wanted(sample("/users/{id}", pid=8), args)
+    # the command's own process (loading its probes) is never in the profile
+    args = build_parser().parse_args(["profile", "--output", "x"])
+    assert _sample_wanted(sample(None), args) and not _sample_wanted(sample(None, pid=os.getpid()), args)
+    for bad in ("4bf92f35", "0" * 32, "z" * 32):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _trace_id(bad)
