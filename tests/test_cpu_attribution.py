@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import ssl
 import subprocess
 import sys
 import threading
@@ -48,20 +49,27 @@ def stop(proc) -> None:
         proc.wait()
 
 
-def server_stats(port: int) -> dict:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def connect(port: int, tls: bool, timeout: float) -> http.client.HTTPConnection:
+    if tls:
+        return http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
+                                           context=ssl._create_unverified_context())
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+
+def server_stats(port: int, tls: bool = False) -> dict:
+    c = connect(port, tls, 30)
     c.request("GET", "/stats")
     return json.loads(c.getresponse().read())
 
 
-def drive(port: int, requests: int, connections: int, traced_every: int = 0) -> dict:
+def drive(port: int, requests: int, connections: int, traced_every: int = 0, tls: bool = False) -> dict:
     """Keep-alive clients alternating /heavy and /light; every traced_every-th
     request carries a fresh sampled traceparent. -> {trace id hex: route}."""
     sent: dict = {}
     lock = threading.Lock()
 
     def client(k: int) -> None:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        c = connect(port, tls, 60)
         for i in range(requests):
             route, units = ("/heavy", HEAVY_UNITS) if (i + k) % 2 else ("/light", LIGHT_UNITS)
             headers = {}
@@ -84,11 +92,11 @@ def drive(port: int, requests: int, connections: int, traced_every: int = 0) -> 
     return sent
 
 
-def agent_config(tmp_path, endpoint: str, profiler_first: bool = False) -> dict:
+def agent_config(tmp_path, endpoint: str, profiler_first: bool = False, tls: bool = False) -> dict:
     """Spans only for requests whose traceparent asks for one: the rest are
     attributed by route, with no span to link to. The probes start in the
     order given, so either can be the one that creates the shared map."""
-    probes = {"http": {"tls": False, "sample_ratio": 0.0}, "cpu_profile": {}}
+    probes = {"http": {"tls": tls, "sample_ratio": 0.0}, "cpu_profile": {}}
     if profiler_first:
         probes = dict(reversed(list(probes.items())))
     return {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "127.0.0.1:0",
@@ -112,7 +120,7 @@ def counter(rx, name: str, **match) -> int:
     return max((dp.as_int for _m, dp, _a in points(reqs, name, **match)), default=0)
 
 
-def run_with_agent(tmp_path, server_cmd: list, workload, profiler_first: bool = False):
+def run_with_agent(tmp_path, server_cmd: list, workload, profiler_first: bool = False, tls: bool = False):
     """The agent (http + cpu_profile, OTLP gRPC to a receiver) runs while a
     server starts and workload(port) drives it; then the server's /stats.
     -> (receiver data, workload's result, server stats, server pid, port)."""
@@ -120,12 +128,12 @@ def run_with_agent(tmp_path, server_cmd: list, workload, profiler_first: bool = 
     recv = GrpcReceiver()
     a = srv = None
     try:
-        a = AgentProcess(tmp_path, agent_config(tmp_path, recv.endpoint, profiler_first))
+        a = AgentProcess(tmp_path, agent_config(tmp_path, recv.endpoint, profiler_first, tls))
         a.wait_for_log("collecting every", timeout=90)
         srv, port, pid = start_server(server_cmd)
         result = workload(port)
         time.sleep(0.5)   # (Node's after-response burn of the last request)
-        stats = server_stats(port)
+        stats = server_stats(port, tls)
         time.sleep(2.5)   # the last interval's samples and spans
         assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
     finally:
@@ -206,6 +214,28 @@ def test_thread_per_request_server_samples_follow_routes_and_link_to_spans(tmp_p
     unattributed = counter(rx, "otelbpf.profiler.request.samples", otelbpf__request="unattributed")
     attributed = counter(rx, "otelbpf.profiler.request.samples", otelbpf__request="attributed")
     assert unattributed >= bg and attributed >= heavy + light, (unattributed, bg, attributed, heavy + light)
+
+
+def test_tls_server_samples_follow_routes_and_link_to_spans(tmp_path):
+    """The same server over HTTPS (Python's ssl module on Debian's libssl):
+    the request starts when SSL_read returns on the serving thread, so
+    attribution and links hold as in plaintext."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem"), "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    rx, sent, stats, pid, port = run_with_agent(
+        tmp_path, [sys.executable, str(PEERS / "cpu_routes_server.py"), "--background-duty", "0",
+                   "--tls", str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")],
+        lambda port: drive(port, requests=60, connections=2, traced_every=3, tls=True), tls=True)
+    samples = exported_samples(rx, pid)
+    routes = by_route(samples)
+    heavy, light = routes.get("/heavy", 0), routes.get("/light", 0)
+    cpu = {r: v["cpu_ns"] for r, v in stats["routes"].items()}
+    assert heavy + light >= 150, f"too few attributed samples to judge: {routes}"
+    within_sampling(heavy, heavy + light, cpu["/heavy"] / (cpu["/heavy"] + cpu["/light"]), "/heavy's share")
+    spans = exported_server_spans(rx, port)
+    assert all(a["url.scheme"] == "https" for _t, a in spans.values())
+    assert_samples_link_to_their_spans(samples, spans, sent)
 
 
 # ---------------------------------------------------------------- event loop

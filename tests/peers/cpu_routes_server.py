@@ -15,7 +15,8 @@ A background thread named "bgburn" (its kernel thread name, set with
 prctl) burns CPU outside any request, --background-duty of the time (0: no
 such thread).
 
-  cpu_routes_server.py --port 0 [--background-duty 0.2]
+  cpu_routes_server.py --port 0 [--background-duty 0.2] [--tls CERT KEY]
+(--tls: HTTPS, through Python's ssl module, i.e. the system's libssl)
 prints "ready PORT PID" once listening; SIGTERM stops it.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import ctypes
 import json
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -98,8 +100,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--background-duty", type=float, default=0.2)
+    ap.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     args = ap.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    if args.tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*args.tls)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     server.daemon_threads = True
     stop = threading.Event()
     if args.background_duty > 0:
