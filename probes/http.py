@@ -591,7 +591,8 @@ class HttpProbe(BpfProbe):
             attrs["pyroscope.profile.id"] = f"{span_id:016x}"
         # the ids the kernel chose (its samples link to them); the parent
         # only from a traceparent of the same trace
-        trace_id = int.from_bytes(trace_raw, "big")
+        trace_id = int.from_bytes(trace_raw, "big") or random.getrandbits(128) or 1   # (never zero ids)
+        span_id = span_id or random.getrandbits(64) or 1
         parent = parse_traceparent(_cstr(tparent))
         parent_id = parent[1] if parent and parent[0] == trace_id else None
         return Span(name, kind, trace_id, span_id, parent_id,
