@@ -189,6 +189,8 @@ def cmd_profile(args) -> int:
             requests = _start_request_probe(cfg, entries, feats, ctx, needed=needed)
             if requests is False:
                 return EXIT_FAILED
+            if requests:
+                log.info("HTTP requests are seen from now on: samples taken in them carry their request")
             if needed:
                 end = time.monotonic() + args.duration
         while True:   # at least one collection, even if the http probe's load took the whole duration

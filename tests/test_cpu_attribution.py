@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, AgentProcess, needs_root, within_sampling
+from conftest import ROOT, AgentProcess, needs_root, wait_until, within_sampling
 from otlp_data import linked_samples, points, server_spans
 from pprof_tool import go_pprof_runner, raw_samples
 
@@ -289,13 +289,17 @@ def test_profile_command_pprof_labels_select_a_route_in_go_pprof(tmp_path):
     out_all, out_heavy = tmp_path / "all.pb.gz", tmp_path / "heavy.pb.gz"
     try:
         for out, extra in ((out_all, []), (out_heavy, ["--route", "/heavy"])):
-            prof = subprocess.Popen([sys.executable, "-m", "collector.cli", "profile", "--duration", "8",
-                                     "--pid", str(pid), "--output", str(out), *extra],
-                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(3)   # loaded and attached
+            log = tmp_path / f"{out.name}.log"
+            with open(log, "w") as err:
+                prof = subprocess.Popen([sys.executable, "-m", "collector.cli", "profile", "--duration", "8",
+                                         "--pid", str(pid), "--output", str(out), *extra],
+                                        cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+            # both probes loaded and attached (the http probe takes seconds)
+            assert wait_until(lambda: "HTTP requests are seen from now on" in log.read_text(), timeout=120), \
+                log.read_text()
             drive(port, requests=40, connections=2, traced_every=2)
-            so, se = prof.communicate(timeout=120)
-            assert prof.returncode == 0, se
+            prof.communicate(timeout=120)
+            assert prof.returncode == 0, log.read_text()
     finally:
         stop(srv)
 
