@@ -774,7 +774,7 @@ static __always_inline bool span_allowed(__u64 now)
 }
 
 /* Whether a span starting now could still be sent: checked before any
- * header is parsed, so requests past the cap cost no parsing (finish()'s
+ * header is parsed, so requests past the cap cost no parsing (request_started()'s
  * span_allowed() still enforces the cap) */
 static __always_inline bool span_budget_left(__u64 now)
 {
