@@ -151,10 +151,37 @@ static __always_inline char lower(char c)
 	return (c >= 'A' && c <= 'Z') ? c + 32 : c;
 }
 
+/* The 8 bytes at p, whose offset the caller made a multiple of 8, in one
+ * load. Said so: from a char pointer clang assumes no alignment and splits
+ * the load into 8 byte loads and 14 shifts and ors. */
+#define LOAD_U64_ALIGNED(p) (*(const __u64 *)__builtin_assume_aligned((p), 8))
+
 static __always_inline char sc(const struct scratch *s, __u32 i)
 {
 	return s->buf[i & SCRATCH_MASK];
 }
+
+/* The 8 bytes at s[i], any i, in one load (little-endian). A C load from an
+ * unaligned char pointer is split by clang into 8 byte loads; BPF's 8-byte
+ * load has no alignment requirement on the architectures it is JITed for
+ * here (x86-64, arm64), and the verifier allows it on a map value. */
+static __always_inline __u64 load8(const struct scratch *s, __u32 i)
+{
+	const char *p = &s->buf[i & SCRATCH_MASK];
+	__u64 w;
+
+	asm volatile("%0 = *(u64 *)(%1 + 0)" : "=r"(w) : "r"(p));
+	return w;
+}
+
+/* Text as a little-endian word, to compare with load8()'s, and a mask of a
+ * word's first n bytes. */
+#define W(a, b, c, d, e, f, g, h)                                                                   \
+	((__u64)(a) | (__u64)(b) << 8 | (__u64)(c) << 16 | (__u64)(d) << 24 | (__u64)(e) << 32 |  \
+	 (__u64)(f) << 40 | (__u64)(g) << 48 | (__u64)(h) << 56)
+#define MASK_BYTES(n) ((n) >= 8 ? ~0ULL : (1ULL << (8 * (n))) - 1)
+/* whether word w starts with the n bytes of text word t */
+#define STARTS(w, n, t) (((w) & MASK_BYTES(n)) == (t))
 
 /* The socket behind fd in the current task, or 0 if fd is not a TCP socket.
  * Two builds of it (the Makefile's http variants), chosen at load time. */

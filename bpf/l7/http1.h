@@ -264,47 +264,33 @@ static __always_inline bool ends_chunked(const struct io_src *src, __u64 len)
 	return tail[0] == '0' && tail[1] == '\r' && tail[2] == '\n' && tail[3] == '\r' && tail[4] == '\n';
 }
 
-/* The request method at the start of s, and the length of "METHOD ". */
+/* The request method at the start of s, and the length of "METHOD ": one
+ * load and a compare per method. */
 static __always_inline __u8 parse_method(const struct scratch *s, __u32 n, __u32 *skip)
 {
-	const char *b = s->buf;
+	__u64 w = LOAD_U64_ALIGNED(s->buf);
 
 	if (n < 16)
 		return 0xff;
-	switch (b[0]) {
-	case 'G':
-		if (b[1] == 'E' && b[2] == 'T' && b[3] == ' ') { *skip = 4; return M_GET; }
-		break;
-	case 'P':
-		if (b[1] == 'O' && b[2] == 'S' && b[3] == 'T' && b[4] == ' ') { *skip = 5; return M_POST; }
-		if (b[1] == 'U' && b[2] == 'T' && b[3] == ' ') { *skip = 4; return M_PUT; }
-		if (b[1] == 'A' && b[2] == 'T' && b[3] == 'C' && b[4] == 'H' && b[5] == ' ') { *skip = 6; return M_PATCH; }
-		break;
-	case 'D':
-		if (b[1] == 'E' && b[2] == 'L' && b[3] == 'E' && b[4] == 'T' && b[5] == 'E' && b[6] == ' ') { *skip = 7; return M_DELETE; }
-		break;
-	case 'H':
-		if (b[1] == 'E' && b[2] == 'A' && b[3] == 'D' && b[4] == ' ') { *skip = 5; return M_HEAD; }
-		break;
-	case 'O':
-		if (b[1] == 'P' && b[2] == 'T' && b[3] == 'I' && b[4] == 'O' && b[5] == 'N' && b[6] == 'S' && b[7] == ' ') { *skip = 8; return M_OPTIONS; }
-		break;
-	case 'C':
-		if (b[1] == 'O' && b[2] == 'N' && b[3] == 'N' && b[4] == 'E' && b[5] == 'C' && b[6] == 'T' && b[7] == ' ') { *skip = 8; return M_CONNECT; }
-		break;
-	case 'T':
-		if (b[1] == 'R' && b[2] == 'A' && b[3] == 'C' && b[4] == 'E' && b[5] == ' ') { *skip = 6; return M_TRACE; }
-		break;
-	}
+	if (STARTS(w, 4, W('G', 'E', 'T', ' ', 0, 0, 0, 0))) { *skip = 4; return M_GET; }
+	if (STARTS(w, 5, W('P', 'O', 'S', 'T', ' ', 0, 0, 0))) { *skip = 5; return M_POST; }
+	if (STARTS(w, 4, W('P', 'U', 'T', ' ', 0, 0, 0, 0))) { *skip = 4; return M_PUT; }
+	if (STARTS(w, 6, W('P', 'A', 'T', 'C', 'H', ' ', 0, 0))) { *skip = 6; return M_PATCH; }
+	if (STARTS(w, 7, W('D', 'E', 'L', 'E', 'T', 'E', ' ', 0))) { *skip = 7; return M_DELETE; }
+	if (STARTS(w, 5, W('H', 'E', 'A', 'D', ' ', 0, 0, 0))) { *skip = 5; return M_HEAD; }
+	if (w == W('O', 'P', 'T', 'I', 'O', 'N', 'S', ' ')) { *skip = 8; return M_OPTIONS; }
+	if (w == W('C', 'O', 'N', 'N', 'E', 'C', 'T', ' ')) { *skip = 8; return M_CONNECT; }
+	if (STARTS(w, 6, W('T', 'R', 'A', 'C', 'E', ' ', 0, 0))) { *skip = 6; return M_TRACE; }
 	return 0xff;
 }
 
 /* "HTTP/1.0 " or "HTTP/1.1 " at s[i] */
 static __always_inline bool is_version(const struct scratch *s, __u32 i, char after)
 {
-	return sc(s, i) == 'H' && sc(s, i + 1) == 'T' && sc(s, i + 2) == 'T' && sc(s, i + 3) == 'P' &&
-	       sc(s, i + 4) == '/' && sc(s, i + 5) == '1' && sc(s, i + 6) == '.' &&
-	       (sc(s, i + 7) == '0' || sc(s, i + 7) == '1') && sc(s, i + 8) == after;
+	__u64 w = load8(s, i);
+
+	return STARTS(w, 7, W('H', 'T', 'T', 'P', '/', '1', '.', 0)) && ((w >> 56) == '0' || (w >> 56) == '1') &&
+	       sc(s, i + 8) == after;
 }
 
 /* ---------------------------------------------------------- request line */
@@ -447,18 +433,11 @@ struct hdr_ctx {
 	__u8 chunked;
 };
 
-/* Case-insensitive: does the header line at s[i] start with name (lowercase)? */
-#define HDR_IS(s, i, name) hdr_is(s, i, name, sizeof(name) - 1)
-static __always_inline bool hdr_is(const struct scratch *s, __u32 i, const char *name, __u32 len)
+/* load8() with ASCII letters lowercased: OR 0x20 maps 'A'-'Z' to 'a'-'z'
+ * and leaves the digits, '-', ':' and ' ' of a header name as they are. */
+static __always_inline __u64 lower8(const struct scratch *s, __u32 i)
 {
-#pragma unroll
-	for (__u32 k = 0; k < 20; k++) {
-		if (k >= len)
-			break;
-		if (lower(sc(s, i + k)) != name[k])
-			return false;
-	}
-	return true;
+	return load8(s, i) | 0x2020202020202020ULL;
 }
 
 static __always_inline __u32 skip_spaces(const struct scratch *s, __u32 i)
@@ -470,10 +449,13 @@ static __always_inline __u32 skip_spaces(const struct scratch *s, __u32 i)
 	return i;
 }
 
-/* A header line starts at q. Returns 1 to stop (blank line, or out of data). */
+/* A header line starts at q. Returns 1 to stop (blank line, or out of data).
+ * A name is told by one or two word compares, not byte by byte: this runs
+ * for every line of every response head (Content-Length). */
 static __always_inline long header_line(struct hdr_ctx *h, __u32 q)
 {
 	struct scratch *s = h->s;
+	__u64 w0;
 	__u32 v;
 
 	if (q + 1 >= h->n)
@@ -482,43 +464,41 @@ static __always_inline long header_line(struct hdr_ctx *h, __u32 q)
 		h->end = q + 2;
 		return 1;
 	}
-	switch (lower(sc(s, q))) {
-	case 't':
-		if ((h->want & H_TRACEPARENT) && HDR_IS(s, q, "traceparent:")) {
+	w0 = lower8(s, q);
+	if (w0 == W('c', 'o', 'n', 't', 'e', 'n', 't', '-')) {
+		if (!(h->want & H_LENGTH) || !STARTS(lower8(s, q + 8), 7, W('l', 'e', 'n', 'g', 't', 'h', ':', 0)))
+			return 0;
+		__s64 cl = 0;
+		__u32 k;
+
+		v = skip_spaces(s, q + 15);
+#pragma unroll
+		for (k = 0; k < 15; k++) {
+			char c = sc(s, v + k);
+
+			if (c < '0' || c > '9')
+				break;
+			cl = cl * 10 + (c - '0');
+		}
+		if (k > 0)
+			h->content_length = cl;
+	} else if (w0 == W('t', 'r', 'a', 'c', 'e', 'p', 'a', 'r')) {
+		if ((h->want & H_TRACEPARENT) && STARTS(lower8(s, q + 8), 4, W('e', 'n', 't', ':', 0, 0, 0, 0)))
 			h->value_at[F_TRACEPARENT] = skip_spaces(s, q + 12);
-		} else if ((h->want & H_CHUNKED) && HDR_IS(s, q, "transfer-encoding:")) {
+	} else if (w0 == W('t', 'r', 'a', 'n', 's', 'f', 'e', 'r')) {
+		if ((h->want & H_CHUNKED) && lower8(s, q + 8) == W('-', 'e', 'n', 'c', 'o', 'd', 'i', 'n') &&
+		    STARTS(lower8(s, q + 16), 2, W('g', ':', 0, 0, 0, 0, 0, 0))) {
 			v = skip_spaces(s, q + 18);
 			/* "chunked" is the last coding whenever it is present */
 			if (lower(sc(s, v)) == 'c' && lower(sc(s, v + 1)) == 'h' && lower(sc(s, v + 6)) == 'd')
 				h->chunked = 1;
 		}
-		break;
-	case 'u':
-		if ((h->want & H_USER_AGENT) && HDR_IS(s, q, "user-agent:"))
+	} else if (w0 == W('u', 's', 'e', 'r', '-', 'a', 'g', 'e')) {
+		if ((h->want & H_USER_AGENT) && STARTS(lower8(s, q + 8), 3, W('n', 't', ':', 0, 0, 0, 0, 0)))
 			h->value_at[F_USER_AGENT] = skip_spaces(s, q + 11);
-		break;
-	case 'h':
-		if ((h->want & H_HOST) && HDR_IS(s, q, "host:"))
+	} else if (STARTS(w0, 5, W('h', 'o', 's', 't', ':', 0, 0, 0))) {
+		if (h->want & H_HOST)
 			h->value_at[F_HOST] = skip_spaces(s, q + 5);
-		break;
-	case 'c':
-		if ((h->want & H_LENGTH) && HDR_IS(s, q, "content-length:")) {
-			__s64 cl = 0;
-			__u32 k;
-
-			v = skip_spaces(s, q + 15);
-#pragma unroll
-			for (k = 0; k < 15; k++) {
-				char c = sc(s, v + k);
-
-				if (c < '0' || c > '9')
-					break;
-				cl = cl * 10 + (c - '0');
-			}
-			if (k > 0)
-				h->content_length = cl;
-		}
-		break;
 	}
 	return 0;
 }
@@ -535,7 +515,7 @@ static long header_word(__u32 i, void *data)
 
 	if (p >= h->n)
 		return 1;
-	w = *(__u64 *)&h->s->buf[p & (SCRATCH_MASK & ~7)];
+	w = LOAD_U64_ALIGNED(&h->s->buf[p & (SCRATCH_MASK & ~7)]);
 	x = w ^ 0x0a0a0a0a0a0a0a0aULL;
 	if (!((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL))
 		return 0;
@@ -587,7 +567,7 @@ static long header_line_step(__u32 i, void *data)
 		p = base + k * 8;
 		if (p >= h->n)
 			return 1;
-		w = *(__u64 *)&h->s->buf[p & (SCRATCH_MASK & ~7)];
+		w = LOAD_U64_ALIGNED(&h->s->buf[p & (SCRATCH_MASK & ~7)]);
 		x = w ^ 0x0a0a0a0a0a0a0a0aULL;
 		m = (x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL;
 		if (k == 0)	/* bytes before q belong to the line already looked at */

@@ -264,7 +264,7 @@ static long hash_step(__u32 k, void *data)
 
 	if (off >= w->n)
 		return 1;
-	v = *(const __u64 *)&w->b[(w->at + off) & (H2_REC_MASK & ~7U)];
+	v = LOAD_U64_ALIGNED(&w->b[(w->at + off) & (H2_REC_MASK & ~7U)]);
 	if (w->n - off < 8)
 		v &= (1ULL << (8 * (w->n - off))) - 1;
 	w->h = (w->h ^ v) * 0x100000001b3ULL;
