@@ -8,10 +8,10 @@ import threading
 
 from google.protobuf import json_format
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
 from . import metrics_data
 from .profiles_otlp import build_request
+from .span_encoder import ENCODER
 
 
 class FileExporter:
@@ -36,7 +36,7 @@ class FileExporter:
             data = metrics_data.build(batch.resource, batch.metrics, batch.time_ns, self.form)
             self._write(encode_metrics(data))
         if batch.spans:
-            self._write(encode_spans(batch.spans))
+            self._write(ENCODER.encode(batch.spans))
         if any(batch.profiles.values()):
             self._write(build_request(batch.resource, batch.profiles))
         return True
