@@ -6,8 +6,15 @@ allows, in interleaved rounds so drift on a shared machine hits every setup
 alike:
 
   none            nothing attached (plain HTTP, and again over TLS)
-  floor           empty raw_tp sys_enter/sys_exit programs: what any design
-                  that hooks every syscall pays before doing anything
+  floor           programs that do nothing, on the hooks a design needs: what
+                  it pays before doing anything, the ceiling of any probe on
+                  those hooks. Empty raw_tp sys_enter/sys_exit (any design
+                  that hooks every syscall; the http probe's before 6.3);
+                  empty sock_send_length/sock_recv_length (the http probe's,
+                  6.3+); those plus a sys_enter/sys_exit pair that reads the
+                  clock (syscall_latency's own reference), the default
+                  config's floor; empty uprobes and uretprobes at the libssl
+                  places the http probe chooses (TLS)
   http            the real agent (`otelbpf run`) with only the http probe,
                   exporting OTLP/HTTP to a local sink (plain, and TLS)
   default         the real agent with its default configuration: every probe
@@ -83,19 +90,43 @@ def prog_ids_of(pid: int) -> set:
 
 
 class Floor:
-    """The empty raw_tp pair, loaded in this process."""
+    """Programs that do nothing useful, loaded in this process: what their
+    hooks cost by themselves, below which no probe on those hooks can go.
+    objects: bench/bpf objects whose programs attach as their sections say;
+    tls_uprobes: empty uprobes (and uretprobes where the http probe has one)
+    at the libssl places the http probe chooses."""
 
-    def __init__(self):
-        self.obj = None
+    def __init__(self, objects=(), tls_uprobes: bool = False):
+        self.names, self.tls_uprobes = objects, tls_uprobes
+        self.objs, self.links = [], []
 
     def start(self):
-        self.obj = libbpf.BpfObject(str(ROOT / "bench" / "bpf" / "empty_raw_tp.bpf.o"))
-        self.obj.load()
-        for p in self.obj.programs():
-            p.attach()
+        for name in self.names:
+            obj = libbpf.BpfObject(str(ROOT / "bench" / "bpf" / f"{name}.bpf.o"))
+            obj.load()
+            self.objs.append(obj)
+            for p in obj.programs():
+                p.attach()
+        if self.tls_uprobes:
+            from probes.http import SSL_LIFECYCLE_FUNCS
+            from probes.uprobe_placement import place
+            from uprobe_cost import LIBSSL
+            obj = libbpf.BpfObject(str(ROOT / "bench" / "bpf" / "empty_uprobe.bpf.o"))
+            obj.load()
+            self.objs.append(obj)
+            for group, site in place(LIBSSL).sites.items():
+                func = None if site.offset is not None else site.covers[0]
+                self.links.append(obj.program("empty_uprobe").attach_uprobe(LIBSSL, func, site.offset or 0))
+                if group not in SSL_LIFECYCLE_FUNCS:
+                    self.links.append(obj.program("empty_uretprobe").attach_uprobe(LIBSSL, func, site.offset or 0,
+                                                                                  retprobe=True))
 
     def stop(self, _port: int) -> dict:
-        self.obj.close()
+        for link in self.links:
+            link.close()
+        for obj in self.objs:
+            obj.close()
+        self.objs, self.links = [], []
         return {}
 
 
@@ -162,12 +193,19 @@ def main() -> int:
     http_only = {"http": {}}
     setups = {  # name -> (url, port, setup or None)
         "none (plain)": (plain, port, None),
-        "floor: empty sys_enter/sys_exit pair (plain)": (plain, port, Floor()),
+        "floor: empty sys_enter/sys_exit pair (plain)": (plain, port, Floor(["empty_raw_tp"])),
+        "floor: empty sock_send/recv pair (plain)": (plain, port, Floor(["empty_sock_io"])),
+        "floor: clock pair + empty sock pair (plain)": (plain, port, Floor(["clock_floor", "empty_sock_io"])),
         "http (plain)": (plain, port, Agent(http_only, d)),
         "default config (plain)": (plain, port, Agent(None, d)),
         "none (TLS)": (tls, tls_port, None),
+        "floor: empty uprobes at the chosen places (TLS)": (tls, tls_port, Floor(tls_uprobes=True)),
         "http (TLS)": (tls, tls_port, Agent(http_only, d)),
     }
+    if not libbpf.kernel_has_type("btf_trace_sock_send_length", libbpf.BTF_KIND_TYPEDEF):
+        # before 6.3 the http probe captures at sys_exit: the pair above is its floor
+        for name in [n for n in setups if "sock pair" in n]:
+            del setups[name]
     res = {name: {"rps": [], "cpu": [], "ns": [], "logged": 0, "missing": 0, "progs": {}, "requests": 0}
            for name in setups}
     stats_was = open("/proc/sys/kernel/bpf_stats_enabled").read().strip()
@@ -249,7 +287,8 @@ def report(args, res: dict) -> None:
     ns0 = statistics.median(res["none (plain)"]["ns"] + res["none (TLS)"]["ns"])
     print(f"wrk -t2 -c{args.conns} -d{args.seconds}s against nginx (return 200) on loopback, {args.rounds} "
           f"interleaved rounds; medians\n")
-    print(f"{'setup':46} {'req/s':>8} {'vs none':>8} {'target':>7} {'agent CPU':>9} {'+ns/syscall':>11} "
+    width = max(len(name) for name in res)
+    print(f"{'setup':{width}} {'req/s':>8} {'vs none':>8} {'target':>7} {'agent CPU':>9} {'+ns/syscall':>11} "
           f"{'answered':>9} {'missing':>7}")
     for name, r in res.items():
         scheme = "TLS" if name.endswith("(TLS)") else "plain"
@@ -257,7 +296,7 @@ def report(args, res: dict) -> None:
         target = f">={TARGETS[name]:.0f}%" if name in TARGETS else ""
         cpu = f"{statistics.median(r['cpu']):.1f}%" if r["cpu"] else "-"
         counts = (f"{r['logged']:>9} {r['missing']:>7}" if r["logged"] else f"{'-':>9} {'-':>7}")
-        print(f"{name:46} {med:8.0f} {100 * med / base[scheme]:7.1f}% {target:>7} {cpu:>9} "
+        print(f"{name:{width}} {med:8.0f} {100 * med / base[scheme]:7.1f}% {target:>7} {cpu:>9} "
               f"{statistics.median(r['ns']) - ns0:11.0f} {counts}")
     print("\n(+ns/syscall: a getppid() loop on CPU 0 in each setup, against the no-agent rounds; agent CPU: "
           "its user + system time over the wrk run, export included)")
