@@ -459,11 +459,21 @@ __noinline int h2_block_end_g(struct h2_dir *d, __u32 at, __u32 n, __u64 conn_id
 		 * with its key): no need to read it again. Under this generation:
 		 * one that does not change the table; as self-contained: one that
 		 * needs none */
-		kk->gen = d->gen;
-		known = bpf_map_lookup_elem(&h2_known, kk);
-		if (!known) {
-			kk->gen = H2_GEN_SELF;
+		if (d->kc_cls && d->kc_hash == d->bhash && (d->kc_gen == d->gen || d->kc_gen == H2_GEN_SELF)) {
+			kk->gen = d->kc_gen;	/* the block this direction sent last time */
+			known = &d->kc_cls;
+		} else {
+			kk->gen = d->gen;
 			known = bpf_map_lookup_elem(&h2_known, kk);
+			if (!known) {
+				kk->gen = H2_GEN_SELF;
+				known = bpf_map_lookup_elem(&h2_known, kk);
+			}
+		}
+		if (known) {
+			d->kc_hash = kk->hash;
+			d->kc_gen = kk->gen;
+			d->kc_cls = *known;
 		}
 	}
 	if (known) {
@@ -508,6 +518,9 @@ __noinline int h2_block_end_g(struct h2_dir *d, __u32 at, __u32 n, __u64 conn_id
 
 			kk->gen = key->gen;
 			bpf_map_update_elem(&h2_known, kk, &cls, BPF_ANY);
+			d->kc_hash = kk->hash;
+			d->kc_gen = kk->gen;
+			d->kc_cls = cls;
 		}
 	}
 	if (mut) {
