@@ -6,6 +6,10 @@ Debian's nginx (`return 200`, tests/h2_peers.py's nginx_h2) on loopback, in
 interleaved rounds so drift on a shared machine hits every setup alike:
 
   none            nothing attached (h2c by prior knowledge, and h2 over TLS)
+  floor           programs that do nothing on the hooks the http probe uses:
+                  the socket tracepoints (6.3+; before, sys_enter/sys_exit),
+                  and for TLS also uprobes and uretprobes at the libssl places
+                  it chooses: the ceiling of any probe on those hooks
   http            the real agent (`otelbpf run`) with only the http probe,
                   exporting OTLP/HTTP to a local sink
   default         the real agent with its default configuration: every
@@ -33,7 +37,9 @@ from common import ROOT  # noqa: E402  (puts the checkout on sys.path)
 
 sys.path.insert(0, str(ROOT / "tests"))
 import h2_peers  # noqa: E402  (the tests' HTTP/2 rigs)
-from http_overhead import Agent  # noqa: E402  (`otelbpf run` exporting to a local OTLP sink)
+from http_overhead import Agent, Floor  # noqa: E402  (`otelbpf run` exporting to a local OTLP sink)
+
+from collector import libbpf  # noqa: E402
 
 
 def answered(nginx, port: int) -> int:
@@ -60,11 +66,16 @@ def main() -> int:
         with h2_peers.nginx_h2(d) as nginx:
             h2c, tls = nginx.url("h2c", "/"), nginx.url("h2", "/")
             http_only = {"http": {}}
+            floor = (Floor(["empty_sock_io"]) if libbpf.kernel_has_type("btf_trace_sock_send_length",
+                                                                    libbpf.BTF_KIND_TYPEDEF)
+                     else Floor(["empty_raw_tp"]))
             setups = {  # name -> (url, port, setup or None)
                 "none (h2c)": (h2c, nginx.h2c_port, None),
+                "floor (h2c)": (h2c, nginx.h2c_port, floor),
                 "http (h2c)": (h2c, nginx.h2c_port, Agent(http_only, d)),
                 "default config (h2c)": (h2c, nginx.h2c_port, Agent(None, d)),
                 "none (TLS)": (tls, nginx.tls_port, None),
+                "floor (TLS)": (tls, nginx.tls_port, Floor(floor.names, tls_uprobes=True)),
                 "http (TLS)": (tls, nginx.tls_port, Agent(http_only, d)),
                 "default config (TLS)": (tls, nginx.tls_port, Agent(None, d)),
             }
@@ -80,7 +91,7 @@ def main() -> int:
                 for name, (url, port, setup) in setups.items():
                     r = res[name]
                     agent = isinstance(setup, Agent)
-                    if agent:
+                    if setup is not None:
                         setup.start()
                     try:
                         before = answered(nginx, port)
@@ -93,7 +104,7 @@ def main() -> int:
                             time.sleep(0.5)   # let the last responses' writes return
                         logged = answered(nginx, port) - before
                     finally:
-                        stopped = setup.stop(port) if agent else {}
+                        stopped = setup.stop(port) if setup is not None else {}
                     r["rps"].append(out.rps)
                     r["errored"] += out.errored
                     if agent:
