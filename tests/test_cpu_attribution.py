@@ -33,8 +33,9 @@ PEERS = Path(__file__).parent / "peers"
 HEAVY_UNITS, LIGHT_UNITS = 30, 10
 
 
-def start_server(cmd: list):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+def start_server(cmd: list, cwd=None):
+    # cwd: node with --perf-basic-prof leaves an isolate-*-v8.log behind
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=cwd)
     line = proc.stdout.readline().split()
     assert line and line[0] == "ready", f"server did not start: {line}"
     return proc, int(line[1]), int(line[2])
@@ -130,7 +131,7 @@ def run_with_agent(tmp_path, server_cmd: list, workload, profiler_first: bool = 
     try:
         a = AgentProcess(tmp_path, agent_config(tmp_path, recv.endpoint, profiler_first, tls))
         a.wait_for_log("collecting every", timeout=90)
-        srv, port, pid = start_server(server_cmd)
+        srv, port, pid = start_server(server_cmd, cwd=tmp_path)
         result = workload(port)
         time.sleep(0.5)   # (Node's after-response burn of the last request)
         stats = server_stats(port, tls)
