@@ -79,6 +79,8 @@ def test_what_it_does_not_encode_goes_through_the_sdk_unchanged():
              sdk_span("state", plain, trace_state=TraceState([("k", "v")])),
              sdk_span("list", plain, attributes={"tags": ["a", "b"], "n": 3}),
              sdk_span("list-resource", r, attributes={"n": 3}),
+             ReadableSpan(name="unended", context=SpanContext(1, 2, is_remote=False), resource=plain,
+                          start_time=5),
              sdk_span("plain", plain, attributes={"n": 3})]
     assert SpanEncoder().encode(spans) == encode_spans(spans)
 

@@ -32,8 +32,8 @@ _FLAGS_REMOTE = _FLAGS_LOCAL | SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 _CACHE_MAX = 65536      # distinct (key, value) encodings kept; cleared when full
 
 
-class _NotScalar(Exception):
-    pass
+class _LeaveToSdk(Exception):
+    """What this encoder does not cover: the SDK's encode_spans() encodes it."""
 
 
 def _any_value(value) -> AnyValue:
@@ -50,7 +50,7 @@ def _any_value(value) -> AnyValue:
         return AnyValue(bytes_value=value)
     if value is None:
         return AnyValue()
-    raise _NotScalar
+    raise _LeaveToSdk
 
 
 def _tag(message, field: str) -> bytes:
@@ -105,6 +105,8 @@ class SpanEncoder:
         """Span s serialized: the fields it shares with others from the
         caches, its ids and times encoded here."""
         ctx = s.get_span_context()
+        if s.start_time is None or s.end_time is None:
+            raise _LeaveToSdk        # an unended span: the SDK leaves its times out
         parent = s.parent
         remote = parent is not None and parent.is_remote
         status = s.status
@@ -129,7 +131,7 @@ class SpanEncoder:
                 try:
                     b = cache.get((k, v.__class__, v))
                 except TypeError:       # unhashable: a list, a dict
-                    raise _NotScalar from None
+                    raise _LeaveToSdk from None
                 parts.append(b if b is not None else self._attr_bytes(k, v))
         return b"".join(parts)
 
@@ -162,9 +164,9 @@ class SpanEncoder:
         for s in spans:
             try:
                 if s.events or s.links or s.get_span_context().trace_state:
-                    raise _NotScalar
+                    raise _LeaveToSdk
                 b = self._span_bytes(s)
-            except _NotScalar:
+            except _LeaveToSdk:
                 b = sdk_encode_spans([s]).resource_spans[0].scope_spans[0].spans[0].SerializeToString()
             group = group_of.get(id(s.resource))
             if group is None:
@@ -179,7 +181,7 @@ class SpanEncoder:
             try:
                 pb_resource = self._resource(resource)
                 pb_scopes = {scope: self._scope(scope) for scope in scopes}
-            except _NotScalar:      # a resource or scope attribute this does not encode: the SDK's way
+            except _LeaveToSdk:      # a resource or scope attribute this does not encode: the SDK's way
                 out.extend(sdk_encode_spans([s for s in spans if s.resource == resource]).resource_spans)
                 continue
             scope_spans = []
