@@ -68,9 +68,12 @@ struct h2_dir {
 	__u8 dyn_used;		/* a block referenced the dynamic table */
 	__u8 stale;		/* a block that changes the table was not sent since */
 	__u8 btype;		/* the header block's first frame's type */
-	__u8 kc_cls;		/* the last block key this direction looked up in h2_known, and */
-	__u64 kc_hash;		/* what it says (its value there; 0: none): a peer repeats its */
-	__u32 kc_gen;		/* blocks, and the map lookup is a cache miss in a big table */
+	/* The last block key this direction found in h2_known or put there,
+	 * and its value (0: none). A peer repeats its blocks, and a lookup in
+	 * that big table is a cache miss. */
+	__u8 kc_cls;
+	__u64 kc_hash;
+	__u32 kc_gen;
 	__u32 pad3;
 };
 
