@@ -27,6 +27,7 @@ Usage: python bench/h2_overhead.py [--rounds 5] [--seconds 5] [--conns 16] [--st
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -38,6 +39,7 @@ from common import ROOT  # noqa: E402  (puts the checkout on sys.path)
 sys.path.insert(0, str(ROOT / "tests"))
 import h2_peers  # noqa: E402  (the tests' HTTP/2 rigs)
 from http_overhead import Agent, Floor  # noqa: E402  (`otelbpf run` exporting to a local OTLP sink)
+from uprobe_cost import LIBSSL  # noqa: E402
 
 from collector import libbpf  # noqa: E402
 
@@ -85,7 +87,7 @@ def main() -> int:
                 "http (h2c)": (h2c, nginx.h2c_port, Agent(http_only, d)),
                 "default config (h2c)": (h2c, nginx.h2c_port, Agent(None, d)),
                 "none (TLS)": (tls, nginx.tls_port, None),
-                "floor (TLS)": (tls, nginx.tls_port, Floor(floor.names, tls_uprobes=True)),
+                "floor (TLS)": (tls, nginx.tls_port, Floor(floor.names, tls_uprobes=os.path.exists(LIBSSL))),
                 "http (TLS)": (tls, nginx.tls_port, Agent(http_only, d)),
                 "default config (TLS)": (tls, nginx.tls_port, Agent(None, d)),
             }
