@@ -107,3 +107,10 @@ def test_both_otlp_exporters_encode_with_it():
         assert http_traces.encode_spans(spans) == encode_spans(spans)
     finally:
         http_exporter.shutdown()
+
+
+def test_a_second_http_exporter_finds_the_encoder_in_place_and_says_nothing(caplog):
+    from collector.export.otlp import make_span_exporter
+    for _ in range(2):
+        make_span_exporter({"protocol": "http/protobuf", "endpoint": "http://127.0.0.1:1", "timeout": 1}).shutdown()
+    assert not [r for r in caplog.records if "encodes differently" in r.getMessage()]

@@ -127,7 +127,7 @@ def make_span_exporter(cfg: dict):
     # override): that name is pointed at ours, only if it is still the SDK's
     if http_traces.encode_spans is sdk_encode_spans:
         http_traces.encode_spans = ENCODER.encode
-    elif http_traces.encode_spans is not ENCODER.encode:
+    elif http_traces.encode_spans != ENCODER.encode:   # (a bound method: each access makes a new object)
         log.warning("OTLP/HTTP spans: this SDK's exporter encodes differently; using its own encoder")
     return http_traces.OTLPSpanExporter(**_http_kwargs(cfg, "/v1/traces"))
 
