@@ -125,7 +125,8 @@ struct {
 /* One more event in a one-second window of at most cap (a span rate
  * limiter); false past the cap. Add, then read: an add that returns the old
  * value (BPF_ATOMIC_FETCH) needs 5.12, and a race here only blurs the cap
- * by a few. */
+ * by a few. Once the cap is reached the counter is only read: an atomic
+ * add on a line every CPU writes would move it between CPUs per request. */
 static __always_inline bool l7_rate_allow(__u64 *window, __u64 *used, __u64 cap, __u64 now)
 {
 	__u64 w = now / NS_PER_S;
@@ -134,6 +135,8 @@ static __always_inline bool l7_rate_allow(__u64 *window, __u64 *used, __u64 cap,
 		*window = w;
 		*used = 0;
 	}
+	if (*used >= cap)
+		return false;
 	__sync_fetch_and_add(used, 1);
 	return *used <= cap;
 }
