@@ -164,17 +164,22 @@ static __always_inline char sc(const struct scratch *s, __u32 i)
 	return s->buf[i & SCRATCH_MASK];
 }
 
-/* The 8 bytes at s[i], any i, in one load (little-endian). A C load from an
- * unaligned char pointer is split by clang into 8 byte loads; BPF's 8-byte
- * load has no alignment requirement on the architectures it is JITed for
- * here (x86-64, arm64), and the verifier allows it on a map value. */
-static __always_inline __u64 load8(const struct scratch *s, __u32 i)
+/* The 8 bytes at p (or s[i]), any alignment, in one load (little-endian).
+ * A C load from an unaligned char pointer is split by clang into 8 byte
+ * loads; BPF's 8-byte load has no alignment requirement on the
+ * architectures it is JITed for here (x86-64, arm64), and the verifier
+ * allows it on a map value. */
+static __always_inline __u64 load8_at(const void *p)
 {
-	const char *p = &s->buf[i & SCRATCH_MASK];
 	__u64 w;
 
 	asm volatile("%0 = *(u64 *)(%1 + 0)" : "=r"(w) : "r"(p));
 	return w;
+}
+
+static __always_inline __u64 load8(const struct scratch *s, __u32 i)
+{
+	return load8_at(&s->buf[i & SCRATCH_MASK]);
 }
 
 /* Text as a little-endian word, to compare with load8()'s, and a mask of a

@@ -36,6 +36,9 @@
 #define H2_IOV_CHUNK 32		/* iovecs read at a time */
 #define H2_MAX_IOVS 1024	/* iovecs of one call followed (IOV_MAX) */
 #define H2_MAX_FRAME 16777215	/* the 24-bit length field's limit */
+#define H2_WIN 1024		/* the window: bytes of the call read at once (H2_PIECE_MAX at most) */
+#define H2_WIN_MASK (H2_WIN - 1)
+#define H2_WIN_READ 512		/* bytes read into it at least, when the buffer has them */
 
 enum h2_type { H2_DATA = 0, H2_HEADERS = 1, H2_PRIORITY = 2, H2_RST = 3, H2_SETTINGS = 4, H2_PUSH = 5,
 	       H2_PING = 6, H2_GOAWAY = 7, H2_WINDOW = 8, H2_CONT = 9 };
@@ -77,12 +80,43 @@ struct h2_dir {
 	__u32 pad3;
 };
 
+/* A header block's key (http2_pair.h): its hash, and the HPACK table
+ * generation of its direction that gives it its meaning. */
+struct h2_bkey {
+	__u64 hash;
+	__u32 gen;
+	__u32 pad;
+};
+
+/* A stream the kernel pairs (http2_pair.h), from its request's headers. */
+struct h2_stream {
+	__u64 start_ns;
+	struct h2_bkey req, resp, trl;
+	__u32 tid;
+	__u8 state;		/* 1: request headers seen; 2: response headers too */
+	__u8 pad[3];
+};
+
+/* Streams in flight live in their connection's state, one slot per stream
+ * ID modulo H2_SLOTS (client streams are odd and counted up, so the ones in
+ * flight together rarely share a slot): no map operation per stream. One
+ * whose slot is taken goes to h2_streams. */
+#define H2_SLOTS 16
+
+struct h2_slot {
+	__u32 sid;		/* 0: free (no stream has ID 0) */
+	__u32 pad;
+	struct h2_stream s;
+};
+
 struct h2_state {
 	__u64 conn_id;
 	struct h2_dir d[2];	/* by enum io_dir */
 	__u8 fresh;		/* seen from its preface: user space knows the whole HPACK state */
 	__u8 role_hint;		/* enum http_role of the owner, from the preface; ROLE_NONE if joined */
-	__u8 pad[6];
+	__u8 pad[2];
+	__u32 spilled;		/* its streams put in h2_streams (0: none there, no lookup) */
+	struct h2_slot slots[H2_SLOTS];
 };
 
 struct {
@@ -177,6 +211,14 @@ struct h2_pos {
 	__u8 paired;		/* the kernel pairs this connection's streams */
 	__u8 vec;		/* an iovec array, not one buffer */
 	__u8 pad;
+	/* The window: bytes [win_pos, win_pos + win_len) of the call, from one
+	 * buffer, copied with one read. A multiplexed read or write holds many
+	 * small frames: their headers and header blocks are read here, not
+	 * with a read of user memory each (whose fixed cost is most of it). */
+	__u64 win_pos;
+	__u32 win_len;
+	__u32 pad2;
+	__u8 win[H2_WIN + 16];	/* slack: a masked 8-byte load or 9-byte header stays inside */
 };
 
 struct {
@@ -208,9 +250,22 @@ static __always_inline bool h2_iov_load(struct h2_walk *w, __u32 i)
 	__u64 size = (__u64)n * sizeof(struct iovec);
 
 	asm volatile("%0 &= 1023" : "+r"(size));	/* the bound on the helper's own register */
-	if (size == 0 || size > sizeof(w->iov->v) ||
-	    bpf_probe_read_user(w->iov->v, size, (void *)(w->p->buf + (__u64)i * sizeof(struct iovec))))
+	if (size == 0 || size > sizeof(w->iov->v))
 		return false;
+	void *src = (void *)(w->p->buf + (__u64)i * sizeof(struct iovec));
+
+	if (size <= 64) {
+		/* through the stack: a read into it skips the hardened-usercopy
+		 * checks on its destination that a map value gets (a third of
+		 * a small read's cost) */
+		__u64 tmp[8];
+
+		if (bpf_probe_read_user(tmp, size, src))
+			return false;
+		__builtin_memcpy(w->iov->v, tmp, sizeof(tmp));
+	} else if (bpf_probe_read_user(w->iov->v, size, src)) {
+		return false;
+	}
 	w->p->chunk = i;
 	return true;
 }
@@ -285,10 +340,51 @@ static __always_inline __u32 h2_item_at(struct h2_rec *rec)
 	return at & H2_REC_MASK;
 }
 
+/* Make the window hold direction offset pos and, if the buffer it is in
+ * has them, the want bytes from there on (want <= H2_WIN). Its offset in
+ * the window; -1 when pos is not in this call, -2 when the iovec cursor
+ * has not reached it yet (the next step goes on). */
+static __always_inline long h2_window(struct h2_walk *w, __u64 pos, __u32 want)
+{
+	struct h2_pos *p = w->p;
+	__u64 off = pos - p->win_pos, avail, at;
+
+	/* all there, or as much as there is: a window that starts at pos was
+	 * cut short by its buffer's end */
+	if (pos >= p->win_pos && off < p->win_len && (off + want <= p->win_len || !off))
+		return off;
+	at = h2_addr(w, pos, &avail);
+	if (!at)
+		return avail ? -2 : -1;
+	__u64 size = want > H2_WIN_READ ? want : H2_WIN_READ;
+
+	if (size > avail)
+		size = avail;
+	asm volatile("%0 &= 2047" : "+r"(size));	/* the bound on the helper's own register */
+	if (size > H2_WIN)
+		size = H2_WIN;
+	p->win_len = 0;
+	if (!size)
+		return -1;
+	if (size <= 64) {
+		/* through the stack, as h2_iov_load's */
+		__u64 tmp[8];
+
+		if (bpf_probe_read_user(tmp, size, (void *)at))
+			return -1;
+		__builtin_memcpy(p->win, tmp, sizeof(tmp));
+	} else if (bpf_probe_read_user(p->win, size, (void *)at)) {
+		return -1;
+	}
+	p->win_pos = pos;
+	p->win_len = size;
+	return 0;
+}
+
 /* Append an item for the frame described in d, with n payload bytes from
- * user address src (n may be 0). */
+ * the window at win_off (n may be 0). */
 static __always_inline __u32 h2_item(struct h2_rec *rec, struct h2_dir *d, __u64 frame, __u32 piece_off,
-				     __u64 src, __u32 n)
+				     const __u8 *win, __u32 win_off, __u32 n)
 {
 	__u32 at = h2_item_at(rec);
 	struct h2_item *it = (struct h2_item *)&rec->data[at];
@@ -307,7 +403,8 @@ static __always_inline __u32 h2_item(struct h2_rec *rec, struct h2_dir *d, __u64
 	asm volatile("%0 &= 2047" : "+r"(size));
 	if (size > H2_PIECE_MAX)
 		size = H2_PIECE_MAX;
-	if (size && bpf_probe_read_user(&rec->data[(at + sizeof(*it)) & H2_REC_MASK], size, (void *)src))
+	if (size && bpf_probe_read_kernel(&rec->data[(at + sizeof(*it)) & H2_REC_MASK], size,
+					  &win[win_off & H2_WIN_MASK]))
 		size = 0;
 	n = size;
 	it->piece_len = n;
@@ -332,66 +429,72 @@ static __always_inline bool h2_plausible(const __u8 *h)
 	return type == H2_WINDOW || sid != 0;
 }
 
-/* One step of a call's walk: send a piece of the frame being captured, or
- * read (part of) the next frame header. 1 ends the walk. */
-static long h2_step(__u32 i, void *data)
+/* Frame header fields from its 9 bytes: the first 8 as a little-endian
+ * word, and the ninth. */
+static __always_inline void h2_header(struct h2_dir *d, __u64 v, __u8 b8)
 {
-	struct h2_walk *w = data;
+	d->length = (__u32)(v & 0xff) << 16 | (__u32)(v & 0xff00) | (__u32)((v >> 16) & 0xff);
+	d->type = v >> 24;
+	d->flags = v >> 32;
+	d->stream_id = (__u32)((v >> 40) & 0x7f) << 24 | (__u32)((v >> 48) & 0xff) << 16 |
+		       (__u32)((v >> 56) & 0xff) << 8 | b8;
+}
+
+/* A header block that is one frame, whole in the window at off: hashed
+ * there, and keyed. A block user space already has needs no item at all. */
+static __always_inline void h2_block_whole(struct h2_walk *w, __u32 off, __u32 n)
+{
 	struct h2_dir *d = w->d;
-	__u64 avail, at;
 
-	if (d->cap_left) {
-		if (d->cap_at >= w->p->end)
-			return 1;	/* the payload goes on in the next call */
-		at = h2_addr(w, d->cap_at, &avail);
-		if (!at)
-			return !avail;
-		__u32 n = d->cap_left;
+	h2_block_begin(d);
+	d->bhash = h2_hash_window(w->p, off, n, d->bhash);
+	d->bpieces = 1;
+	if (h2_block_end_g(w->st, H2_NO_ITEM, n, h2_ctx(w), off) == 1)
+		h2_finish_g(w->st, d->stream_id, w->rec->h.ts, H2O_OK, 0);
+}
 
-		if (n > avail)
-			n = avail;
-		if (n > H2_PIECE_MAX)
-			n = H2_PIECE_MAX;
-		__u32 off = (__u32)(d->cap_at - d->frame - 9);
-		__u32 it = h2_item(w->rec, d, d->frame, off, at, n);
+/* The next frame's header, at d->next: parsed, and whether any of its
+ * payload is to be captured (1), or not, or not yet (0), or the walk ends
+ * (-1). */
+static __always_inline int h2_next_frame(struct h2_walk *w)
+{
+	struct h2_dir *d = w->d;
+	struct h2_pos *p = w->p;
+	long off;
 
-		d->cap_at += n;
-		d->cap_left -= n;
-		if (d->type == H2_HEADERS || d->type == H2_CONT || d->type == H2_PUSH)
-			h2_block_piece(w, it, n, off);
-		else if (d->type == H2_RST && w->p->paired && !d->cap_left)
-			h2_pair_reset(w, it);
-		return 0;
-	}
-	if (d->next >= w->p->end)
-		return 1;
+	if (d->next >= p->end)
+		return -1;
 	/* the header's bytes not read yet: the rest of a split one, or all 9 */
 	__u32 have = d->part_len & 15;
-	__u64 need = 9 - (have < 9 ? have : 9);
 
-	at = h2_addr(w, d->next + have, &avail);
-	if (!at)
-		return !avail;
-	if (need > avail)
-		need = avail;
-	need = hide(need);
-	if (need > 9)
-		need = 9;
-	if (need && bpf_probe_read_user(&d->part[have], need, (void *)at))
-		return 1;
-	have += need;
-	d->part_len = have;
-	if (have < 9)
-		return 0;	/* the header goes on in the next iovec or call */
+	if (have > 8)
+		have = 8;
+	off = h2_window(w, d->next + have, 9 - have);
+	if (off < 0)
+		return off == -1 ? -1 : 0;
+	__u32 got = p->win_len - off;
+
+	if (!have && got >= 9) {
+		h2_header(d, load8_at(&p->win[off & H2_WIN_MASK]), p->win[(off + 8) & H2_WIN_MASK]);
+	} else {
+		/* split across iovecs or calls: gathered in part */
+		__u32 take = 9 - have < got ? 9 - have : got;
+
+		for (int k = 0; k < 9; k++) {
+			if (k >= take)
+				break;
+			d->part[(have + k) & 15] = p->win[(off + k) & H2_WIN_MASK];
+		}
+		have += take;
+		d->part_len = have;
+		if (have < 9)
+			return 0;	/* the header goes on in the next iovec or call */
+		h2_header(d, load8_at(d->part), d->part[8]);
+	}
 	d->part_len = 0;
 
 	__u64 frame = d->next;
 
-	d->length = (__u32)d->part[0] << 16 | (__u32)d->part[1] << 8 | d->part[2];
-	d->type = d->part[3];
-	d->flags = d->part[4];
-	d->stream_id = ((__u32)(d->part[5] & 0x7f) << 24) | (__u32)d->part[6] << 16 | (__u32)d->part[7] << 8 |
-		       d->part[8];
 	d->next = frame + 9 + d->length;
 	switch (d->type) {
 	case H2_HEADERS:
@@ -410,10 +513,10 @@ static long h2_step(__u32 i, void *data)
 	case H2_DATA:
 		if (!(d->flags & H2_END_STREAM))
 			return 0;
-		if (w->p->paired)
+		if (p->paired)
 			h2_pair_data_end(w);
 		else
-			h2_item(w->rec, d, frame, 0, 0, 0);
+			h2_item(w->rec, d, frame, 0, p->win, 0, 0);
 		return 0;
 	default:
 		return 0;
@@ -421,11 +524,56 @@ static long h2_step(__u32 i, void *data)
 	d->frame = frame;
 	d->cap_at = frame + 9;
 	if (!d->cap_left) {	/* an empty block (a CONTINUATION ending it): its flags matter */
-		__u32 it = h2_item(w->rec, d, frame, 0, 0, 0);
+		__u32 it = h2_item(w->rec, d, frame, 0, p->win, 0, 0);
 
 		if (d->type != H2_RST && d->type != H2_GOAWAY)
-			h2_block_piece(w, it, 0, 0);
+			h2_block_piece(w, it, 0, 0, 0);
+		return 0;
 	}
+	return 1;
+}
+
+/* One step of a call's walk: the next frame header, and as much of its
+ * payload as is to be sent and at hand; or, in a frame being captured, its
+ * next piece. 1 ends the walk. */
+static long h2_step(__u32 i, void *data)
+{
+	struct h2_walk *w = data;
+	struct h2_dir *d = w->d;
+	struct h2_pos *p = w->p;
+	long off;
+
+	if (!d->cap_left) {
+		int next = h2_next_frame(w);
+
+		if (next <= 0)
+			return next < 0;
+	}
+	if (d->cap_at >= p->end)
+		return 1;	/* the payload goes on in the next call */
+	__u32 n = d->cap_left < H2_PIECE_MAX ? d->cap_left : H2_PIECE_MAX;
+
+	off = h2_window(w, d->cap_at, n);
+	if (off < 0)
+		return off == -1;
+	if (n > p->win_len - off)
+		n = p->win_len - off;	/* the rest is in the next buffer */
+	__u32 piece_off = (__u32)(d->cap_at - d->frame - 9);
+	bool block = d->type == H2_HEADERS || d->type == H2_CONT || d->type == H2_PUSH;
+
+	d->cap_at += n;
+	d->cap_left -= n;
+	if (block && p->paired && d->type != H2_CONT && !piece_off && n == d->length &&
+	    (d->flags & H2_END_HEADERS)) {
+		h2_block_whole(w, off, n);
+		return 0;
+	}
+	__u32 it = h2_item(w->rec, d, d->frame, piece_off, p->win, off, n);
+
+	if (block)
+		h2_block_piece(w, it, n, piece_off, off);
+	else if (d->type == H2_RST && p->paired && !d->cap_left)
+		h2_pair_reset(w, it);
 	return 0;
 }
 
@@ -470,6 +618,7 @@ static __always_inline void h2_walk_call(struct data_ev *e, struct http_conn *c,
 	p->niov = e->src.iovcnt < H2_MAX_IOVS ? e->src.iovcnt : H2_MAX_IOVS;	/* frames past these: resync */
 	p->seg = 0;
 	p->seg_start = start;
+	p->win_len = 0;
 	p->chunk = 0x80000000;	/* none read: i - chunk is never below H2_IOV_CHUNK */
 	/* where the previous call left off must be where this one begins */
 	if (!d->resync && (d->cap_left ? d->cap_at < start : d->next + d->part_len < start))
@@ -621,6 +770,17 @@ static __always_inline void http2_conn_gone(__u64 sk, struct http_conn *c)
 	struct h2_state *st = bpf_map_lookup_elem(&h2_conns, &sk);
 	struct h2_rec_head *h;
 
+	if (st) {
+		/* streams still open go where user space sweeps them at the close
+		 * (before the record that says it is sent) */
+		struct h2_stream_key key = { .conn_id = st->conn_id };
+
+		for (int i = 0; i < H2_SLOTS; i++) {
+			key.sid = st->slots[i].sid;
+			if (key.sid)
+				bpf_map_update_elem(&h2_streams, &key, &st->slots[i].s, BPF_ANY);
+		}
+	}
 	if (st && (h = bpf_ringbuf_reserve(&h2_events, sizeof(*h), 0))) {
 		__builtin_memset(h, 0, sizeof(*h));
 		h->conn_id = st->conn_id;

@@ -46,12 +46,6 @@ enum h2_kflag {
 };
 enum h2_outcome { H2O_OK = 0, H2O_RESET = 1 };
 
-struct h2_bkey {
-	__u64 hash;
-	__u32 gen;
-	__u32 pad;
-};
-
 struct h2_known_key {
 	__u64 conn_id;
 	__u64 hash;
@@ -64,14 +58,6 @@ struct h2_stream_key {
 	__u64 conn_id;
 	__u32 sid;
 	__u32 pad;
-};
-
-struct h2_stream {
-	__u64 start_ns;
-	struct h2_bkey req, resp, trl;
-	__u32 tid;
-	__u8 state;		/* 1: request headers seen; 2: response headers too */
-	__u8 pad[3];
 };
 
 struct h2_hkey {
@@ -108,9 +94,11 @@ struct {
 	__type(value, __u8);
 } h2_known SEC(".maps");	/* block keys user space was sent (it may forget none of an open connection) */
 
+/* Streams whose slot (struct h2_state) was taken, and those still open
+ * when their connection closed (for user space to sweep). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 16384);
 	__type(key, struct h2_stream_key);
 	__type(value, struct h2_stream);
 } h2_streams SEC(".maps");
@@ -248,8 +236,8 @@ static long hpack_step(__u32 k, void *data)
 	return 0;
 }
 
-/* FNV-1a-like over a piece, 8 bytes per step (the record buffer is 8-aligned
- * there, and its slack makes a masked 8-byte read at the end safe). */
+/* FNV-1a-like over a piece in the window, 8 bytes per step (its slack
+ * keeps the last load inside). */
 struct hash_walk {
 	const __u8 *b;
 	__u32 at, n;
@@ -264,11 +252,37 @@ static long hash_step(__u32 k, void *data)
 
 	if (off >= w->n)
 		return 1;
-	v = LOAD_U64_ALIGNED(&w->b[(w->at + off) & (H2_REC_MASK & ~7U)]);
+	v = load8_at(&w->b[(w->at + off) & H2_WIN_MASK]);
 	if (w->n - off < 8)
 		v &= (1ULL << (8 * (w->n - off))) - 1;
 	w->h = (w->h ^ v) * 0x100000001b3ULL;
 	return 0;
+}
+
+/* The hash h of a block so far, on with n bytes at window offset off. Most
+ * blocks repeat their fields by index, in a few bytes: up to 64 hashed
+ * inline, not with a call per word. */
+static __always_inline __u64 h2_hash_window(struct h2_pos *p, __u32 off, __u32 n, __u64 h)
+{
+	if (n <= 64) {
+#pragma unroll
+		for (int k = 0; k < 8; k++) {
+			__u32 o = k * 8;
+			__u64 v;
+
+			if (o >= n)
+				break;
+			v = load8_at(&p->win[(off + o) & H2_WIN_MASK]);
+			if (n - o < 8)
+				v &= (1ULL << (8 * (n - o))) - 1;
+			h = (h ^ v) * 0x100000001b3ULL;
+		}
+		return h;
+	}
+	struct hash_walk hw = { .b = p->win, .at = off, .n = n, .h = h };
+
+	bpf_loop(H2_PIECE_MAX / 8, hash_step, &hw, 0);
+	return hw.h;
 }
 
 /* ------------------------------------------------------------ streams */
@@ -309,22 +323,70 @@ static __always_inline struct h2_stream_item *h2_stream_item(struct h2_rec *rec,
 
 #define H2_COUNTED 0x100	/* h2_stream_item.outcome: already in h2_hist (a span candidate) */
 
-/* A paired stream ended at end_ns: counted here when it ended with its
- * response; sent up when reset, sampled, or not countable here. */
-__noinline int h2_finish_g(__u64 conn_id, __u32 sid, __u64 end_ns, __u32 outcome, __u32 error)
+static __always_inline struct h2_slot *h2_slot_of(struct h2_state *st, __u32 sid)
+{
+	return &st->slots[(sid >> 1) & (H2_SLOTS - 1)];
+}
+
+/* Stream sk of connection st: in its slot, or spilled to h2_streams. */
+static __always_inline struct h2_stream *h2_stream_find(struct h2_state *st, struct h2_stream_key *sk)
+{
+	struct h2_slot *sl = h2_slot_of(st, sk->sid);
+
+	if (sl->sid == sk->sid)
+		return &sl->s;
+	if (!st->spilled)
+		return NULL;
+	return bpf_map_lookup_elem(&h2_streams, sk);
+}
+
+/* A new stream sk: its slot, or h2_streams when the slot is taken. Its
+ * fields (zero) to fill; NULL: not kept. */
+static __always_inline struct h2_stream *h2_stream_open(struct h2_state *st, struct h2_stream_key *sk,
+							struct h2_stream *tmp)
+{
+	struct h2_slot *sl = h2_slot_of(st, sk->sid);
+
+	if (!sl->sid) {
+		sl->sid = sk->sid;
+		__builtin_memset(&sl->s, 0, sizeof(sl->s));
+		return &sl->s;
+	}
+	__builtin_memset(tmp, 0, sizeof(*tmp));
+	if (bpf_map_update_elem(&h2_streams, sk, tmp, BPF_ANY))
+		return NULL;
+	__sync_fetch_and_add(&st->spilled, 1);
+	return bpf_map_lookup_elem(&h2_streams, sk);
+}
+
+/* Stream sk ended: its slot is free again, or its map entry goes. */
+static __always_inline void h2_stream_close(struct h2_state *st, struct h2_stream_key *sk)
+{
+	struct h2_slot *sl = h2_slot_of(st, sk->sid);
+
+	if (sl->sid == sk->sid)
+		sl->sid = 0;
+	else if (!bpf_map_delete_elem(&h2_streams, sk))
+		__sync_fetch_and_add(&st->spilled, -1);
+}
+
+/* A paired stream of connection st ended at end_ns: counted here when it
+ * ended with its response; sent up when reset, sampled, or not countable
+ * here. */
+__noinline int h2_finish_g(struct h2_state *st, __u32 sid, __u64 end_ns, __u32 outcome, __u32 error)
 {
 	struct h2_rec *rec = h2_rec_of_cpu();
 	struct h2_tmp *t = h2_tmp();
 	bool counted = false;
 
-	if (!rec || !t)
+	if (!st || !rec || !t)
 		return 0;
 	struct h2_stream_key *sk = &t->sk;
 
-	sk->conn_id = conn_id;
+	sk->conn_id = st->conn_id;
 	sk->sid = sid;
 	sk->pad = 0;
-	struct h2_stream *s = bpf_map_lookup_elem(&h2_streams, sk);
+	struct h2_stream *s = h2_stream_find(st, sk);
 
 	if (!s || (outcome == H2O_OK && s->state != 2))
 		return 0;	/* not paired here, or DATA before any response headers */
@@ -364,7 +426,7 @@ __noinline int h2_finish_g(__u64 conn_id, __u32 sid, __u64 end_ns, __u32 outcome
 		si->outcome = outcome | (counted ? H2_COUNTED : 0);
 		si->error = error;
 	}
-	bpf_map_delete_elem(&h2_streams, sk);
+	h2_stream_close(st, sk);
 	return 0;
 }
 
@@ -376,28 +438,27 @@ __noinline int h2_finish_g(__u64 conn_id, __u32 sid, __u64 end_ns, __u32 outcome
 
 /* A header block (key) ended on a paired connection: a request opens its
  * stream, a response or its trailers fill it in, END_STREAM ends it. */
-static __always_inline int h2_pair_block(struct h2_rec *rec, struct h2_tmp *t, struct h2_dir *d, __u64 conn_id,
-					 __u32 ctx, struct h2_bkey *key)
+static __always_inline int h2_pair_block(struct h2_rec *rec, struct h2_tmp *t, struct h2_state *st,
+					 struct h2_dir *d, __u32 ctx, struct h2_bkey *key)
 {
 	struct h2_stream_key *sk = &t->sk;
 	__u8 dir = ctx & H2C_DIR, req_dir = (ctx & H2C_REQ_IN) ? DIR_IN : DIR_OUT;
 
-	sk->conn_id = conn_id;
+	sk->conn_id = st->conn_id;
 	sk->sid = d->stream_id;
 	sk->pad = 0;
-	struct h2_stream *s = bpf_map_lookup_elem(&h2_streams, sk);
+	struct h2_stream *s = h2_stream_find(st, sk);
 
 	if (dir == req_dir) {
 		if (s || !(sk->sid & 1))
 			return 0;	/* request trailers, or not a stream a client opens */
-		struct h2_stream *ns = &t->ns;
-
-		__builtin_memset(ns, 0, sizeof(*ns));
-		ns->start_ns = rec->h.ts;
-		ns->req = *key;
-		ns->tid = rec->h.tid;
-		ns->state = 1;
-		bpf_map_update_elem(&h2_streams, sk, ns, BPF_ANY);
+		s = h2_stream_open(st, sk, &t->ns);
+		if (!s)
+			return 0;
+		s->start_ns = rec->h.ts;
+		s->req = *key;
+		s->tid = rec->h.tid;
+		s->state = 1;
 		return 0;
 	}
 	if (!s)
@@ -433,25 +494,33 @@ __noinline int h2_hpack_classify(__u32 i, __u32 end)
 	return (p->mut ? 1 : 0) | (p->dyn ? 2 : 0);
 }
 
-/* A header block ended with the piece at item `at` (n payload bytes) in
- * direction d of connection conn_id: key it, send it or not, and pair its
- * stream. 1: the stream ended with it (the caller finishes it: calling
- * h2_finish_g from here would stack their frames). */
-__noinline int h2_block_end_g(struct h2_dir *d, __u32 at, __u32 n, __u64 conn_id, __u32 ctx)
+#define H2_NO_ITEM 0xffffffffU	/* h2_block_end_g: the block is in the window, no item yet */
+
+/* A header block ended with the piece at item `at` (n payload bytes), or,
+ * with at H2_NO_ITEM, with a block that is one piece in the window at
+ * win_off (appended only if it is to be sent), in direction ctx & H2C_DIR
+ * of connection st: key it, send it or not, and pair its stream. 1: the
+ * stream ended with it (the caller finishes it: calling h2_finish_g from
+ * here would stack their frames). */
+__noinline int h2_block_end_g(struct h2_state *st, __u32 at, __u32 n, __u32 ctx, __u32 win_off)
 {
+	__u32 z = 0;
 	struct h2_rec *rec = h2_rec_of_cpu();
+	struct h2_pos *p = bpf_map_lookup_elem(&h2_pos_buf, &z);
 	struct h2_tmp *t = h2_tmp();
 	bool paired = ctx & H2C_PAIRED, single, self, send = true;
 	__u8 mut = 1, dyn = 1, *known = NULL;
 
-	if (!d || !rec || !t)
+	if (!st || !rec || !p || !t)
 		return 0;
+	struct h2_dir *d = &st->d[ctx & H2C_DIR];
+
 	single = d->bpieces == 1 && !d->bcut;
 	struct h2_known_key *kk = &t->kk;
 	struct h2_bkey *key = &t->key;
 
 	__builtin_memset(kk, 0, sizeof(*kk));
-	kk->conn_id = conn_id;
+	kk->conn_id = st->conn_id;
 	kk->hash = d->bhash;
 	kk->dir = ctx & H2C_DIR;
 	if (paired && single) {
@@ -475,6 +544,11 @@ __noinline int h2_block_end_g(struct h2_dir *d, __u32 at, __u32 n, __u64 conn_id
 			d->kc_gen = kk->gen;
 			d->kc_cls = *known;
 		}
+	}
+	if (at == H2_NO_ITEM && !known) {
+		/* to be read here, and sent */
+		at = h2_item(rec, d, d->frame, 0, p->win, win_off, n);
+		n = ((struct h2_item *)&rec->data[at & H2_REC_MASK])->piece_len;
 	}
 	if (known) {
 		mut = *known & 1;
@@ -530,8 +604,11 @@ __noinline int h2_block_end_g(struct h2_dir *d, __u32 at, __u32 n, __u64 conn_id
 			d->stale = 1;	/* a repeat user space would apply again: harmless until a reference */
 	}
 	if (!send) {
-		rec->h.used = at;	/* the block's one piece, just appended */
+		if (at != H2_NO_ITEM)
+			rec->h.used = at;	/* the block's one piece, just appended */
 	} else {
+		if (at == H2_NO_ITEM)
+			at = h2_item(rec, d, d->frame, 0, p->win, win_off, n);
 		struct h2_item *it = (struct h2_item *)&rec->data[at & H2_REC_MASK];
 
 		it->kflags = kf;
@@ -539,7 +616,7 @@ __noinline int h2_block_end_g(struct h2_dir *d, __u32 at, __u32 n, __u64 conn_id
 		it->bgen = key->gen;
 	}
 	if (paired && d->btype == H2_HEADERS)
-		return h2_pair_block(rec, t, d, conn_id, ctx, key);
+		return h2_pair_block(rec, t, st, d, ctx, key);
 	return 0;
 }
 
@@ -554,7 +631,7 @@ static __always_inline void h2_pair_data_end(struct h2_walk *w)
 {
 	if (w->p->dir == ((h2_ctx(w) & H2C_REQ_IN) ? DIR_IN : DIR_OUT))
 		return;
-	h2_finish_g(w->st->conn_id, w->d->stream_id, w->rec->h.ts, H2O_OK, 0);
+	h2_finish_g(w->st, w->d->stream_id, w->rec->h.ts, H2O_OK, 0);
 }
 
 /* RST_STREAM (its 4 payload bytes at item `at`) on a paired connection:
@@ -566,37 +643,39 @@ static __always_inline void h2_pair_reset(struct h2_walk *w, __u32 at)
 	code = (__u32)w->rec->data[base & H2_REC_MASK] << 24 | (__u32)w->rec->data[(base + 1) & H2_REC_MASK] << 16 |
 	       (__u32)w->rec->data[(base + 2) & H2_REC_MASK] << 8 | w->rec->data[(base + 3) & H2_REC_MASK];
 	w->rec->h.used = at;	/* the frame itself is not needed */
-	h2_finish_g(w->st->conn_id, w->d->stream_id, w->rec->h.ts, H2O_RESET, code);
+	h2_finish_g(w->st, w->d->stream_id, w->rec->h.ts, H2O_RESET, code);
 }
 
 /* ------------------------------------------------------------- blocks */
 
+/* A header block starts (HEADERS or PUSH_PROMISE; CONTINUATIONs go on). */
+static __always_inline void h2_block_begin(struct h2_dir *d)
+{
+	d->bhash = 0xcbf29ce484222325ULL;
+	d->bpieces = 0;
+	d->bcut = 0;
+	d->bflags = d->flags;
+	d->btype = d->type;
+}
+
 /* A piece of a header block (HEADERS, PUSH_PROMISE, CONTINUATION) was
- * appended at item `at`, asking for want bytes from piece_off on: hash it;
- * at the block's end, key it. */
-static __always_inline void h2_block_piece(struct h2_walk *w, __u32 at, __u32 want, __u32 piece_off)
+ * appended at item `at`, asking for want bytes from piece_off on, which the
+ * window holds at win_off: hash it; at the block's end, key it. */
+static __always_inline void h2_block_piece(struct h2_walk *w, __u32 at, __u32 want, __u32 piece_off,
+					   __u32 win_off)
 {
 	struct h2_dir *d = w->d;
 	struct h2_item *it = (struct h2_item *)&w->rec->data[at & H2_REC_MASK];
 	__u32 n = it->piece_len;
 
-	if (piece_off == 0 && d->type != H2_CONT) {
-		d->bhash = 0xcbf29ce484222325ULL;
-		d->bpieces = 0;
-		d->bcut = 0;
-		d->bflags = d->flags;
-		d->btype = d->type;
-	}
+	if (piece_off == 0 && d->type != H2_CONT)
+		h2_block_begin(d);
 	if (n != want || d->length > H2_BLOCK_MAX)
 		d->bcut = 1;	/* bytes of it were not sent: never taken as known */
-	struct hash_walk hw = { .b = w->rec->data, .at = at + sizeof(struct h2_item), .n = n, .h = d->bhash };
-
-	bpf_loop(H2_PIECE_MAX / 8, hash_step, &hw, 0);
-	d->bhash = hw.h;
+	d->bhash = h2_hash_window(w->p, win_off, n, d->bhash);
 	d->bpieces++;
-	if (!d->cap_left && (d->flags & H2_END_HEADERS) &&
-	    h2_block_end_g(d, at, n, w->st->conn_id, h2_ctx(w)) == 1)
-		h2_finish_g(w->st->conn_id, d->stream_id, w->rec->h.ts, H2O_OK, 0);
+	if (!d->cap_left && (d->flags & H2_END_HEADERS) && h2_block_end_g(w->st, at, n, h2_ctx(w), 0) == 1)
+		h2_finish_g(w->st, d->stream_id, w->rec->h.ts, H2O_OK, 0);
 }
 
 #endif
