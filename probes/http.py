@@ -376,7 +376,12 @@ class HttpProbe(BpfProbe):
         obj.set_global("h2_ring_bytes", struct.pack("=I", self.config["ring_buffer_bytes"]))
         obj.map("h2_events").set_max_entries(self.config["ring_buffer_bytes"])
         if not self.config["http2"]:
-            obj.map("h2_events").set_max_entries(4096)     # nothing comes: no memory for it
+            # nothing comes: no memory for it (hash maps are allocated
+            # whole when loaded: a connection's state, with its streams in
+            # flight, is 1.4 KB)
+            obj.map("h2_events").set_max_entries(4096)
+            for name in ("h2_conns", "h2_streams", "h2_known", "h2_hist"):
+                obj.map(name).set_max_entries(64)
         return self.config["http2"]
 
     def _uprobe_cost_ns(self, obj) -> float:

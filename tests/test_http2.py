@@ -5,6 +5,9 @@ with what the peers themselves counted."""
 from __future__ import annotations
 
 import collections
+import json
+import os
+import re
 import socket
 import struct
 import subprocess
@@ -242,6 +245,56 @@ def test_a_connection_opened_before_the_agent_is_counted_partial(receiver, tmp_p
             if a is not None:
                 a.kill()
             recv.stop()
+
+
+def _maps_of(pid: int, names: tuple) -> dict:
+    """max_entries of the BPF maps named `names` that process pid holds (its
+    map fds' ids, from /proc; their names from bpftool)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            info = open(f"/proc/{pid}/fdinfo/{fd}").read()
+        except OSError:
+            continue
+        m = re.search(r"^map_id:\s*(\d+)", info, re.M)
+        if m:
+            ids.add(int(m.group(1)))
+    out = subprocess.run(["bpftool", "map", "show", "-j"], capture_output=True, text=True, check=True).stdout
+    return {m["name"]: m["max_entries"] for m in json.loads(out) if m["id"] in ids and m.get("name") in names}
+
+
+def test_http2_off_traces_http1_only_and_allocates_no_http2_state(tmp_path):
+    """probes.http.http2: false: nginx's HTTP/1 port is counted as its access
+    log says, its h2c port not at all, and the HTTP/2 tables (LRU maps, all
+    allocated when loaded: 1.4 KB a connection) are cut to nothing."""
+    from otlp_receiver import GrpcReceiver
+    recv = GrpcReceiver()
+    a = AgentProcess(tmp_path, {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "",
+                                "exporters": {"otlp": {"endpoint": recv.endpoint, "protocol": "grpc"}},
+                                "probes": {"http": {"tls": False, "http2": False}}})
+    try:
+        a.wait_for_log("collecting every", timeout=60)
+        names = ("h2_conns", "h2_streams", "h2_known", "h2_hist")
+        assert _maps_of(a.pid, names) == {n: 64 for n in names}
+        with hp.nginx_h2(tmp_path / "ngx") as ngx:
+            for _ in range(3):
+                assert hp.curl_h2(ngx.url("h2c", "/"), tls=False) == 200
+                out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "*",
+                                      ngx.url("h1", "/missing")], capture_output=True, text=True, timeout=15)
+                assert out.stdout == "404"
+            log = ngx.counts(ngx.h1_port, expect=3)
+            assert log == {("HTTP/1.1", "GET", "/missing", 404): 3}, log
+            keys = ("http.request.method", "http.response.status_code")
+            settle(lambda: counted(recv.rx, "http.server.request.duration", keys, server__port=ngx.h1_port)
+                   == {("GET", 404): 3},
+                   why=lambda: (series(recv.rx, "http.server.request.duration"), a.stderr()))
+            assert ngx.counts(ngx.h2c_port, expect=3)
+            assert not series(recv.rx, "http.server.request.duration", server__port=ngx.h2c_port)
+            assert not series(recv.rx, "http.client.request.duration", server__port=ngx.h2c_port)
+        assert a.stop() == 0 and "Traceback" not in a.stderr(), a.stderr()
+    finally:
+        a.kill()
+        recv.stop()
 
 
 # ---------------------------------------------------------------- Node
