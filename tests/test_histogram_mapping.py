@@ -75,8 +75,11 @@ def test_quantile_upper_bound():
 
 def http_units(dur_ns: int) -> int:
     """Python twin of l7_count_duration()'s conversion in bpf/l7/duration.h:
-    ceil(dur_ns * 2^30 / 10^9), split at whole seconds, after the clamp."""
+    ceil(dur_ns * 2^30 / 10^9), split at whole seconds (below one, in one
+    division), after the clamp."""
     dur_ns = min(dur_ns, 1 << 43)
+    if dur_ns < 1_000_000_000:
+        return ((dur_ns << 30) + 999_999_999) // 1_000_000_000
     q, r = divmod(dur_ns, 1_000_000_000)
     units = (q << 30) + ((r << 30) + 999_999_999) // 1_000_000_000
     assert units < 1 << 64 and (r << 30) + 999_999_999 < 1 << 64   # no u64 overflow in the kernel

@@ -38,8 +38,16 @@ static __always_inline void l7_count_duration(__u64 *count, __u64 *sum_ns, __u64
 
 	if (dur > (1ULL << 43))
 		dur = 1ULL << 43;	/* ~2.4 hours: past the last bucket ((256, 512] s) anyway */
-	__u64 q = dur / NS_PER_S, r = dur % NS_PER_S;
-	__u64 d30 = (q << unit_shift) + ((r << unit_shift) + NS_PER_S - 1) / NS_PER_S;
+	__u64 d30;
+
+	if (dur < NS_PER_S) {
+		/* q = 0: one division, not three (most requests take < 1 s) */
+		d30 = ((dur << unit_shift) + NS_PER_S - 1) / NS_PER_S;
+	} else {
+		__u64 q = dur / NS_PER_S, r = dur % NS_PER_S;
+
+		d30 = (q << unit_shift) + ((r << unit_shift) + NS_PER_S - 1) / NS_PER_S;
+	}
 	__u32 lb = hide(otb_log2_bucket(d30));
 	__u32 sb = hide(sem_bucket(dur));
 
