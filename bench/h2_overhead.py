@@ -16,11 +16,15 @@ interleaved rounds so drift on a shared machine hits every setup alike:
                   probe on, as `make run` starts it
 
 Per setup it prints h2load's requests/s (median of rounds) and its ratio to
-`none` of the same transport, the agent's CPU as % of one core over the
+`none` of the same transport (and the median and range of each round's
+ratio to that round's `none`: this machine's throughput drifts by several
+points between runs of the same setup), the agent's CPU as % of one core over the
 h2load run, and the requests nginx answered on that port (access log lines
 with bytes sent) against those in the exported http.server.request.duration
 of that server.port: the agent setups of all rounds summed. An agent that
-does not decode HTTP/2 exports none of them.
+does not decode HTTP/2 exports none of them. Then, from one extra round of
+the agent setups with kernel.bpf_stats_enabled, what each BPF program cost
+per request (both sides: h2load's calls are traced too).
 
 Usage: python bench/h2_overhead.py [--rounds 5] [--seconds 5] [--conns 16] [--streams 16]
 """
@@ -73,6 +77,7 @@ def main() -> int:
             print(f"{tool} is not installed (make setup installs it)", file=sys.stderr)
             return 2
     d = tempfile.mkdtemp(prefix="otelbpf-bench-h2-")
+    stats_was = open("/proc/sys/kernel/bpf_stats_enabled").read().strip()
     res = {}
     try:
         with h2_peers.nginx_h2(d) as nginx:
@@ -91,7 +96,8 @@ def main() -> int:
                 "http (TLS)": (tls, nginx.tls_port, Agent(http_only, d)),
                 "default config (TLS)": (tls, nginx.tls_port, Agent(None, d)),
             }
-            res = {name: {"rps": [], "cpu": [], "logged": 0, "counted": 0, "errored": 0} for name in setups}
+            res = {name: {"rps": [], "cpu": [], "logged": 0, "counted": 0, "errored": 0, "progs": {},
+                          "requests": 0} for name in setups}
 
             def load(url: str, seconds: float):
                 return h2_peers.h2load(url, c=args.conns, m=args.streams, threads=args.threads,
@@ -99,10 +105,18 @@ def main() -> int:
 
             load(h2c, 1)  # warm up
             load(tls, 1)
-            for _rnd in range(args.rounds):
+            # the rounds measured, then one of the agent setups with the
+            # kernel's per-program statistics on (two clock reads per program
+            # run: that round's throughput is not counted)
+            for rnd in range(args.rounds + 1):
+                profiling = rnd == args.rounds
+                with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+                    f.write("1" if profiling else "0")
                 for name, (url, port, setup) in setups.items():
                     r = res[name]
                     agent = isinstance(setup, Agent)
+                    if profiling and not agent:
+                        continue
                     if setup is not None:
                         setup.start()
                     try:
@@ -117,33 +131,57 @@ def main() -> int:
                         logged = answered(nginx, port) - before
                     finally:
                         stopped = setup.stop(port) if setup is not None else {}
-                    r["rps"].append(out.rps)
-                    r["errored"] += out.errored
-                    if agent:
+                    if agent:   # every round, the profiling one too: 0 missing in all
                         r["logged"] += logged
                         r["counted"] += stopped["counted"]
+                    if profiling:
+                        r["progs"], r["requests"] = stopped["progs"], logged
+                        continue
+                    r["rps"].append(out.rps)
+                    r["errored"] += out.errored
     finally:
+        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+            f.write(stats_was)
         shutil.rmtree(d, ignore_errors=True)
     report(args, res)
     return 0
 
 
 def report(args, res: dict) -> None:
-    base = {"h2c": statistics.median(res["none (h2c)"]["rps"]), "TLS": statistics.median(res["none (TLS)"]["rps"])}
+    none = {"h2c": res["none (h2c)"]["rps"], "TLS": res["none (TLS)"]["rps"]}
+    base = {k: statistics.median(v) for k, v in none.items()}
     print(f"h2load -c{args.conns} -m{args.streams} -t{args.threads} -D{args.seconds:g} against nginx (return 200, "
           f"HTTP/2) on loopback, {args.rounds} interleaved rounds; medians\n")
-    print(f"{'setup':24} {'req/s':>9} {'vs none':>8} {'agent CPU':>9} {'h2load errors':>13} {'answered':>9} "
-          f"{'exported':>9} {'missing':>8}")
+    print(f"{'setup':24} {'req/s':>9} {'vs none':>8} {'per round':>16} {'agent CPU':>9} {'h2load errors':>13} "
+          f"{'answered':>9} {'exported':>9} {'missing':>8}")
     for name, r in res.items():
         scheme = "TLS" if name.endswith("(TLS)") else "h2c"
         med = statistics.median(r["rps"])
+        # against the same round's `none`: drift between rounds cancels
+        paired = [x / n for x, n in zip(r["rps"], none[scheme])]
+        per_round = f"{100 * statistics.median(paired):.1f}% ({100 * min(paired):.0f}-{100 * max(paired):.0f})"
         cpu = f"{statistics.median(r['cpu']):.1f}%" if r["cpu"] else "-"
         counts = (f"{r['logged']:>9} {r['counted']:>9} {r['logged'] - r['counted']:>8}" if r["cpu"]
                   else f"{'-':>9} {'-':>9} {'-':>8}")
-        print(f"{name:24} {med:9.0f} {100 * med / base[scheme]:7.1f}% {cpu:>9} {r['errored']:>13} {counts}")
-    print("\n(agent CPU: its user + system time over the h2load run, export included; answered: nginx's access "
-          "log lines with bytes sent on that port during the agent's rounds; exported: the count of "
+        print(f"{name:24} {med:9.0f} {100 * med / base[scheme]:7.1f}% {per_round:>16} {cpu:>9} {r['errored']:>13} "
+              f"{counts}")
+    print("\n(per round: the median and range of each round's ratio to that round's `none`; agent CPU: its user + "
+          "system time over the h2load run, export included; answered: nginx's access log lines with bytes sent on "
+          "that port during the agent's rounds, the profiling round's too; exported: the count of "
           "http.server.request.duration for that server.port in the agent's last export)")
+    print("\nwhere the time goes: BPF programs in an extra round with kernel.bpf_stats_enabled=1 (not counted "
+          "above: the statistics add two clock reads per run), per request nginx answered (h2load's side "
+          "included)")
+    for name, r in res.items():
+        if not r["progs"] or not r["requests"]:
+            continue
+        total = sum(ns for _cnt, ns in r["progs"].values())
+        print(f"  {name}: {total / r['requests']:.0f} ns/request")
+        for prog, (cnt, ns) in sorted(r["progs"].items(), key=lambda kv: -kv[1][1]):
+            if ns < r["requests"]:
+                continue    # under 1 ns a request (connection setup and teardown)
+            print(f"    {prog:24} {cnt / r['requests']:7.2f} runs/request {ns / cnt:8.0f} ns/run "
+                  f"{ns / r['requests']:8.0f} ns/request")
 
 
 if __name__ == "__main__":
