@@ -265,8 +265,9 @@ def _maps_of(pid: int, names: tuple) -> dict:
 
 def test_http2_off_traces_http1_only_and_allocates_no_http2_state(tmp_path):
     """probes.http.http2: false: nginx's HTTP/1 port is counted as its access
-    log says, its h2c port not at all, and the HTTP/2 tables (LRU maps, all
-    allocated when loaded: 1.4 KB a connection) are cut to nothing."""
+    log says, its h2c port not at all, and the HTTP/2 hash maps (allocated
+    whole when loaded: 1.4 KB a connection in h2_conns) are cut to 64
+    entries."""
     from otlp_receiver import GrpcReceiver
     recv = GrpcReceiver()
     a = AgentProcess(tmp_path, {"interval": "1s", "lock_file": str(tmp_path / "lock"), "health": "",
