@@ -19,9 +19,12 @@ Per setup it prints h2load's requests/s (median of rounds) and its ratio to
 `none` of the same transport (and the median and range of each round's
 ratio to that round's `none`: this machine's throughput drifts by several
 points between runs of the same setup), the agent's CPU as % of one core over the
-h2load run, and the requests nginx answered on that port (access log lines
-with bytes sent) against those in the exported http.server.request.duration
-of that server.port: the agent setups of all rounds summed. An agent that
+h2load run, and the requests nginx completed on that port (access log lines
+whose $request_completion is OK) against those in the exported
+http.server.request.duration of that server.port: the agent setups of all
+rounds summed. (A stream h2load abandons when -D ends is logged with the
+bytes nginx had queued, but not completed: its response never went out
+whole, and no observer of the socket calls sees it end.) An agent that
 does not decode HTTP/2 exports none of them. Then, from one extra round of
 the agent setups with kernel.bpf_stats_enabled, what each BPF program cost
 per request (both sides: h2load's calls are traced too).
@@ -48,17 +51,16 @@ from uprobe_cost import LIBSSL  # noqa: E402
 from collector import libbpf  # noqa: E402
 
 
-def answered(nginx, port: int) -> int:
-    """Requests nginx answered on port: it also logs streams the client
-    reset before anything was sent (h2load -D stops with streams in flight).
-    Counted line by line, as h2_peers.access_lines parses them: by the last
-    rounds the log holds millions of lines, which as a list took gigabytes."""
+def completed(nginx, port: int) -> int:
+    """Requests nginx completed on port ($request_completion OK). Counted
+    line by line, as h2_peers.access_lines parses them: by the last rounds
+    the log holds millions of lines, which as a list took gigabytes."""
     port_s, n = str(port), 0
     try:
         with open(nginx.log) as f:
             for line in f:
-                p = line.split(" ", 7)
-                n += len(p) == 8 and p[0] == port_s and int(p[5]) > 0
+                p = line.split(" ", 8)
+                n += len(p) == 9 and p[0] == port_s and p[7] == "OK"
     except FileNotFoundError:
         pass
     return n
@@ -120,7 +122,7 @@ def main() -> int:
                     if setup is not None:
                         setup.start()
                     try:
-                        before = answered(nginx, port)
+                        before = completed(nginx, port)
                         cpu0 = setup.cpu() if agent else 0.0
                         t0 = time.monotonic()
                         out = load(url, args.seconds)
@@ -128,7 +130,7 @@ def main() -> int:
                         if agent:
                             r["cpu"].append(100 * (setup.cpu() - cpu0) / elapsed)
                             time.sleep(0.5)   # let the last responses' writes return
-                        logged = answered(nginx, port) - before
+                        logged = completed(nginx, port) - before
                     finally:
                         stopped = setup.stop(port) if setup is not None else {}
                     if agent:   # every round, the profiling one too: 0 missing in all
@@ -153,7 +155,7 @@ def report(args, res: dict) -> None:
     print(f"h2load -c{args.conns} -m{args.streams} -t{args.threads} -D{args.seconds:g} against nginx (return 200, "
           f"HTTP/2) on loopback, {args.rounds} interleaved rounds; medians\n")
     print(f"{'setup':24} {'req/s':>9} {'vs none':>8} {'per round':>16} {'agent CPU':>9} {'h2load errors':>13} "
-          f"{'answered':>9} {'exported':>9} {'missing':>8}")
+          f"{'completed':>9} {'exported':>9} {'missing':>8}")
     for name, r in res.items():
         scheme = "TLS" if name.endswith("(TLS)") else "h2c"
         med = statistics.median(r["rps"])
@@ -166,11 +168,11 @@ def report(args, res: dict) -> None:
         print(f"{name:24} {med:9.0f} {100 * med / base[scheme]:7.1f}% {per_round:>16} {cpu:>9} {r['errored']:>13} "
               f"{counts}")
     print("\n(per round: the median and range of each round's ratio to that round's `none`; agent CPU: its user + "
-          "system time over the h2load run, export included; answered: nginx's access log lines with bytes sent on "
-          "that port during the agent's rounds, the profiling round's too; exported: the count of "
+          "system time over the h2load run, export included; completed: nginx's access log lines with $request_completion "
+          "OK on that port during the agent's rounds, the profiling round's too; exported: the count of "
           "http.server.request.duration for that server.port in the agent's last export)")
     print("\nwhere the time goes: BPF programs in an extra round with kernel.bpf_stats_enabled=1 (not counted "
-          "above: the statistics add two clock reads per run), per request nginx answered (h2load's side "
+          "above: the statistics add two clock reads per run), per request nginx completed (h2load's side "
           "included)")
     for name, r in res.items():
         if not r["progs"] or not r["requests"]:

@@ -184,7 +184,7 @@ error_log {d}/error.log;
 events {{ worker_connections 4096; }}
 http {{
   log_format h2 '$server_port $server_protocol $request_method $uri $status $bytes_sent $request_time '
-                '"$http_traceparent"';
+                '$request_completion "$http_traceparent"';
   access_log {d}/access.log h2;
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
   uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
@@ -205,7 +205,11 @@ http {{
 """
 BIG_BYTES = 100 * 1024     # /big: several DATA frames (nginx's http2_chunk_size is 8k)
 
-LogLine = collections.namedtuple("LogLine", "port protocol method path status bytes_sent request_time traceparent")
+# completed: nginx's $request_completion ("OK": the whole response was
+# written; a client that went away mid-response leaves it empty, though
+# bytes_sent counts what nginx had queued)
+LogLine = collections.namedtuple("LogLine",
+                                 "port protocol method path status bytes_sent request_time completed traceparent")
 
 
 def access_lines(path: Union[str, Path], port: Optional[int] = None) -> list:
@@ -216,10 +220,11 @@ def access_lines(path: Union[str, Path], port: Optional[int] = None) -> list:
     except FileNotFoundError:
         return out
     for line in text.splitlines():
-        p = line.split(" ", 7)
-        if len(p) != 8 or (port is not None and p[0] != str(port)):
+        p = line.split(" ", 8)
+        if len(p) != 9 or (port is not None and p[0] != str(port)):
             continue
-        out.append(LogLine(int(p[0]), p[1], p[2], p[3], int(p[4]), int(p[5]), float(p[6]), p[7].strip('"')))
+        out.append(LogLine(int(p[0]), p[1], p[2], p[3], int(p[4]), int(p[5]), float(p[6]), p[7] == "OK",
+                           p[8].strip('"')))
     return out
 
 

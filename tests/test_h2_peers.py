@@ -52,6 +52,7 @@ def test_curl_statuses_and_traceparents_are_nginx_log_lines(nginx, kind):
     assert nginx.counts(port, expect=len(PATHS) + 1) == expected
     lines = nginx.lines(port)
     assert {ln.path: ln.traceparent for ln in lines if ln.method == "GET"} == sent
+    assert all(ln.completed for ln in lines)    # curl read every response whole
     big = next(ln for ln in lines if ln.path == "/big")
     assert big.bytes_sent > hp.BIG_BYTES
 
