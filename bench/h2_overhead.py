@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What the agent costs nginx serving HTTP/2, and whether it misses a request.
 
-h2load (-c16 -m16: 16 connections, 16 streams in flight on each) drives
+h2load (-c16 -m16: 16 connections, 16 streams in flight on each, a fixed
+number of requests: about --seconds' worth without the agent) drives
 Debian's nginx (`return 200`, tests/h2_peers.py's nginx_h2) on loopback, in
 interleaved rounds so drift on a shared machine hits every setup alike:
 
@@ -22,10 +23,9 @@ points between runs of the same setup), the agent's CPU as % of one core over th
 h2load run, and the requests nginx completed on that port (access log lines
 whose $request_completion is OK) against those in the exported
 http.server.request.duration of that server.port: the agent setups of all
-rounds summed. (A stream h2load abandons when -D ends is logged with the
-bytes nginx had queued, but not completed: its response never went out
-whole, and no observer of the socket calls sees it end.) An agent that
-does not decode HTTP/2 exports none of them. Then, from one extra round of
+rounds summed: with a fixed number of requests, every stream completes,
+so the two must be equal. An agent that does not decode HTTP/2 exports
+none of them. Then, from one extra round of
 the agent setups with kernel.bpf_stats_enabled, what each BPF program cost
 per request (both sides: h2load's calls are traced too).
 
@@ -101,12 +101,20 @@ def main() -> int:
             res = {name: {"rps": [], "cpu": [], "logged": 0, "counted": 0, "errored": 0, "progs": {},
                           "requests": 0} for name in setups}
 
-            def load(url: str, seconds: float):
-                return h2_peers.h2load(url, c=args.conns, m=args.streams, threads=args.threads,
-                                       duration=seconds, timeout=seconds + 60)
+            # A round is a fixed number of requests, about --seconds' worth
+            # without the agent (a warm-up run measures it), not -D: a run
+            # cut at a time abandons the streams in flight, which nginx logs
+            # with the bytes it had queued whether or not their responses
+            # went out whole, so its log would not be exact ground truth.
+            def load(url: str, n: int = None, seconds: float = None):
+                return h2_peers.h2load(url, n=n, c=args.conns, m=args.streams, threads=args.threads,
+                                       duration=seconds, timeout=4 * args.seconds + 60)
 
-            load(h2c, 1)  # warm up
-            load(tls, 1)
+            size = {}
+            for url in (h2c, tls):
+                warm = load(url, seconds=2)
+                size[url] = max(args.conns * args.streams, int(round(warm.rps * args.seconds, -3)))
+            args.sizes = f"h2c {size[h2c]}, TLS {size[tls]}"
             # the rounds measured, then one of the agent setups with the
             # kernel's per-program statistics on (two clock reads per program
             # run: that round's throughput is not counted)
@@ -125,7 +133,7 @@ def main() -> int:
                         before = completed(nginx, port)
                         cpu0 = setup.cpu() if agent else 0.0
                         t0 = time.monotonic()
-                        out = load(url, args.seconds)
+                        out = load(url, n=size[url])
                         elapsed = time.monotonic() - t0
                         if agent:
                             r["cpu"].append(100 * (setup.cpu() - cpu0) / elapsed)
@@ -152,8 +160,9 @@ def main() -> int:
 def report(args, res: dict) -> None:
     none = {"h2c": res["none (h2c)"]["rps"], "TLS": res["none (TLS)"]["rps"]}
     base = {k: statistics.median(v) for k, v in none.items()}
-    print(f"h2load -c{args.conns} -m{args.streams} -t{args.threads} -D{args.seconds:g} against nginx (return 200, "
-          f"HTTP/2) on loopback, {args.rounds} interleaved rounds; medians\n")
+    print(f"h2load -c{args.conns} -m{args.streams} -t{args.threads} -n ({args.sizes} requests: about "
+          f"{args.seconds:g} s without the agent) against nginx (return 200, HTTP/2) on loopback, {args.rounds} "
+          f"interleaved rounds; medians\n")
     print(f"{'setup':24} {'req/s':>9} {'vs none':>8} {'per round':>16} {'agent CPU':>9} {'h2load errors':>13} "
           f"{'completed':>9} {'exported':>9} {'missing':>8}")
     for name, r in res.items():
