@@ -133,15 +133,14 @@ class Floor:
 class Agent:
     """`otelbpf run` with a config, exporting to a fresh OTLP/HTTP sink."""
 
-    def __init__(self, probes, d: str, interval: str = None):
-        self.probes, self.d, self.interval = probes, d, interval
+    def __init__(self, probes, d: str):
+        self.probes, self.d = probes, d
 
     def start(self):
         self.sink, self.store = start_otlp_sink(keep_metrics=True)
+        # the agent's default interval (10 s), as users run it
         cfg = {"health": "", "lock_file": f"{self.d}/agent.lock",
                "exporters": {"otlp": {"endpoint": self.store.endpoint, "protocol": "http/protobuf"}}}
-        if self.interval:
-            cfg["interval"] = self.interval     # else the agent's default (10 s), as users run it
         if self.probes is not None:
             cfg["probes"] = self.probes
         with open(f"{self.d}/agent.yaml", "w") as f:
