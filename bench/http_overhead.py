@@ -138,8 +138,12 @@ class Agent:
 
     def start(self):
         self.sink, self.store = start_otlp_sink(keep_metrics=True)
-        # the agent's default interval (10 s), as users run it
-        cfg = {"health": "", "lock_file": f"{self.d}/agent.lock",
+        # 1 s, not the default 10 s: the agent turns spans into OTLP and
+        # exports at each collection, so a round of a few seconds at 10 s
+        # would hold none of that work, in its CPU or its throughput. At
+        # 10 s the agent costs less: over 18 s of h2load, 2.6% of a core
+        # against 4.3% at 1 s (its user + system time; 1,000 spans/s both)
+        cfg = {"interval": "1s", "health": "", "lock_file": f"{self.d}/agent.lock",
                "exporters": {"otlp": {"endpoint": self.store.endpoint, "protocol": "http/protobuf"}}}
         if self.probes is not None:
             cfg["probes"] = self.probes
