@@ -131,6 +131,20 @@ def bpftool_objects(kind: str) -> list:
     return json.loads(out or "[]")
 
 
+def maps_held(pid: int, name: Optional[str] = None) -> list:
+    """`bpftool map show` records of the BPF maps process pid holds open
+    (its fds' fdinfo give their ids; another agent's maps may have the same
+    names), of the given name if one is given."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                held.update(int(line.split()[1]) for line in f if line.startswith("map_id:"))
+        except OSError:
+            continue
+    return [m for m in bpftool_objects("map") if m["id"] in held and (name is None or m.get("name") == name)]
+
+
 SYSCALL_LATENCY_PROGS = {"sc_lat_enter", "sc_lat_exit"}
 SYSCALL_LATENCY_MAPS = {"sc_lat_slots", "sc_lat_hist", "sc_lat_ovf", "sc_lat_stats", "syscall_.rodata"}
 

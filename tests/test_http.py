@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AgentProcess, curl, needs_root, wait_until
+from conftest import AgentProcess, curl, maps_held, needs_root, wait_until
 from otlp_data import attrs_of, check_histograms, metrics
 
 pytestmark = [needs_root, pytest.mark.skipif(not shutil.which("nginx") or not shutil.which("wrk"),
@@ -772,17 +772,7 @@ def test_known_durations_land_in_their_buckets(tmp_path, otlp_form, file_form, t
 def _own_conn_entries(port: int, pid: int) -> int:
     """http_conns entries of connections on port, in the map the agent
     `pid` holds (another agent's map may hold the same connections)."""
-    held = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-map":
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    held.update(int(line.split()[1]) for line in f if line.startswith("map_id:"))
-        except OSError:
-            continue
-    maps = [m["id"] for m in json.loads(subprocess.run(["bpftool", "map", "show", "-j"], capture_output=True,
-                                                       text=True, check=True).stdout or "[]")
-            if m.get("name") == "http_conns" and m["id"] in held]
+    maps = [m["id"] for m in maps_held(pid, "http_conns")]
     assert len(maps) == 1, f"agent {pid} holds {len(maps)} http_conns maps"
     out = subprocess.run(["bpftool", "map", "dump", "id", str(maps[0]), "-j"], capture_output=True, text=True,
                          check=True)

@@ -5,9 +5,6 @@ with what the peers themselves counted."""
 from __future__ import annotations
 
 import collections
-import json
-import os
-import re
 import socket
 import struct
 import subprocess
@@ -15,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import AgentProcess, needs_root, wait_until
+from conftest import AgentProcess, maps_held, needs_root, wait_until
 from otlp_data import assert_values_in_buckets, attrs_of, last_point, latest_per_series, points
 
 import h2_peers as hp
@@ -247,22 +244,6 @@ def test_a_connection_opened_before_the_agent_is_counted_partial(receiver, tmp_p
             recv.stop()
 
 
-def _maps_of(pid: int, names: tuple) -> dict:
-    """max_entries of the BPF maps named `names` that process pid holds (its
-    map fds' ids, from /proc; their names from bpftool)."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            info = open(f"/proc/{pid}/fdinfo/{fd}").read()
-        except OSError:
-            continue
-        m = re.search(r"^map_id:\s*(\d+)", info, re.M)
-        if m:
-            ids.add(int(m.group(1)))
-    out = subprocess.run(["bpftool", "map", "show", "-j"], capture_output=True, text=True, check=True).stdout
-    return {m["name"]: m["max_entries"] for m in json.loads(out) if m["id"] in ids and m.get("name") in names}
-
-
 def test_http2_off_traces_http1_only_and_allocates_no_http2_state(tmp_path):
     """probes.http.http2: false: nginx's HTTP/1 port is counted as its access
     log says, its h2c port not at all, and the HTTP/2 hash maps (allocated
@@ -276,7 +257,8 @@ def test_http2_off_traces_http1_only_and_allocates_no_http2_state(tmp_path):
     try:
         a.wait_for_log("collecting every", timeout=60)
         names = ("h2_conns", "h2_streams", "h2_known", "h2_hist")
-        assert _maps_of(a.pid, names) == {n: 64 for n in names}
+        assert {m["name"]: m["max_entries"] for m in maps_held(a.pid) if m.get("name") in names} == \
+            {n: 64 for n in names}
         with hp.nginx_h2(tmp_path / "ngx") as ngx:
             for _ in range(3):
                 assert hp.curl_h2(ngx.url("h2c", "/"), tls=False) == 200

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, AgentProcess, needs_root, wait_until
+from conftest import ROOT, AgentProcess, maps_held, needs_root, wait_until
 from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import ExportProfilesServiceRequest
@@ -251,19 +251,10 @@ class Agent:
 
 
 def bpf_map_id(owner: int, name: str) -> int:
-    """The id of the BPF map called name that process owner holds open
-    (its fdinfo says which map each fd is)."""
-    for fd in os.listdir(f"/proc/{owner}/fd"):
-        try:
-            if os.readlink(f"/proc/{owner}/fd/{fd}") != "anon_inode:bpf-map":
-                continue
-            map_id = int(re.search(r"map_id:\s*(\d+)", Path(f"/proc/{owner}/fdinfo/{fd}").read_text()).group(1))
-        except (OSError, AttributeError):
-            continue
-        show = subprocess.run(["bpftool", "map", "show", "id", str(map_id), "-j"], capture_output=True, text=True)
-        if show.returncode == 0 and json.loads(show.stdout).get("name") == name:
-            return map_id
-    raise AssertionError(f"process {owner} holds no map {name}")
+    """The id of the BPF map called name that process owner holds open."""
+    found = maps_held(owner, name)
+    assert found, f"process {owner} holds no map {name}"
+    return found[0]["id"]
 
 
 _MAPPING = struct.Struct("<QQIIII")     # struct unwind_mapping (bpf/unwind.h)
