@@ -137,7 +137,6 @@ def main() -> int:
                         elapsed = time.monotonic() - t0
                         if agent:
                             r["cpu"].append(100 * (setup.cpu() - cpu0) / elapsed)
-                            time.sleep(0.5)   # let the last responses' writes return
                         logged = completed(nginx, port) - before
                     finally:
                         stopped = setup.stop(port) if setup is not None else {}
